@@ -1,0 +1,657 @@
+// Package session is the login state machine of one proxied connection.
+//
+// It composes the building blocks of package proto (framing, the passthrough
+// relay, the upstream login machine, MFA-code extraction) into the whole
+// login of one client, from its first byte to the moment the session is
+// handed off. It is a pure step function: the caller (package loop) feeds it
+// client bytes, upstream bytes and events (upstream connected, MFA decided,
+// timeout, a side closed) and performs the Output it gets back. It does no
+// I/O, reads no clock and owns no goroutine, so every path through a login,
+// including the hostile ones, is testable without sockets.
+//
+// The security invariant lives here: the client never receives
+// AuthenticationOk, nor anything the database sent after its own
+// AuthenticationOk, before the MFA decision is positive; and nothing the
+// client sends other than authentication responses reaches the database
+// before then. Client bytes that arrive while no authentication response is
+// expected are left unparsed in the caller's buffer: they are forwarded after
+// the release (pipelining) or dropped with the connection when MFA fails.
+package session
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgmfa/pgmfa/proto"
+)
+
+// Auth selects how the primary (password) authentication is done.
+type Auth string
+
+const (
+	// AuthPassthrough relays the client's authentication exchange with the
+	// database message by message; the database decides. The default.
+	AuthPassthrough Auth = "passthrough"
+	// AuthPassword asks the client for a cleartext password, splits a TOTP
+	// code off its end, and logs in upstream as a client with the rest.
+	AuthPassword Auth = "password"
+)
+
+// Phase is where a login stands.
+type Phase int
+
+const (
+	PhaseStartup  Phase = iota // waiting for SSLRequest/GSSENCRequest/CancelRequest/StartupMessage
+	PhasePassword              // --auth password: waiting for the client's cleartext password
+	PhaseDialing               // the caller is opening the upstream connection
+	PhaseAuth                  // primary authentication in progress with the database
+	PhaseMFA                   // primary authentication passed; waiting for MFA and/or ReadyForQuery
+	PhaseReady                 // released to the client; the caller hands the session off
+	PhaseClosed                // refused or finished; the caller flushes and closes both sides
+)
+
+var phaseNames = [...]string{"startup", "password", "dialing", "auth", "mfa", "ready", "closed"}
+
+func (p Phase) String() string { return phaseNames[p] }
+
+// Config is fixed for the life of the proxy.
+type Config struct {
+	Auth Auth
+	// MaxMessageLen bounds each typed message during login (client and
+	// upstream alike). Zero means proto.DefaultMaxMessageLen.
+	MaxMessageLen int
+	// MaxPipelined bounds the client bytes held, unparsed, while no
+	// authentication response is expected (a client pipelining queries
+	// behind its last auth message). Zero means 1 MiB.
+	MaxPipelined int
+	// CodeDigits is the length of a TOTP code split off a password in
+	// AuthPassword mode. Zero means 6.
+	CodeDigits int
+	// AllowCleartext lets AuthPassword ask for a cleartext password over a
+	// connection that is not encrypted (loopback-only setups).
+	AllowCleartext bool
+	// Rand issues the proxy's cancel keys and SCRAM nonces. Nil means
+	// crypto/rand.
+	Rand io.Reader
+	// MaxSCRAMIterations bounds the upstream's SCRAM iteration count in
+	// AuthPassword mode (zero: proto's default).
+	MaxSCRAMIterations int
+}
+
+// MFASource says where the code under test came from.
+type MFASource string
+
+const (
+	SourceNone     MFASource = ""         // no code: remembered, exempt or approval
+	SourceStartup  MFASource = "code"     // pgmfa.code startup parameter or option
+	SourcePassword MFASource = "password" // split off the password (AuthPassword)
+)
+
+// MFARequest asks the caller for an MFA decision. The caller answers with
+// Machine.MFADecided, now or later (out-of-band approval).
+type MFARequest struct {
+	User   string
+	Code   string // empty when the client sent none
+	Source MFASource
+}
+
+// Decision is the caller's MFA verdict.
+type Decision struct {
+	OK bool
+	// Code, Message and Hint make up the ErrorResponse when !OK. An empty
+	// Code means 28000.
+	Code, Message, Hint string
+}
+
+// Established describes a released session for the caller's handoff.
+type Established struct {
+	// ProxyKey is the BackendKeyData the client received; the caller maps it
+	// to UpstreamKey for cancel requests.
+	ProxyKey    *pgproto3.BackendKeyData
+	UpstreamKey *pgproto3.BackendKeyData
+	Result      *proto.LoginResult
+}
+
+// Output is what one step asks the caller to do, in this order: write
+// ToUpstream, write ToClient (or, when Established is set, pass ToClient to
+// the handoff as the first bytes the client receives), dial, forward the
+// cancel, ask for MFA, close.
+type Output struct {
+	ToClient   []byte
+	ToUpstream []byte
+	// Dial: open the upstream connection, then call UpstreamConnected.
+	Dial bool
+	// Cancel: the client sent a CancelRequest. Forward it if the key is
+	// one the proxy issued, then close without answering (as PostgreSQL does).
+	Cancel *pgproto3.CancelRequest
+	// NeedMFA: ask for an MFA decision.
+	NeedMFA *MFARequest
+	// Established: the login is complete and released; hand the session off.
+	Established *Established
+	// Close: flush what is written and close both sides. Err says why (nil
+	// for an orderly end such as a cancel request or a client Terminate).
+	Close bool
+	Err   error
+}
+
+// Machine is the login of one client connection. It is not safe for
+// concurrent use; the caller drives it from the connection's event loop.
+type Machine struct {
+	cfg   Config
+	phase Phase
+
+	// From the startup packet (MFA parameters stripped).
+	startup *pgproto3.StartupMessage
+	user    string
+	db      string
+	code    string
+	source  MFASource
+
+	pt       *proto.Passthrough   // AuthPassthrough
+	up       *proto.UpstreamLogin // AuthPassword
+	password string               // AuthPassword, until handed to up
+	result   *proto.LoginResult   // the upstream's login, once known
+
+	// wantClient: the database has asked for an authentication response the
+	// client has not sent yet. Only then are client bytes parsed.
+	wantClient bool
+	authedUp   bool // the upstream sent AuthenticationOk (held)
+	readyUp    bool // the upstream sent ReadyForQuery (held)
+	asked      bool // NeedMFA emitted
+	decided    bool // positive MFA decision received
+	heldErr    *proto.ServerError
+	method     string
+}
+
+// New returns a machine waiting for the client's first packet.
+func New(cfg Config) *Machine {
+	if cfg.Auth == "" {
+		cfg.Auth = AuthPassthrough
+	}
+	if cfg.MaxMessageLen <= 0 {
+		cfg.MaxMessageLen = proto.DefaultMaxMessageLen
+	}
+	if cfg.MaxPipelined <= 0 {
+		cfg.MaxPipelined = 1 << 20
+	}
+	if cfg.CodeDigits <= 0 {
+		cfg.CodeDigits = 6
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
+	}
+	return &Machine{cfg: cfg}
+}
+
+// Phase reports where the login stands.
+func (m *Machine) Phase() Phase { return m.phase }
+
+// User, Database and Method describe the login for the audit log (empty
+// until known). Method is the primary method the database asked for.
+func (m *Machine) User() string     { return m.user }
+func (m *Machine) Database() string { return m.db }
+func (m *Machine) Method() string   { return m.method }
+
+// StartupMessage is the startup packet as forwarded upstream (MFA
+// parameters removed); nil before it arrived.
+func (m *Machine) StartupMessage() *pgproto3.StartupMessage { return m.startup }
+
+// FromClient consumes at most one client packet from buf. It returns how many
+// bytes it consumed (0: incomplete, or not expecting client bytes now; the
+// caller keeps them) and what to do.
+func (m *Machine) FromClient(buf []byte) (int, Output) {
+	switch m.phase {
+	case PhaseStartup:
+		return m.startupPacket(buf)
+	case PhasePassword:
+		return m.passwordPacket(buf)
+	case PhaseDialing, PhaseAuth, PhaseMFA:
+		if !m.wantClient {
+			// Hold, unparsed. A client that keeps sending while nothing is
+			// asked of it is cut off before it can make us buffer without bound.
+			if len(buf) > m.cfg.MaxPipelined {
+				return 0, m.fail(&proto.ProtocolError{Msg: fmt.Sprintf(
+					"client sent more than %d bytes before authentication completed", m.cfg.MaxPipelined)})
+			}
+			return 0, Output{}
+		}
+		msg, n, err := proto.NextMessage(buf, m.cfg.MaxMessageLen)
+		if err != nil {
+			return 0, m.fail(err)
+		}
+		if n == 0 {
+			return 0, Output{}
+		}
+		toServer, err := m.pt.FromClient(msg)
+		if errors.Is(err, proto.ErrClientTerminated) {
+			return n, m.end(nil)
+		}
+		if err != nil {
+			return n, m.fail(err)
+		}
+		m.wantClient = false
+		return n, Output{ToUpstream: toServer}
+	default:
+		// Ready or closed: the caller owns the bytes now.
+		return 0, Output{}
+	}
+}
+
+// startupPacket handles the untyped packets of the startup phase.
+func (m *Machine) startupPacket(buf []byte) (int, Output) {
+	msg, n, err := proto.NextStartup(buf)
+	if err != nil {
+		return 0, m.fail(err)
+	}
+	if n == 0 {
+		return 0, Output{}
+	}
+	switch msg := msg.(type) {
+	case *pgproto3.SSLRequest, *pgproto3.GSSEncRequest:
+		// No TLS or GSS encryption on this listener: 'N', and the client
+		// goes on in plaintext (or gives up, per its sslmode).
+		return n, Output{ToClient: []byte{'N'}}
+	case *pgproto3.CancelRequest:
+		m.phase = PhaseClosed
+		c := *msg
+		c.SecretKey = append([]byte(nil), msg.SecretKey...)
+		return n, Output{Cancel: &c, Close: true}
+	case *pgproto3.StartupMessage:
+		return n, m.startupMessage(msg)
+	default:
+		return 0, m.fail(&proto.ProtocolError{Msg: fmt.Sprintf("unexpected startup packet %T", msg)})
+	}
+}
+
+func (m *Machine) startupMessage(msg *pgproto3.StartupMessage) Output {
+	params := make(map[string]string, len(msg.Parameters))
+	for k, v := range msg.Parameters {
+		params[k] = v
+	}
+	code, err := proto.StripMFACode(params)
+	if err != nil {
+		return m.fail(err)
+	}
+	m.user = params["user"]
+	if m.user == "" {
+		return m.fail(&proto.AuthError{Code: "28000", Message: "no PostgreSQL user name specified in startup packet"})
+	}
+	m.db = params["database"]
+	if m.db == "" {
+		m.db = m.user
+	}
+	m.startup = &pgproto3.StartupMessage{ProtocolVersion: msg.ProtocolVersion, Parameters: params}
+	if code != "" {
+		m.code, m.source = code, SourceStartup
+	}
+	switch m.cfg.Auth {
+	case AuthPassword:
+		if !m.cfg.AllowCleartext {
+			return m.fail(&proto.AuthError{Code: "28000",
+				Message: "pgmfa will not ask for a cleartext password over an unencrypted connection",
+				Hint:    "connect with sslmode=require, or start pgmfa with --allow-cleartext-password on a loopback-only setup"})
+		}
+		m.phase = PhasePassword
+		m.method = "password"
+		return Output{ToClient: proto.Append(nil, &pgproto3.AuthenticationCleartextPassword{})}
+	default:
+		m.pt = proto.NewPassthrough()
+		m.phase = PhaseDialing
+		return Output{Dial: true}
+	}
+}
+
+// passwordPacket reads the cleartext password in AuthPassword mode.
+func (m *Machine) passwordPacket(buf []byte) (int, Output) {
+	msg, n, err := proto.NextMessage(buf, m.cfg.MaxMessageLen)
+	if err != nil {
+		return 0, m.fail(err)
+	}
+	if n == 0 {
+		return 0, Output{}
+	}
+	if msg.Type == 'X' {
+		return n, m.end(nil)
+	}
+	if msg.Type != 'p' {
+		return n, m.fail(&proto.ProtocolError{Msg: fmt.Sprintf("expected a password message, got message type %q", msg.Type)})
+	}
+	var pm pgproto3.PasswordMessage
+	if err := pm.Decode(msg.Body); err != nil {
+		return n, m.fail(&proto.ProtocolError{Msg: "malformed password message"})
+	}
+	m.password = pm.Password
+	if m.code == "" {
+		if pw, code, ok := SplitCode(pm.Password, m.cfg.CodeDigits); ok {
+			m.password, m.code, m.source = pw, code, SourcePassword
+		}
+	}
+	m.up = proto.NewUpstreamLogin(proto.UpstreamConfig{
+		User:               m.user,
+		Database:           m.db,
+		Password:           m.password,
+		Params:             withoutUserDB(m.startup.Parameters),
+		ProtocolVersion:    m.startup.ProtocolVersion,
+		Rand:               m.cfg.Rand,
+		MaxSCRAMIterations: m.cfg.MaxSCRAMIterations,
+	})
+	m.password = ""
+	m.phase = PhaseDialing
+	return n, Output{Dial: true}
+}
+
+// SplitCode splits a TOTP code of the given number of digits off the end of
+// a password ("secret123456" → "secret", "123456"). ok is false when the
+// password is not longer than the code or does not end in enough digits.
+func SplitCode(password string, digits int) (rest, code string, ok bool) {
+	if len(password) <= digits {
+		return password, "", false
+	}
+	tail := password[len(password)-digits:]
+	for i := 0; i < len(tail); i++ {
+		if tail[i] < '0' || tail[i] > '9' {
+			return password, "", false
+		}
+	}
+	return password[:len(password)-digits], tail, true
+}
+
+func withoutUserDB(p map[string]string) map[string]string {
+	out := make(map[string]string, len(p))
+	for k, v := range p {
+		if k != "user" && k != "database" {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// UpstreamConnected is called once the upstream connection is open.
+func (m *Machine) UpstreamConnected() Output {
+	if m.phase != PhaseDialing {
+		return Output{}
+	}
+	m.phase = PhaseAuth
+	if m.up != nil {
+		return Output{ToUpstream: m.up.Start()}
+	}
+	return Output{ToUpstream: proto.Append(nil, m.startup)}
+}
+
+// UpstreamFailed is called when the upstream could not be reached.
+func (m *Machine) UpstreamFailed(addr string, err error) Output {
+	return m.fail(&proto.AuthError{Code: "08006",
+		Message: fmt.Sprintf("pgmfa could not connect to the database at %s: %v", addr, err),
+		Hint:    "check that PostgreSQL is running and that pgmfa's --upstream points at it"})
+}
+
+// FromUpstream consumes at most one upstream message from buf.
+func (m *Machine) FromUpstream(buf []byte) (int, Output) {
+	if m.phase != PhaseAuth && m.phase != PhaseMFA {
+		return 0, Output{}
+	}
+	if m.readyUp {
+		// The database says nothing after ReadyForQuery until asked; what
+		// it does say is held in the buffer and forwarded after the release.
+		return 0, Output{}
+	}
+	msg, n, err := proto.NextMessage(buf, m.cfg.MaxMessageLen)
+	if err != nil {
+		return 0, m.failUpstream(err)
+	}
+	if n == 0 {
+		return 0, Output{}
+	}
+	if m.up != nil {
+		return n, m.upstreamLogin(msg)
+	}
+	return n, m.passthrough(msg)
+}
+
+func (m *Machine) passthrough(msg proto.Message) Output {
+	wasAuthed := m.pt.Authenticated()
+	toClient, err := m.pt.FromServer(msg)
+	if err != nil {
+		var se *proto.ServerError
+		if errors.As(err, &se) && wasAuthed {
+			// After AuthenticationOk the client must not learn anything
+			// from the database before MFA passed, not even an error.
+			return m.holdError(se)
+		}
+		if errors.As(err, &se) {
+			// Forwarded already, as the database's own words.
+			m.phase = PhaseClosed
+			return Output{ToClient: toClient, Close: true, Err: err}
+		}
+		return m.fail(err)
+	}
+	if msg.Type == 'R' && !wasAuthed {
+		m.noteAuthRequest(msg)
+	}
+	out := Output{ToClient: toClient}
+	if m.pt.Authenticated() && !wasAuthed {
+		m.authedUp = true
+		m.wantClient = false
+		m.result = m.pt.Result()
+		m.method = m.result.Method
+		m.phase = PhaseMFA
+		out.NeedMFA = m.mfaRequest()
+	}
+	if m.pt.Ready() {
+		m.readyUp = true
+		m.result = m.pt.Result()
+		return m.maybeRelease(out)
+	}
+	return out
+}
+
+// noteAuthRequest records whether an authentication request forwarded to
+// the client expects an answer. SASLFinal and Ok do not; everything the
+// proxy forwards and the client must answer does.
+func (m *Machine) noteAuthRequest(msg proto.Message) {
+	if len(msg.Body) < 4 {
+		return
+	}
+	switch binary.BigEndian.Uint32(msg.Body) {
+	case 3: // cleartext
+		m.wantClient, m.method = true, "password"
+	case 5: // md5
+		m.wantClient, m.method = true, "md5"
+	case 10: // SASL
+		m.wantClient, m.method = true, "scram-sha-256"
+	case 11: // SASLContinue
+		m.wantClient = true
+	}
+}
+
+func (m *Machine) upstreamLogin(msg proto.Message) Output {
+	bm, err := proto.DecodeBackend(msg)
+	if err != nil {
+		return m.failUpstream(err)
+	}
+	_, isOk := bm.(*pgproto3.AuthenticationOk)
+	out, done, err := m.up.Handle(bm)
+	if err != nil {
+		var se *proto.ServerError
+		if errors.As(err, &se) && m.authedUp {
+			return m.holdError(se)
+		}
+		if errors.As(err, &se) {
+			// The password was refused (or the like): the database's own
+			// words are safe to pass on; the client sent that password.
+			m.phase = PhaseClosed
+			return Output{ToClient: proto.Append(nil, se.Resp), Close: true, Err: err}
+		}
+		return m.fail(err)
+	}
+	res := Output{ToUpstream: out}
+	if isOk && !m.authedUp {
+		m.authedUp = true
+		m.phase = PhaseMFA
+		res.NeedMFA = m.mfaRequest()
+	}
+	if done {
+		m.readyUp = true
+		m.result = m.up.Result()
+		m.method = m.result.Method
+		return m.maybeRelease(res)
+	}
+	return res
+}
+
+func (m *Machine) mfaRequest() *MFARequest {
+	m.asked = true
+	return &MFARequest{User: m.user, Code: m.code, Source: m.source}
+}
+
+// holdError keeps an upstream error that arrived after its
+// AuthenticationOk until the MFA decision; see MFADecided.
+func (m *Machine) holdError(se *proto.ServerError) Output {
+	m.heldErr = se
+	m.readyUp = true // nothing more will come
+	out := Output{}
+	if !m.asked {
+		out.NeedMFA = m.mfaRequest()
+	}
+	if m.decided {
+		return m.maybeRelease(out)
+	}
+	return out
+}
+
+// MFADecided delivers the MFA verdict for the request emitted earlier.
+func (m *Machine) MFADecided(d Decision) Output {
+	if m.phase != PhaseMFA || m.decided {
+		return Output{}
+	}
+	if !d.OK {
+		code := d.Code
+		if code == "" {
+			code = "28000"
+		}
+		return m.fail(&proto.AuthError{Code: code, Message: d.Message, Hint: d.Hint})
+	}
+	m.decided = true
+	return m.maybeRelease(Output{})
+}
+
+// maybeRelease releases the session once both the MFA decision and the
+// database's ReadyForQuery are in.
+func (m *Machine) maybeRelease(out Output) Output {
+	if !m.decided || !m.readyUp {
+		return out
+	}
+	if m.heldErr != nil {
+		m.phase = PhaseClosed
+		out.ToClient = append(out.ToClient, proto.Append(nil, m.heldErr.Resp)...)
+		out.Close, out.Err = true, m.heldErr
+		return out
+	}
+	key, err := m.newKey()
+	if err != nil {
+		return m.fail(err)
+	}
+	m.phase = PhaseReady
+	out.ToClient = m.result.AppendReady(out.ToClient, key)
+	out.Established = &Established{ProxyKey: key, UpstreamKey: m.result.Key, Result: m.result}
+	return out
+}
+
+// newKey issues the proxy's own BackendKeyData: 4 secret bytes for
+// protocol 3.0, 32 for 3.2 (as PostgreSQL 18 does).
+func (m *Machine) newKey() (*pgproto3.BackendKeyData, error) {
+	n := 4
+	if m.negotiatedVersion() >= pgproto3.ProtocolVersion32 {
+		n = 32
+	}
+	b := make([]byte, 4+n)
+	if _, err := io.ReadFull(m.cfg.Rand, b); err != nil {
+		return nil, fmt.Errorf("issue cancel key: %w", err)
+	}
+	pid := binary.BigEndian.Uint32(b) &^ (1 << 31) // positive, as a PID would be
+	if pid == 0 {
+		pid = 1
+	}
+	return &pgproto3.BackendKeyData{ProcessID: pid, SecretKey: b[4:]}, nil
+}
+
+func (m *Machine) negotiatedVersion() uint32 {
+	v := m.startup.ProtocolVersion
+	if m.result != nil && m.result.Negotiate != nil {
+		v = 3<<16 | m.result.Negotiate.NewestMinorProtocol
+	}
+	return v
+}
+
+// Timeout ends a login that took too long. mfaWait tells whether the
+// deadline that expired was the wait for an out-of-band approval.
+func (m *Machine) Timeout(mfaWait bool) Output {
+	if m.phase == PhaseReady || m.phase == PhaseClosed {
+		return Output{}
+	}
+	if mfaWait || (m.phase == PhaseMFA && m.asked && !m.decided) {
+		return m.fail(&proto.AuthError{Code: "28000",
+			Message: fmt.Sprintf("MFA for user %q was not completed in time", m.user),
+			Hint: fmt.Sprintf("send a current code with the login: PGOPTIONS='-c pgmfa.code=NNNNNN', "+
+				"or approve a waiting login with: pgmfa approve %s NNNNNN", m.user)})
+	}
+	return m.fail(&proto.AuthError{Code: "08P01", Message: "login did not complete in time"})
+}
+
+// UpstreamClosed is called when the database side closed before the
+// session was handed off.
+func (m *Machine) UpstreamClosed(err error) Output {
+	if m.phase == PhaseReady || m.phase == PhaseClosed {
+		return Output{}
+	}
+	msg := "the database closed the connection during login"
+	if err != nil {
+		msg += ": " + strings.TrimPrefix(err.Error(), "read: ")
+	}
+	return m.fail(&proto.AuthError{Code: "08006", Message: msg})
+}
+
+// ClientClosed is called when the client went away before the handoff.
+func (m *Machine) ClientClosed() Output {
+	if m.phase == PhaseReady || m.phase == PhaseClosed {
+		return Output{}
+	}
+	return m.end(errors.New("client closed the connection during login"))
+}
+
+// fail refuses the login: an ErrorResponse to the client, Terminate to the
+// database if it is connected, close.
+func (m *Machine) fail(err error) Output {
+	m.phase = PhaseClosed
+	return Output{
+		ToClient:   proto.Append(nil, proto.ErrorFor(err)),
+		ToUpstream: m.terminate(),
+		Close:      true,
+		Err:        err,
+	}
+}
+
+// failUpstream handles garbage from the database: the client gets a generic
+// error, not the bytes.
+func (m *Machine) failUpstream(err error) Output {
+	return m.fail(&proto.AuthError{Code: "08P01", Message: "pgmfa received an invalid message from the database: " + err.Error()})
+}
+
+// end closes without an error to the client.
+func (m *Machine) end(err error) Output {
+	m.phase = PhaseClosed
+	return Output{ToUpstream: m.terminate(), Close: true, Err: err}
+}
+
+func (m *Machine) terminate() []byte {
+	if m.pt == nil && m.up == nil {
+		return nil
+	}
+	return proto.Append(nil, &pgproto3.Terminate{})
+}

@@ -1,0 +1,297 @@
+package session
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgmfa/pgmfa/proto"
+)
+
+func enc(msgs ...pgproto3.Message) []byte { return proto.Append(nil, msgs...) }
+
+func startupBytes(params map[string]string) []byte {
+	return enc(&pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: params})
+}
+
+// fixedRand makes cancel keys deterministic.
+type fixedRand byte
+
+func (f fixedRand) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = byte(f) + byte(i)
+	}
+	return len(p), nil
+}
+
+// feed drives one side until the machine stops consuming.
+func feed(t testing.TB, step func([]byte) (int, Output), b []byte) ([]byte, []Output) {
+	var outs []Output
+	for {
+		n, out := step(b)
+		outs = append(outs, out)
+		if n == 0 {
+			return b, outs
+		}
+		b = b[n:]
+	}
+}
+
+func collect(outs []Output) (toClient, toUpstream []byte, last Output) {
+	for _, o := range outs {
+		toClient = append(toClient, o.ToClient...)
+		toUpstream = append(toUpstream, o.ToUpstream...)
+		if o.NeedMFA != nil {
+			last.NeedMFA = o.NeedMFA
+		}
+		if o.Dial {
+			last.Dial = true
+		}
+		if o.Established != nil {
+			last.Established = o.Established
+		}
+		if o.Close {
+			last.Close, last.Err = true, o.Err
+		}
+	}
+	return
+}
+
+// loginToHeld runs a passthrough login with a cleartext-password server up
+// to the point where the upstream is ready and everything is held.
+func loginToHeld(t *testing.T, m *Machine) {
+	t.Helper()
+	_, outs := feed(t, m.FromClient, startupBytes(map[string]string{
+		"user": "alice", "database": "app", "options": "-c pgmfa.code=123456 -c search_path=x",
+	}))
+	if _, _, l := collect(outs); !l.Dial {
+		t.Fatal("no dial after startup")
+	}
+	out := m.UpstreamConnected()
+	if !bytes.Contains(out.ToUpstream, []byte("search_path=x")) || bytes.Contains(out.ToUpstream, []byte("pgmfa")) {
+		t.Fatalf("forwarded startup %q: want other options kept and pgmfa.code removed", out.ToUpstream)
+	}
+	_, outs = feed(t, m.FromUpstream, enc(&pgproto3.AuthenticationCleartextPassword{}))
+	if c, _, _ := collect(outs); !bytes.Equal(c, enc(&pgproto3.AuthenticationCleartextPassword{})) {
+		t.Fatalf("auth request not relayed: %q", c)
+	}
+	_, outs = feed(t, m.FromClient, enc(&pgproto3.PasswordMessage{Password: "pw"}))
+	if _, u, _ := collect(outs); !bytes.Equal(u, enc(&pgproto3.PasswordMessage{Password: "pw"})) {
+		t.Fatalf("password not relayed: %q", u)
+	}
+	server := enc(&pgproto3.AuthenticationOk{},
+		&pgproto3.ParameterStatus{Name: "server_version", Value: "15.0"},
+		&pgproto3.BackendKeyData{ProcessID: 77, SecretKey: []byte{9, 9, 9, 9}},
+		&pgproto3.ReadyForQuery{TxStatus: 'I'})
+	_, outs = feed(t, m.FromUpstream, server)
+	c, _, l := collect(outs)
+	if len(c) != 0 {
+		t.Fatalf("client got %q before MFA", c)
+	}
+	if l.NeedMFA == nil || l.NeedMFA.User != "alice" || l.NeedMFA.Code != "123456" || l.NeedMFA.Source != SourceStartup {
+		t.Fatalf("NeedMFA = %+v", l.NeedMFA)
+	}
+}
+
+func TestPassthroughReleaseAfterMFA(t *testing.T) {
+	m := New(Config{Rand: fixedRand(1)})
+	loginToHeld(t, m)
+	if m.Phase() != PhaseMFA {
+		t.Fatalf("phase %v", m.Phase())
+	}
+	out := m.MFADecided(Decision{OK: true})
+	if out.Established == nil {
+		t.Fatal("not released")
+	}
+	if out.Established.UpstreamKey.ProcessID != 77 || out.Established.ProxyKey.ProcessID == 77 {
+		t.Fatalf("keys: %+v", out.Established)
+	}
+	msgs := decodeAll(t, out.ToClient)
+	want := []byte{'R', 'S', 'K', 'Z'}
+	if len(msgs) != len(want) {
+		t.Fatalf("release = %d messages", len(msgs))
+	}
+	for i, m := range msgs {
+		if m.Type != want[i] {
+			t.Fatalf("release message %d = %q, want %q", i, m.Type, want[i])
+		}
+	}
+	if binary.BigEndian.Uint32(msgs[2].Body) == 77 {
+		t.Fatal("the client got the database's cancel key")
+	}
+}
+
+func TestMFAFailureClosesAndTerminates(t *testing.T) {
+	m := New(Config{})
+	loginToHeld(t, m)
+	out := m.MFADecided(Decision{OK: false, Message: "bad code", Hint: "try again"})
+	if !out.Close || out.Established != nil {
+		t.Fatalf("out = %+v", out)
+	}
+	msgs := decodeAll(t, out.ToClient)
+	if len(msgs) != 1 || msgs[0].Type != 'E' {
+		t.Fatalf("client got %q", out.ToClient)
+	}
+	var e pgproto3.ErrorResponse
+	e.Decode(msgs[0].Body)
+	if e.Code != "28000" || e.Hint != "try again" || e.Severity != "FATAL" {
+		t.Fatalf("error = %+v", e)
+	}
+	if !bytes.Equal(out.ToUpstream, enc(&pgproto3.Terminate{})) {
+		t.Fatalf("upstream got %q, want Terminate", out.ToUpstream)
+	}
+}
+
+// A query pipelined behind the password is neither parsed nor forwarded
+// while the login is held; the caller keeps it.
+func TestPipelinedBytesAreHeld(t *testing.T) {
+	m := New(Config{})
+	loginToHeld(t, m)
+	q := enc(&pgproto3.Query{String: "select 1"})
+	n, out := m.FromClient(q)
+	if n != 0 || len(out.ToUpstream) != 0 || out.Close {
+		t.Fatalf("held query: n=%d out=%+v", n, out)
+	}
+	big := make([]byte, (1<<20)+1)
+	if _, out := m.FromClient(big); !out.Close {
+		t.Fatal("unbounded pipelining accepted")
+	}
+}
+
+// An error from the database after its AuthenticationOk is not shown
+// before MFA passed; a failed MFA gets the MFA error instead.
+func TestServerErrorAfterAuthOkIsHeld(t *testing.T) {
+	for _, ok := range []bool{true, false} {
+		m := New(Config{})
+		feed(t, m.FromClient, startupBytes(map[string]string{"user": "alice", "database": "missing"}))
+		m.UpstreamConnected()
+		feed(t, m.FromUpstream, enc(&pgproto3.AuthenticationOk{}))
+		_, outs := feed(t, m.FromUpstream, enc(&pgproto3.ErrorResponse{Severity: "FATAL", Code: "3D000", Message: `database "missing" does not exist`}))
+		if c, _, _ := collect(outs); len(c) != 0 {
+			t.Fatalf("client got %q before MFA", c)
+		}
+		out := m.MFADecided(Decision{OK: ok, Message: "bad code"})
+		if !out.Close {
+			t.Fatal("not closed")
+		}
+		msgs := decodeAll(t, out.ToClient)
+		var e pgproto3.ErrorResponse
+		e.Decode(msgs[len(msgs)-1].Body)
+		if ok && e.Code != "3D000" || !ok && e.Code != "28000" {
+			t.Fatalf("MFA ok=%v: client got %+v", ok, e)
+		}
+	}
+}
+
+func TestSSLAndGSSRequestsGetN(t *testing.T) {
+	m := New(Config{})
+	n, out := m.FromClient(enc(&pgproto3.SSLRequest{}))
+	if n != 8 || string(out.ToClient) != "N" {
+		t.Fatalf("SSLRequest: %d %q", n, out.ToClient)
+	}
+	n, out = m.FromClient(enc(&pgproto3.GSSEncRequest{}))
+	if n != 8 || string(out.ToClient) != "N" {
+		t.Fatalf("GSSENCRequest: %d %q", n, out.ToClient)
+	}
+	if m.Phase() != PhaseStartup {
+		t.Fatal("left the startup phase")
+	}
+}
+
+func TestCancelRequestIsPassedUp(t *testing.T) {
+	m := New(Config{})
+	_, out := m.FromClient(enc(&pgproto3.CancelRequest{ProcessID: 5, SecretKey: []byte{1, 2, 3, 4}}))
+	if out.Cancel == nil || out.Cancel.ProcessID != 5 || !out.Close || len(out.ToClient) != 0 {
+		t.Fatalf("out = %+v", out)
+	}
+}
+
+func TestPasswordModeSplitsCode(t *testing.T) {
+	m := New(Config{Auth: AuthPassword, AllowCleartext: true})
+	_, outs := feed(t, m.FromClient, startupBytes(map[string]string{"user": "bob"}))
+	if c, _, _ := collect(outs); !bytes.Equal(c, enc(&pgproto3.AuthenticationCleartextPassword{})) {
+		t.Fatalf("want a cleartext password request, got %q", c)
+	}
+	_, outs = feed(t, m.FromClient, enc(&pgproto3.PasswordMessage{Password: "hunter2" + "654321"}))
+	if _, _, l := collect(outs); !l.Dial {
+		t.Fatal("no dial")
+	}
+	out := m.UpstreamConnected()
+	if bytes.Contains(out.ToUpstream, []byte("654321")) {
+		t.Fatal("the code went upstream")
+	}
+	_, outs = feed(t, m.FromUpstream, enc(&pgproto3.AuthenticationCleartextPassword{}))
+	_, up, _ := collect(outs)
+	if !bytes.Equal(up, enc(&pgproto3.PasswordMessage{Password: "hunter2"})) {
+		t.Fatalf("upstream password message %q", up)
+	}
+	_, outs = feed(t, m.FromUpstream, enc(&pgproto3.AuthenticationOk{}, &pgproto3.ReadyForQuery{TxStatus: 'I'}))
+	c, _, l := collect(outs)
+	if len(c) != 0 || l.NeedMFA == nil || l.NeedMFA.Code != "654321" || l.NeedMFA.Source != SourcePassword {
+		t.Fatalf("client %q, NeedMFA %+v", c, l.NeedMFA)
+	}
+	if out := m.MFADecided(Decision{OK: true}); out.Established == nil {
+		t.Fatal("not released")
+	}
+}
+
+func TestPasswordModeRefusesPlaintext(t *testing.T) {
+	m := New(Config{Auth: AuthPassword})
+	_, outs := feed(t, m.FromClient, startupBytes(map[string]string{"user": "bob"}))
+	_, _, l := collect(outs)
+	var ae *proto.AuthError
+	if !l.Close || !errors.As(l.Err, &ae) || ae.Code != "28000" {
+		t.Fatalf("want 28000 refusal, got %+v", l)
+	}
+}
+
+func TestSplitCode(t *testing.T) {
+	for _, tc := range []struct {
+		in, rest, code string
+		ok             bool
+	}{
+		{"secret123456", "secret", "123456", true},
+		{"123456", "123456", "", false},
+		{"1234567", "1", "234567", true},
+		{"secret12345x", "secret12345x", "", false},
+		{"", "", "", false},
+	} {
+		rest, code, ok := SplitCode(tc.in, 6)
+		if rest != tc.rest || code != tc.code || ok != tc.ok {
+			t.Errorf("SplitCode(%q) = %q %q %v", tc.in, rest, code, ok)
+		}
+	}
+}
+
+func TestTimeouts(t *testing.T) {
+	m := New(Config{})
+	loginToHeld(t, m)
+	out := m.Timeout(true)
+	msgs := decodeAll(t, out.ToClient)
+	var e pgproto3.ErrorResponse
+	e.Decode(msgs[0].Body)
+	if e.Code != "28000" || !bytes.Contains([]byte(e.Hint), []byte("pgmfa approve alice")) {
+		t.Fatalf("MFA timeout error %+v", e)
+	}
+	m = New(Config{})
+	if out := m.Timeout(false); !out.Close {
+		t.Fatal("handshake timeout did not close")
+	}
+}
+
+func decodeAll(t testing.TB, b []byte) []proto.Message {
+	t.Helper()
+	var msgs []proto.Message
+	for len(b) > 0 {
+		m, n, err := proto.NextMessage(b, 1<<20)
+		if err != nil || n == 0 {
+			t.Fatalf("undecodable output %q: %v", b, err)
+		}
+		msgs = append(msgs, m)
+		b = b[n:]
+	}
+	return msgs
+}

@@ -82,7 +82,22 @@ type Config struct {
 	// MaxSCRAMIterations bounds the upstream's SCRAM iteration count in
 	// AuthPassword mode (zero: proto's default).
 	MaxSCRAMIterations int
+	// TLS says how the client side treats encryption.
+	TLS TLSMode
 }
+
+// TLSMode is the client-facing TLS policy.
+type TLSMode int
+
+const (
+	// TLSOff answers SSLRequest with 'N'; a direct TLS handshake is refused.
+	TLSOff TLSMode = iota
+	// TLSAllow answers SSLRequest with 'S' (Output.StartTLS) and accepts a
+	// direct TLS handshake; plaintext logins are still accepted.
+	TLSAllow
+	// TLSRequire is TLSAllow, and a plaintext StartupMessage is refused.
+	TLSRequire
+)
 
 // MFASource says where the code under test came from.
 type MFASource string
@@ -127,6 +142,13 @@ type Output struct {
 	ToUpstream []byte
 	// Dial: open the upstream connection, then call UpstreamConnected.
 	Dial bool
+	// StartTLS: perform the TLS server handshake now, then call
+	// SetEncrypted. For an SSLRequest, ToClient holds the 'S' to write
+	// first; for a direct TLS handshake (PostgreSQL 17's
+	// sslnegotiation=direct) nothing was consumed and the bytes in the
+	// buffer are the ClientHello.
+	StartTLS  bool
+	DirectTLS bool
 	// Cancel: the client sent a CancelRequest. Forward it if the key is
 	// one the proxy issued, then close without answering (as PostgreSQL does).
 	Cancel *pgproto3.CancelRequest
@@ -167,6 +189,7 @@ type Machine struct {
 	decided    bool // positive MFA decision received
 	heldErr    *proto.ServerError
 	method     string
+	encrypted  bool // the client side is inside TLS
 }
 
 // New returns a machine waiting for the client's first packet.
@@ -197,6 +220,13 @@ func (m *Machine) Phase() Phase { return m.phase }
 func (m *Machine) User() string     { return m.user }
 func (m *Machine) Database() string { return m.db }
 func (m *Machine) Method() string   { return m.method }
+
+// SetEncrypted records that the TLS handshake asked for by StartTLS
+// completed; the startup phase goes on inside TLS.
+func (m *Machine) SetEncrypted() { m.encrypted = true }
+
+// Encrypted reports whether the client side is inside TLS.
+func (m *Machine) Encrypted() bool { return m.encrypted }
 
 // StartupMessage is the startup packet as forwarded upstream (MFA
 // parameters removed); nil before it arrived.
@@ -245,6 +275,13 @@ func (m *Machine) FromClient(buf []byte) (int, Output) {
 
 // startupPacket handles the untyped packets of the startup phase.
 func (m *Machine) startupPacket(buf []byte) (int, Output) {
+	if len(buf) > 0 && buf[0] == 0x16 && !m.encrypted {
+		// A TLS ClientHello as the very first byte: direct TLS.
+		if m.cfg.TLS == TLSOff {
+			return 0, m.end(errors.New("direct TLS handshake, but TLS is not configured"))
+		}
+		return 0, Output{StartTLS: true, DirectTLS: true}
+	}
 	msg, n, err := proto.NextStartup(buf)
 	if err != nil {
 		return 0, m.fail(err)
@@ -253,9 +290,24 @@ func (m *Machine) startupPacket(buf []byte) (int, Output) {
 		return 0, Output{}
 	}
 	switch msg := msg.(type) {
-	case *pgproto3.SSLRequest, *pgproto3.GSSEncRequest:
-		// No TLS or GSS encryption on this listener: 'N', and the client
-		// goes on in plaintext (or gives up, per its sslmode).
+	case *pgproto3.SSLRequest:
+		if m.encrypted {
+			return n, m.fail(&proto.ProtocolError{Msg: "SSLRequest inside an encrypted connection"})
+		}
+		if m.cfg.TLS == TLSOff {
+			// No TLS here: 'N', and the client goes on in plaintext (or
+			// gives up, per its sslmode).
+			return n, Output{ToClient: []byte{'N'}}
+		}
+		if len(buf) > n {
+			// Bytes sent after SSLRequest before the handshake would be
+			// taken as if they had come over TLS (CVE-2021-23214): never
+			// process them.
+			return n, m.end(&proto.ProtocolError{Msg: "received unencrypted data after SSL request"})
+		}
+		return n, Output{ToClient: []byte{'S'}, StartTLS: true}
+	case *pgproto3.GSSEncRequest:
+		// No GSS encryption: 'N'; the client may still ask for TLS.
 		return n, Output{ToClient: []byte{'N'}}
 	case *pgproto3.CancelRequest:
 		m.phase = PhaseClosed
@@ -270,6 +322,11 @@ func (m *Machine) startupPacket(buf []byte) (int, Output) {
 }
 
 func (m *Machine) startupMessage(msg *pgproto3.StartupMessage) Output {
+	if m.cfg.TLS == TLSRequire && !m.encrypted {
+		return m.fail(&proto.AuthError{Code: "28000",
+			Message: "pgmfa requires an encrypted connection",
+			Hint:    "connect with sslmode=require (or verify-full)"})
+	}
 	params := make(map[string]string, len(msg.Parameters))
 	for k, v := range msg.Parameters {
 		params[k] = v
@@ -292,7 +349,7 @@ func (m *Machine) startupMessage(msg *pgproto3.StartupMessage) Output {
 	}
 	switch m.cfg.Auth {
 	case AuthPassword:
-		if !m.cfg.AllowCleartext {
+		if !m.cfg.AllowCleartext && !m.encrypted {
 			return m.fail(&proto.AuthError{Code: "28000",
 				Message: "pgmfa will not ask for a cleartext password over an unencrypted connection",
 				Hint:    "connect with sslmode=require, or start pgmfa with --allow-cleartext-password on a loopback-only setup"})
@@ -608,6 +665,12 @@ func (m *Machine) Timeout(mfaWait bool) Output {
 // session was handed off.
 func (m *Machine) UpstreamClosed(err error) Output {
 	if m.phase == PhaseReady || m.phase == PhaseClosed {
+		return Output{}
+	}
+	if m.heldErr != nil {
+		// The database refused the session after its AuthenticationOk and
+		// hung up, as it does. The refusal is held until the MFA decision
+		// (see holdError); the hang-up changes nothing.
 		return Output{}
 	}
 	msg := "the database closed the connection during login"

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"io"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -173,6 +174,10 @@ func TestServerErrorAfterAuthOkIsHeld(t *testing.T) {
 		if c, _, _ := collect(outs); len(c) != 0 {
 			t.Fatalf("client got %q before MFA", c)
 		}
+		// PostgreSQL hangs up right after a FATAL.
+		if out := m.UpstreamClosed(io.EOF); out.Close || len(out.ToClient) != 0 {
+			t.Fatalf("hang-up after a held error: %+v", out)
+		}
 		out := m.MFADecided(Decision{OK: ok, Message: "bad code"})
 		if !out.Close {
 			t.Fatal("not closed")
@@ -294,4 +299,55 @@ func decodeAll(t testing.TB, b []byte) []proto.Message {
 		b = b[n:]
 	}
 	return msgs
+}
+
+func TestTLSNegotiation(t *testing.T) {
+	// TLS available: 'S' and StartTLS.
+	m := New(Config{TLS: TLSAllow})
+	n, out := m.FromClient(enc(&pgproto3.SSLRequest{}))
+	if n != 8 || string(out.ToClient) != "S" || !out.StartTLS {
+		t.Fatalf("SSLRequest with TLS: %d %+v", n, out)
+	}
+	m.SetEncrypted()
+	if _, out := m.FromClient(enc(&pgproto3.SSLRequest{})); !out.Close {
+		t.Fatal("a second SSLRequest inside TLS was accepted")
+	}
+	// Bytes after SSLRequest in the same read: closed, never processed.
+	m = New(Config{TLS: TLSAllow})
+	_, out = m.FromClient(append(enc(&pgproto3.SSLRequest{}), startupBytes(map[string]string{"user": "x"})...))
+	if !out.Close || out.StartTLS || out.Dial {
+		t.Fatalf("SSLRequest + trailing bytes: %+v", out)
+	}
+	// Direct TLS.
+	m = New(Config{TLS: TLSAllow})
+	if n, out := m.FromClient([]byte{0x16, 3, 1, 0, 5}); n != 0 || !out.DirectTLS || !out.StartTLS {
+		t.Fatalf("direct TLS: %d %+v", n, out)
+	}
+	m = New(Config{})
+	if _, out := m.FromClient([]byte{0x16, 3, 1, 0, 5}); !out.Close {
+		t.Fatal("direct TLS without a certificate was not refused")
+	}
+	// GSSENCRequest then SSLRequest.
+	m = New(Config{TLS: TLSAllow})
+	if _, out := m.FromClient(enc(&pgproto3.GSSEncRequest{})); string(out.ToClient) != "N" {
+		t.Fatal("GSSENCRequest not answered N")
+	}
+	if _, out := m.FromClient(enc(&pgproto3.SSLRequest{})); !out.StartTLS {
+		t.Fatal("SSLRequest after GSSENCRequest refused")
+	}
+	// Require: plaintext startup refused with a hint.
+	m = New(Config{TLS: TLSRequire})
+	_, out = m.FromClient(startupBytes(map[string]string{"user": "x"}))
+	var ae *proto.AuthError
+	if !out.Close || !errors.As(out.Err, &ae) || ae.Code != "28000" || !bytes.Contains([]byte(ae.Hint), []byte("sslmode=require")) {
+		t.Fatalf("plaintext under require: %+v", out)
+	}
+	// Password mode inside TLS needs no --allow-cleartext-password.
+	m = New(Config{TLS: TLSRequire, Auth: AuthPassword})
+	m.FromClient(enc(&pgproto3.SSLRequest{}))
+	m.SetEncrypted()
+	_, out = m.FromClient(startupBytes(map[string]string{"user": "x"}))
+	if out.Close {
+		t.Fatalf("password mode inside TLS refused: %v", out.Err)
+	}
 }

@@ -1,0 +1,280 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/pgmfa/pgmfa/loop"
+	"github.com/pgmfa/pgmfa/loop/admin"
+	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/proto/session"
+)
+
+func init() {
+	register("serve", "run the proxy (the default)", runServe)
+}
+
+// serveFlags are the flags of `pgmfa serve`; demo reuses them.
+type serveFlags struct {
+	listen, upstream      string
+	loops                 int
+	auth                  string
+	allowCleartext        bool
+	mfaMode, exempt       string
+	remember, mfaTimeout  time.Duration
+	handshakeTimeout      time.Duration
+	maxConns              int
+	maxMessage            int
+	splice                string
+	maxBacklog            int64
+	relayBuffer, sockBuf  int
+	store, adminAddr      string
+	digits                int
+	period                time.Duration
+	skew                  uint
+	algorithm             string
+	maxFailures           int
+	failureWindow         time.Duration
+	maxAddrFailures       int
+	logLevel, logFormat   string
+}
+
+func (f *serveFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.listen, "listen", "127.0.0.1:6432", "where clients connect: comma-separated host:port and/or unix-socket paths (a directory gets .s.PGSQL.<port>, so psql -h DIR works)")
+	fs.StringVar(&f.upstream, "upstream", "127.0.0.1:5432", "the PostgreSQL server: host:port, or a unix-socket path (.../.s.PGSQL.5432, or its directory)")
+	fs.IntVar(&f.loops, "loops", 0, "gnet event loops (0: one per CPU)")
+	fs.StringVar(&f.auth, "auth", "passthrough", "primary authentication: passthrough (the database checks the password; the proxy keeps none) or password (the proxy asks for a cleartext password ending in the TOTP code and logs in upstream itself)")
+	fs.BoolVar(&f.allowCleartext, "allow-cleartext-password", false, "with --auth password, allow the cleartext password over an unencrypted client connection (loopback-only setups)")
+	fs.StringVar(&f.mfaMode, "mfa", "required", "required: every login needs a second factor; off: none (the proxy then only relays)")
+	fs.StringVar(&f.exempt, "mfa-exempt", "", "comma-separated users that skip MFA (service accounts)")
+	fs.DurationVar(&f.remember, "mfa-remember", 0, "after a successful MFA, further logins of the same user from the same client address pass without a code for this long (0: off); lets a connection pool open many connections with one code")
+	fs.DurationVar(&f.mfaTimeout, "mfa-timeout", 60*time.Second, "how long a login without a code waits for `pgmfa approve`")
+	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", 15*time.Second, "the whole login up to the MFA decision (slow clients are closed after it)")
+	fs.IntVar(&f.maxConns, "max-conns", 0, "most client connections at once, logins and sessions alike; more get SQLSTATE 53300 (0: unlimited)")
+	fs.IntVar(&f.maxMessage, "max-message-len", 1<<20, "largest protocol message accepted during login, bytes")
+	fs.StringVar(&f.splice, "splice", "auto", "after login: auto (kernel sockmap when available, else the user-space relay), sockmap (or refuse to start), off (always the relay)")
+	fs.Int64Var(&f.maxBacklog, "max-backlog", 0, "sockmap: bytes the kernel may hold in flight per session before backpressure (0: the default, 4 MiB)")
+	fs.IntVar(&f.relayBuffer, "relay-buffer", 64<<10, "user-space relay: bytes buffered per direction of a session")
+	fs.IntVar(&f.sockBuf, "socket-buffer", 0, "SO_SNDBUF/SO_RCVBUF for client and database sockets (0: kernel default, autotuned)")
+	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by `pgmfa enroll` (env PGMFA_STORE)")
+	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for `pgmfa approve`: a unix-socket path or a loopback host:port; empty disables it (env PGMFA_ADMIN)")
+	fs.IntVar(&f.digits, "totp-digits", 6, "TOTP code length for users enrolled without their own (6 or 8)")
+	fs.DurationVar(&f.period, "totp-period", 30*time.Second, "TOTP time step")
+	fs.UintVar(&f.skew, "totp-skew", 1, "TOTP steps accepted either side of now (clock drift)")
+	fs.StringVar(&f.algorithm, "totp-algorithm", "SHA1", "TOTP HMAC: SHA1, SHA256 or SHA512")
+	fs.IntVar(&f.maxFailures, "mfa-max-failures", 5, "failed MFA attempts per user within --mfa-failure-window before further attempts are refused unchecked")
+	fs.DurationVar(&f.failureWindow, "mfa-failure-window", 5*time.Minute, "window for --mfa-max-failures and --mfa-max-addr-failures")
+	fs.IntVar(&f.maxAddrFailures, "mfa-max-addr-failures", 20, "failed MFA attempts per client address within the window")
+	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
+}
+
+func runServe(args []string) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	var f serveFlags
+	f.register(fs)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), `usage: pgmfa [serve] [flags]
+
+Runs the proxy. Clients connect to --listen and log in as they would to
+PostgreSQL; the login completes only after a TOTP code is verified:
+  PGOPTIONS='-c pgmfa.code=123456' psql -h 127.0.0.1 -p 6432 -U alice db
+or, with --auth password, the code appended to the password, or out of band
+with `+"`pgmfa approve USER CODE`"+`. SIGHUP reloads the secret store.
+
+flags:
+`)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "pgmfa serve: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	logger, err := newLogger(os.Stderr, f.logLevel, f.logFormat)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "pgmfa:", err)
+		return 2
+	}
+	p, err := f.build(logger)
+	if err != nil {
+		logger.Error("cannot start", "err", err)
+		return 1
+	}
+	return p.runUntilSignal()
+}
+
+// proxy is a configured server with its store and admin listener.
+type proxy struct {
+	srv    *loop.Server
+	store  *mfa.FileStore
+	admin  *http.Server
+	log    *slog.Logger
+	onStop []func()
+}
+
+func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
+	var required bool
+	switch f.mfaMode {
+	case "required":
+		required = true
+	case "off":
+		logger.Warn("MFA is off (--mfa off): pgmfa only relays logins")
+	default:
+		return nil, fmt.Errorf("--mfa must be required or off, not %q", f.mfaMode)
+	}
+	var auth session.Auth
+	switch f.auth {
+	case "passthrough":
+		auth = session.AuthPassthrough
+	case "password":
+		auth = session.AuthPassword
+	default:
+		return nil, fmt.Errorf("--auth must be passthrough or password, not %q", f.auth)
+	}
+	store, err := mfa.OpenFileStore(f.store)
+	if err != nil {
+		return nil, err
+	}
+	if required && len(store.Users()) == 0 {
+		logger.Warn("the secret store has no enrolled users; logins will be refused until `pgmfa enroll USER`", "store", f.store)
+	}
+	guard := mfa.NewGuard(mfa.Options{
+		Digits: f.digits, Period: f.period, Skew: f.skew, Algorithm: f.algorithm,
+		MaxFailures: f.maxFailures, FailureWindow: f.failureWindow, MaxAddrFailures: f.maxAddrFailures,
+		Remember: f.remember,
+	}, store)
+	approvals := mfa.NewApprovals(guard)
+
+	srv, err := loop.New(loop.Config{
+		Listen:                 splitList(f.listen),
+		Upstream:               f.upstream,
+		Loops:                  f.loops,
+		Auth:                   auth,
+		AllowCleartextPassword: f.allowCleartext,
+		MaxMessageLen:          f.maxMessage,
+		HandshakeTimeout:       f.handshakeTimeout,
+		MFATimeout:             f.mfaTimeout,
+		MaxConns:               f.maxConns,
+		MFARequired:            required,
+		MFAExempt:              toSet(splitList(f.exempt)),
+		Guard:                  guard,
+		Approvals:              approvals,
+		Splice:                 f.splice,
+		MaxBacklog:             f.maxBacklog,
+		RelayBuffer:            f.relayBuffer,
+		SocketBuf:              f.sockBuf,
+		Logger:                 logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	p := &proxy{srv: srv, store: store, log: logger}
+	if f.adminAddr != "" {
+		ln, err := admin.Listen(f.adminAddr)
+		if err != nil {
+			return nil, fmt.Errorf("--admin %s: %w", f.adminAddr, err)
+		}
+		h := admin.NewServer(approvals, logger)
+		h.SetStats(func() any { return srv.StatsSnapshot() })
+		p.admin = &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := p.admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				logger.Error("admin API stopped", "err", err)
+			}
+		}()
+		logger.Info("admin API listening", "admin", f.adminAddr)
+	}
+	return p, nil
+}
+
+// runUntilSignal serves until SIGINT/SIGTERM; SIGHUP reloads the store.
+func (p *proxy) runUntilSignal() int {
+	done := make(chan error, 1)
+	go func() { done <- p.srv.Run() }()
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	for {
+		select {
+		case err := <-done:
+			p.shutdown()
+			if err != nil {
+				p.log.Error("proxy stopped", "err", err)
+				return 1
+			}
+			return 0
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				if err := p.store.Reload(); err != nil {
+					p.log.Error("reload of the secret store failed; keeping the old one", "err", err)
+				} else {
+					p.log.Info("secret store reloaded", "users", len(p.store.Users()))
+				}
+				continue
+			}
+			p.log.Info("shutting down", "signal", sig.String())
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_ = p.srv.Stop(ctx)
+			cancel()
+		}
+	}
+}
+
+func (p *proxy) shutdown() {
+	if p.admin != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = p.admin.Shutdown(ctx)
+		cancel()
+	}
+	for _, f := range p.onStop {
+		f()
+	}
+}
+
+func newLogger(w *os.File, level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func toSet(xs []string) map[string]bool {
+	m := make(map[string]bool, len(xs))
+	for _, x := range xs {
+		m[x] = true
+	}
+	return m
+}

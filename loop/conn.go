@@ -1,0 +1,362 @@
+package loop
+
+import (
+	"context"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/panjf2000/gnet/v2"
+
+	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/proto"
+	"github.com/pgmfa/pgmfa/proto/session"
+)
+
+// conn is one client connection and, once dialed, its database connection.
+// Every method runs on the event loop that owns the client socket.
+type conn struct {
+	srv      *Server
+	id       uint64
+	client   gnet.Conn
+	upstream gnet.Conn
+	loop     gnet.EventLoop
+	m        *session.Machine
+	addr     string // client address for throttling and the log
+	start    time.Time
+
+	deadline   *time.Timer // handshake, then MFA wait
+	cancelWait func()      // out-of-band approval registration
+	mfaPath    mfa.Path
+	mfaReason  string
+
+	logged    bool // the one audit line per login was written
+	closed    bool
+	handedOff bool
+	released  bool // the conns slot was given back
+}
+
+// The contexts gnet carries for us, to tell a connection's role.
+type (
+	clientSide   struct{ c *conn }
+	upstreamSide struct{ c *conn }
+	cancelSide   struct{ packet []byte }
+	refusedSide  struct{}
+)
+
+// OnOpen handles a new client, a dialed upstream, or a cancel forward.
+func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
+	switch ctx := gc.Context().(type) {
+	case *upstreamSide:
+		c := ctx.c
+		if c.closed {
+			return nil, gnet.Close
+		}
+		c.upstream = gc
+		c.act(c.m.UpstreamConnected())
+		return nil, gnet.None
+	case *cancelSide:
+		// PostgreSQL reads the cancel packet and closes; so do we.
+		return ctx.packet, gnet.Close
+	}
+
+	s.stats.Accepted.Add(1)
+	if max := s.cfg.MaxConns; max > 0 && s.conns.Add(1) > int64(max) {
+		s.conns.Add(-1)
+		s.stats.Refused.Add(1)
+		gc.SetContext(&refusedSide{})
+		s.log.Warn("connection refused: --max-conns reached", "client", gc.RemoteAddr().String(), "max_conns", max)
+		return proto.Append(nil, proto.Fatal("53300", "sorry, too many clients already",
+			"pgmfa's --max-conns limit is reached; try again later")), gnet.Close
+	} else if max <= 0 {
+		s.conns.Add(1)
+	}
+	s.stats.Active.Add(1)
+	c := &conn{
+		srv:    s,
+		id:     s.nextID.Add(1),
+		client: gc,
+		loop:   gc.EventLoop(),
+		addr:   gc.RemoteAddr().String(),
+		start:  time.Now(),
+		m: session.New(session.Config{
+			Auth:           s.cfg.Auth,
+			MaxMessageLen:  s.cfg.MaxMessageLen,
+			AllowCleartext: s.cfg.AllowCleartextPassword,
+			Rand:           s.cfg.Rand,
+		}),
+	}
+	if c.addr == "" {
+		c.addr = "unix"
+	}
+	gc.SetContext(&clientSide{c})
+	c.deadline = c.after(s.cfg.HandshakeTimeout, func() { c.act(c.m.Timeout(false)) })
+	return nil, gnet.None
+}
+
+// OnTraffic feeds whatever arrived to the login machine, one message at a
+// time, until it needs more bytes or the connection changes hands.
+func (s *Server) OnTraffic(gc gnet.Conn) gnet.Action {
+	switch ctx := gc.Context().(type) {
+	case *clientSide:
+		ctx.c.drain(gc, ctx.c.m.FromClient)
+	case *upstreamSide:
+		ctx.c.drain(gc, ctx.c.m.FromUpstream)
+	default:
+		// Cancel forwards and refused connections send nothing we read.
+		_, _ = gc.Discard(-1)
+	}
+	return gnet.None
+}
+
+func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
+	for !c.closed && !c.handedOff {
+		buf, _ := gc.Peek(-1)
+		n, out := step(buf)
+		if n > 0 {
+			_, _ = gc.Discard(n)
+		}
+		c.act(out)
+		if n == 0 {
+			break
+		}
+	}
+	// A database that keeps talking while the client's login is held is
+	// cut off before it can make the proxy buffer without bound.
+	if !c.closed && !c.handedOff && gc == c.upstream && gc.InboundBuffered() > 1<<20 {
+		c.act(c.m.UpstreamClosed(errTooChatty))
+	}
+}
+
+// OnClose tears the login down when either side goes away before the
+// handoff. After the handoff the sockets belong to the kernel or the relay
+// and gnet closing its own descriptors means nothing.
+func (s *Server) OnClose(gc gnet.Conn, err error) gnet.Action {
+	switch ctx := gc.Context().(type) {
+	case *clientSide:
+		c := ctx.c
+		if !c.handedOff {
+			c.client = nil
+			c.act(c.m.ClientClosed())
+			c.finish()
+		}
+	case *upstreamSide:
+		c := ctx.c
+		if !c.handedOff {
+			c.upstream = nil
+			c.act(c.m.UpstreamClosed(err))
+		}
+	}
+	return gnet.None
+}
+
+// act performs one Output of the login machine.
+func (c *conn) act(out session.Output) {
+	if len(out.ToUpstream) > 0 && c.upstream != nil {
+		_, _ = c.upstream.Write(out.ToUpstream)
+	}
+	if out.Established != nil {
+		c.handoff(out.ToClient, out.Established)
+		return
+	}
+	if len(out.ToClient) > 0 && c.client != nil {
+		_, _ = c.client.Write(out.ToClient)
+	}
+	if out.Dial {
+		c.dial()
+	}
+	if out.Cancel != nil {
+		c.srv.forwardCancel(c.loop, out.Cancel)
+	}
+	if out.NeedMFA != nil {
+		c.askMFA(out.NeedMFA)
+	}
+	if out.Close {
+		c.close(out.Err)
+	}
+}
+
+// dial opens the database connection on this connection's own loop.
+func (c *conn) dial() {
+	ctx := gnet.NewContext(context.Background(), &upstreamSide{c})
+	ch, err := c.loop.Register(ctx, c.srv.upAddr)
+	if err != nil {
+		c.act(c.m.UpstreamFailed(c.srv.upName, err))
+		return
+	}
+	// gnet dials in its worker pool and reports failures only on this
+	// channel; wait for it off the loop (for the length of a connect) and
+	// bring a failure back onto the loop.
+	go func() {
+		if r := <-ch; r.Err != nil {
+			c.exec(func() {
+				if !c.closed {
+					c.act(c.m.UpstreamFailed(c.srv.upName, r.Err))
+				}
+			})
+		}
+	}()
+}
+
+// askMFA answers the machine's MFA request through the server's gate,
+// bringing a late (out-of-band) answer back onto this connection's loop.
+func (c *conn) askMFA(req *session.MFARequest) {
+	onLoop := true
+	cancel, waiting := c.srv.ResolveMFA(req, c.addr, func(path mfa.Path, o mfa.Outcome) {
+		if onLoop {
+			c.decide(path, o)
+			return
+		}
+		c.exec(func() { c.decide(path, o) })
+	})
+	onLoop = false
+	if waiting {
+		c.cancelWait = cancel
+		c.deadline.Stop()
+		c.deadline = c.after(c.srv.cfg.MFATimeout, func() {
+			c.mfaReason = "timeout"
+			c.act(c.m.Timeout(true))
+		})
+		c.srv.log.Info("login waiting for MFA approval", "conn", c.id, "client", c.addr, "user", req.User,
+			"approve_with", "pgmfa approve "+req.User+" CODE")
+	}
+}
+
+// ResolveMFA decides an MFA request: exempt, remembered, a code verified
+// now, or a wait for `pgmfa approve`. decide is called exactly once: before
+// ResolveMFA returns, or (waiting == true) later from another goroutine,
+// unless cancel is called first. Safe for concurrent use.
+func (s *Server) ResolveMFA(req *session.MFARequest, addr string, decide func(mfa.Path, mfa.Outcome)) (cancel func(), waiting bool) {
+	cfg := s.cfg
+	switch {
+	case !cfg.MFARequired || cfg.MFAExempt[req.User]:
+		decide(mfa.PathExempt, mfa.Outcome{OK: true})
+	case cfg.Guard.Remembered(req.User, addr):
+		decide(mfa.PathRemembered, mfa.Outcome{OK: true})
+	case req.Code != "":
+		path := mfa.PathCode
+		if req.Source == session.SourcePassword {
+			path = mfa.PathPassword
+		}
+		decide(path, cfg.Guard.Verify(req.User, addr, req.Code))
+	case !cfg.Guard.Enrolled(req.User):
+		decide(mfa.PathCode, mfa.NotEnrolled(req.User))
+	default:
+		_, cancel = cfg.Approvals.Wait(req.User, addr, func(o mfa.Outcome) { decide(mfa.PathApproval, o) })
+		return cancel, true
+	}
+	return func() {}, false
+}
+
+func (c *conn) decide(path mfa.Path, o mfa.Outcome) {
+	if c.closed {
+		return
+	}
+	c.mfaPath = path
+	c.mfaReason = o.Reason
+	c.act(c.m.MFADecided(session.Decision{OK: o.OK, Code: o.Code, Message: o.Message, Hint: o.Hint}))
+}
+
+// close ends a login that did not make it to the handoff.
+func (c *conn) close(err error) {
+	if c.closed {
+		return
+	}
+	c.closed = true
+	c.stopWaiting()
+	c.audit(false, err)
+	if c.client != nil {
+		_ = c.client.Close()
+	}
+	if c.upstream != nil {
+		_ = c.upstream.Close()
+	}
+	c.finish()
+}
+
+func (c *conn) stopWaiting() {
+	if c.deadline != nil {
+		c.deadline.Stop()
+	}
+	if c.cancelWait != nil {
+		c.cancelWait()
+		c.cancelWait = nil
+	}
+}
+
+// finish gives the connection slot back, once.
+func (c *conn) finish() {
+	if c.released {
+		return
+	}
+	c.released = true
+	c.srv.conns.Add(-1)
+	c.srv.stats.Active.Add(-1)
+}
+
+// audit writes the one structured line per login.
+func (c *conn) audit(ok bool, err error) {
+	if c.logged || c.m.User() == "" {
+		return
+	}
+	c.logged = true
+	attrs := []any{
+		"conn", c.id, "client", c.addr, "user", c.m.User(), "database", c.m.Database(),
+		"method", orDash(c.m.Method()), "mfa", orDash(string(c.mfaPath)),
+		"duration", time.Since(c.start).Round(time.Microsecond),
+	}
+	if ok {
+		c.srv.stats.LoginsOK.Add(1)
+		c.srv.log.Info("login", append(attrs, "result", "ok")...)
+		return
+	}
+	c.srv.stats.LoginsFailed.Add(1)
+	if c.mfaReason != "" {
+		attrs = append(attrs, "mfa_result", c.mfaReason)
+	}
+	if err != nil {
+		attrs = append(attrs, "error", err.Error())
+	}
+	c.srv.log.Warn("login", append(attrs, "result", "refused", "phase", c.m.Phase().String())...)
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// after runs f on this connection's loop after d.
+func (c *conn) after(d time.Duration, f func()) *time.Timer {
+	return time.AfterFunc(d, func() { c.exec(f) })
+}
+
+// exec runs f on this connection's loop.
+func (c *conn) exec(f func()) {
+	_ = c.loop.Execute(context.Background(), gnet.RunnableFunc(func(context.Context) error {
+		f()
+		return nil
+	}))
+}
+
+// forwardCancel passes a client's CancelRequest to the database with the
+// database's own key, if the key is one this proxy issued. Unknown keys are
+// dropped silently, as PostgreSQL does.
+func (s *Server) forwardCancel(el gnet.EventLoop, req *pgproto3.CancelRequest) {
+	up, ok := s.cancels.lookup(req.ProcessID, req.SecretKey)
+	if !ok {
+		s.log.Debug("cancel request with an unknown key dropped")
+		return
+	}
+	pkt := proto.Append(nil, &pgproto3.CancelRequest{ProcessID: up.ProcessID, SecretKey: up.SecretKey})
+	ctx := gnet.NewContext(context.Background(), &cancelSide{packet: pkt})
+	if _, err := el.Register(ctx, s.upAddr); err != nil {
+		s.log.Warn("cancel request not forwarded", "err", err)
+	}
+}
+
+type chattyErr struct{}
+
+func (chattyErr) Error() string { return "the database sent more than 1 MiB during login" }
+
+var errTooChatty error = chattyErr{}

@@ -1,0 +1,117 @@
+package loop
+
+import (
+	"errors"
+	"time"
+
+	"github.com/panjf2000/gnet/v2"
+	"golang.org/x/sys/unix"
+
+	"github.com/pgmfa/pgmfa/bpf"
+	"github.com/pgmfa/pgmfa/loop/relay"
+	"github.com/pgmfa/pgmfa/proto/session"
+)
+
+// handoff takes an authenticated, released session out of gnet and gives
+// its two sockets to the kernel (sockmap) or to the user-space relay.
+//
+// The sequence (DESIGN.md, "Handoff to the kernel"): both conns are on this
+// loop and nothing is left in gnet's outbound buffers; take the read-ahead
+// (client bytes pipelined behind the login, anything the database sent
+// after ReadyForQuery); dup both fds; close both gnet conns synchronously so
+// gnet never polls them again (the sockets stay open through the dups); the
+// new owner writes the held bytes first and then moves the rest.
+// The release (AuthenticationOk … ReadyForQuery) is not written through
+// gnet at all: it travels as the first pending bytes to the client, so
+// nothing is left in gnet to wait for.
+func (c *conn) handoff(release []byte, est *session.Established) {
+	if c.client == nil || c.upstream == nil {
+		c.close(errors.New("a side closed at the handoff"))
+		return
+	}
+	if c.client.OutboundBuffered() > 0 || c.upstream.OutboundBuffered() > 0 {
+		// Login traffic still queued in gnet (a peer with a full receive
+		// buffer): retry shortly rather than lose or reorder it. The
+		// handshake deadline still bounds this.
+		c.after(time.Millisecond, func() {
+			if !c.closed && !c.handedOff {
+				c.handoff(release, est)
+			}
+		})
+		return
+	}
+	toServer := takeAll(c.client)
+	toClient := append(release, takeAll(c.upstream)...)
+
+	cfd, err := c.client.Dup()
+	if err != nil {
+		c.close(err)
+		return
+	}
+	ufd, err := c.upstream.Dup()
+	if err != nil {
+		unix.Close(cfd)
+		c.close(err)
+		return
+	}
+	c.handedOff = true
+	c.stopWaiting()
+	_ = c.loop.Close(c.client)
+	_ = c.loop.Close(c.upstream)
+	c.client, c.upstream = nil, nil
+
+	c.srv.cancels.add(est.ProxyKey, est.UpstreamKey)
+	c.audit(true, nil)
+	c.start = time.Now()
+
+	if sp := c.srv.splicer; sp != nil {
+		err := sp.Splice(cfd, ufd, toServer, toClient, func(st bpf.Stats) {
+			c.ended("sockmap", st.ClientToServer, st.ServerToClient, st.Duration, st.Reason, est)
+		})
+		if err == nil {
+			c.srv.stats.Spliced.Add(1)
+			return
+		}
+		var partial *bpf.PartialWriteError
+		if errors.As(err, &partial) {
+			// Some held bytes are out and some are not: no path can
+			// continue this byte stream faithfully.
+			unix.Close(cfd)
+			unix.Close(ufd)
+			c.ended("sockmap", 0, 0, 0, "handoff failed: "+err.Error(), est)
+			return
+		}
+		c.srv.log.Info("session not spliced; using the user-space relay", "conn", c.id, "reason", err.Error())
+	}
+	err = c.srv.relay.Add(cfd, ufd, toServer, toClient, func(st relay.Stats) {
+		c.ended("relay", st.ClientToServer, st.ServerToClient, st.Duration, st.Reason, est)
+	})
+	if err != nil {
+		unix.Close(cfd)
+		unix.Close(ufd)
+		c.ended("relay", 0, 0, 0, "handoff failed: "+err.Error(), est)
+		return
+	}
+	c.srv.stats.Relayed.Add(1)
+}
+
+// takeAll removes and copies everything gnet holds for a connection (the
+// slices gnet returns alias its loop buffer).
+func takeAll(gc gnet.Conn) []byte {
+	if gc.InboundBuffered() == 0 {
+		return nil
+	}
+	b, _ := gc.Next(-1)
+	return append([]byte(nil), b...)
+}
+
+// ended logs the end of a handed-off session and frees what it held. It
+// runs on the splicer's or the relay's goroutine.
+func (c *conn) ended(mode string, c2s, s2c uint64, d time.Duration, reason string, est *session.Established) {
+	c.srv.cancels.remove(est.ProxyKey)
+	c.srv.log.Info("session end", "conn", c.id, "client", c.addr, "user", c.m.User(), "database", c.m.Database(),
+		"mode", mode, "bytes_client_to_server", c2s, "bytes_server_to_client", s2c,
+		"duration", d.Round(time.Millisecond), "reason", reason)
+	c.srv.conns.Add(-1)
+	c.srv.stats.Active.Add(-1)
+}

@@ -1,0 +1,360 @@
+// Package relay forwards bytes between the two sockets of an authenticated
+// session in user space, for sessions the kernel cannot splice (no BPF
+// rights, an insertion that failed, --splice off).
+//
+// It is an epoll relay with a fixed number of worker goroutines, not a
+// goroutine per connection, and it is bounded: each direction of a session
+// holds at most one buffer (BufferSize bytes, plus the read-ahead handed
+// over at the start). When the destination does not drain, the relay stops
+// reading the source, the source's socket buffer fills and TCP flow control
+// pushes back on the sender — so a client reading a 1 GB result slowly
+// costs the proxy one buffer, not 1 GB. Buffers come from a pool and go
+// back to it whenever a direction is drained, so idle sessions hold none.
+//
+// gnet has no way to stop reading a connection, which is why the relay takes
+// the sockets over (the same dup-and-close handoff as the kernel path)
+// instead of running inside the gnet loop.
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Options configure a Relay.
+type Options struct {
+	// BufferSize is the most a direction holds in user space. Zero: 64 KiB.
+	BufferSize int
+	// Workers is the number of epoll goroutines. Zero: GOMAXPROCS.
+	Workers int
+	Logger  *slog.Logger
+}
+
+// Stats describe a finished session.
+type Stats struct {
+	ClientToServer, ServerToClient uint64
+	Duration                       time.Duration
+	Reason                         string
+}
+
+// Relay moves bytes between socket pairs.
+type Relay struct {
+	opts    Options
+	pool    sync.Pool
+	workers []*worker
+	next    atomic.Uint32
+	live    atomic.Int64
+	closed  atomic.Bool
+}
+
+// ErrClosed is returned by Add after Close.
+var ErrClosed = errors.New("relay: closed")
+
+// New starts the workers.
+func New(opts Options) (*Relay, error) {
+	if opts.BufferSize <= 0 {
+		opts.BufferSize = 64 << 10
+	}
+	if opts.Workers <= 0 {
+		opts.Workers = runtime.GOMAXPROCS(0)
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	r := &Relay{opts: opts}
+	r.pool.New = func() any { b := make([]byte, opts.BufferSize); return &b }
+	for i := 0; i < opts.Workers; i++ {
+		w, err := newWorker(r)
+		if err != nil {
+			r.Close()
+			return nil, err
+		}
+		r.workers = append(r.workers, w)
+		go w.run()
+	}
+	return r, nil
+}
+
+// Sessions is the number of live sessions.
+func (r *Relay) Sessions() int { return int(r.live.Load()) }
+
+// Add takes ownership of two connected, non-blocking stream sockets. toServer
+// and toClient are bytes already read from one side and not yet forwarded;
+// they are sent first. onDone is called once, from a worker, after both fds
+// are closed. On error the fds are still the caller's.
+func (r *Relay) Add(client, server int, toServer, toClient []byte, onDone func(Stats)) error {
+	if r.closed.Load() {
+		return ErrClosed
+	}
+	for _, fd := range []int{client, server} {
+		if err := unix.SetNonblock(fd, true); err != nil {
+			return fmt.Errorf("relay: set non-blocking: %w", err)
+		}
+	}
+	w := r.workers[int(r.next.Add(1))%len(r.workers)]
+	p := &pair{
+		r: r, fds: [2]int{client, server}, start: time.Now(), onDone: onDone,
+	}
+	p.dirs[0] = direction{src: client, dst: server, pending: copyOrNil(toServer)}
+	p.dirs[1] = direction{src: server, dst: client, pending: copyOrNil(toClient)}
+	return w.add(p)
+}
+
+func copyOrNil(b []byte) []byte {
+	if len(b) == 0 {
+		return nil
+	}
+	return append([]byte(nil), b...)
+}
+
+// Close ends every session (Reason "proxy shutdown") and stops the workers.
+func (r *Relay) Close() error {
+	if !r.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	for _, w := range r.workers {
+		w.stop()
+	}
+	return nil
+}
+
+func (r *Relay) getBuf() []byte  { return *(r.pool.Get().(*[]byte)) }
+func (r *Relay) putBuf(b []byte) { b = b[:cap(b)]; r.pool.Put(&b) }
+
+// direction is one way of a pair. Its buffer holds buf[off:end].
+type direction struct {
+	src, dst int
+	pending  []byte // read-ahead handed over by the caller, sent first
+	buf      []byte // nil when drained
+	off, end int
+	eof      bool // src said FIN
+	shut     bool // dst got shutdown(SHUT_WR)
+	bytes    uint64
+}
+
+type pair struct {
+	r      *Relay
+	fds    [2]int
+	dirs   [2]direction
+	start  time.Time
+	onDone func(Stats)
+	done   bool
+}
+
+// worker owns an epoll instance and the pairs registered on it. Pair state
+// is only touched by the worker goroutine, except for registration, which
+// happens under mu before the fds are added to epoll.
+type worker struct {
+	r     *Relay
+	epfd  int
+	wake  int // eventfd to stop the worker
+	mu    sync.Mutex
+	byFD  map[int]*pair
+	quit  atomic.Bool
+	done  chan struct{}
+}
+
+func newWorker(r *Relay) (*worker, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("relay: epoll_create: %w", err)
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("relay: eventfd: %w", err)
+	}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
+		unix.Close(epfd)
+		unix.Close(wake)
+		return nil, err
+	}
+	return &worker{r: r, epfd: epfd, wake: wake, byFD: map[int]*pair{}, done: make(chan struct{})}, nil
+}
+
+func (w *worker) add(p *pair) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.quit.Load() {
+		return ErrClosed
+	}
+	w.byFD[p.fds[0]] = p
+	w.byFD[p.fds[1]] = p
+	// Edge-triggered, both directions: no epoll_ctl calls on the hot path.
+	// Every event on either fd pumps both directions of the pair until
+	// EAGAIN, which is what edge triggering requires.
+	for i, fd := range p.fds {
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
+		if err := unix.EpollCtl(w.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+			for _, f := range p.fds[:i] {
+				_ = unix.EpollCtl(w.epfd, unix.EPOLL_CTL_DEL, f, nil)
+			}
+			delete(w.byFD, p.fds[0])
+			delete(w.byFD, p.fds[1])
+			return fmt.Errorf("relay: epoll_ctl: %w", err)
+		}
+	}
+	w.r.live.Add(1)
+	return nil
+}
+
+func (w *worker) stop() {
+	w.quit.Store(true)
+	var one = []byte{1, 0, 0, 0, 0, 0, 0, 0}
+	_, _ = unix.Write(w.wake, one)
+	<-w.done
+}
+
+func (w *worker) run() {
+	defer close(w.done)
+	events := make([]unix.EpollEvent, 128)
+	for {
+		n, err := unix.EpollWait(w.epfd, events, -1)
+		if err != nil && err != unix.EINTR {
+			w.r.opts.Logger.Error("relay: epoll_wait failed; closing its sessions", "err", err)
+			w.quit.Store(true)
+		}
+		for i := 0; i < n; i++ {
+			fd := int(events[i].Fd)
+			if fd == w.wake {
+				continue
+			}
+			w.mu.Lock()
+			p := w.byFD[fd]
+			w.mu.Unlock()
+			if p != nil && !p.done {
+				w.pump(p)
+			}
+		}
+		if w.quit.Load() {
+			w.mu.Lock()
+			pairs := make(map[*pair]bool)
+			for _, p := range w.byFD {
+				pairs[p] = true
+			}
+			w.mu.Unlock()
+			for p := range pairs {
+				w.finish(p, "proxy shutdown")
+			}
+			unix.Close(w.epfd)
+			unix.Close(w.wake)
+			return
+		}
+	}
+}
+
+// pump moves what can be moved in both directions without blocking.
+func (w *worker) pump(p *pair) {
+	for i := range p.dirs {
+		if reason := w.move(&p.dirs[i]); reason != "" {
+			w.finish(p, reason)
+			return
+		}
+	}
+	if p.dirs[0].shut && p.dirs[1].shut {
+		w.finish(p, "closed")
+	}
+}
+
+// move runs one direction until the source has nothing or the destination
+// takes nothing more. It returns a reason when the pair must end.
+func (w *worker) move(d *direction) string {
+	for {
+		// Drain what we hold first: order is preserved and memory stays bounded.
+		for len(d.pending) > 0 {
+			n, err := unix.Write(d.dst, d.pending)
+			if err == unix.EAGAIN {
+				return ""
+			}
+			if err != nil {
+				return w.side(d.dst) + " write failed: " + err.Error()
+			}
+			d.bytes += uint64(n)
+			d.pending = d.pending[n:]
+		}
+		for d.off < d.end {
+			n, err := unix.Write(d.dst, d.buf[d.off:d.end])
+			if err == unix.EAGAIN {
+				return ""
+			}
+			if err != nil {
+				return w.side(d.dst) + " write failed: " + err.Error()
+			}
+			d.bytes += uint64(n)
+			d.off += n
+		}
+		if d.buf != nil {
+			w.r.putBuf(d.buf)
+			d.buf, d.off, d.end = nil, 0, 0
+		}
+		if d.eof {
+			if !d.shut {
+				// Pass the FIN on once every byte before it is out.
+				_ = unix.Shutdown(d.dst, unix.SHUT_WR)
+				d.shut = true
+			}
+			return ""
+		}
+		buf := w.r.getBuf()
+		n, err := unix.Read(d.src, buf)
+		switch {
+		case err == unix.EAGAIN:
+			w.r.putBuf(buf)
+			return ""
+		case err != nil:
+			w.r.putBuf(buf)
+			return w.side(d.src) + " reset: " + err.Error()
+		case n == 0:
+			w.r.putBuf(buf)
+			d.eof = true
+		default:
+			d.buf, d.off, d.end = buf, 0, n
+		}
+	}
+}
+
+func (w *worker) side(fd int) string {
+	w.mu.Lock()
+	p := w.byFD[fd]
+	w.mu.Unlock()
+	if p != nil && p.fds[0] == fd {
+		return "client"
+	}
+	return "server"
+}
+
+func (w *worker) finish(p *pair, reason string) {
+	if p.done {
+		return
+	}
+	p.done = true
+	w.mu.Lock()
+	delete(w.byFD, p.fds[0])
+	delete(w.byFD, p.fds[1])
+	w.mu.Unlock()
+	for i := range p.dirs {
+		if p.dirs[i].buf != nil {
+			w.r.putBuf(p.dirs[i].buf)
+			p.dirs[i].buf = nil
+		}
+	}
+	// Closing removes the fds from epoll (they are the only references).
+	unix.Close(p.fds[0])
+	unix.Close(p.fds[1])
+	w.r.live.Add(-1)
+	if p.onDone != nil {
+		p.onDone(Stats{
+			ClientToServer: p.dirs[0].bytes,
+			ServerToClient: p.dirs[1].bytes,
+			Duration:       time.Since(p.start),
+			Reason:         reason,
+		})
+	}
+}

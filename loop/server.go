@@ -1,0 +1,339 @@
+// Package loop is pgmfa's network side: a gnet event loop that accepts
+// clients, dials the database onto the same loop, drives each connection's
+// login state machine (package proto/session), asks package mfa for the
+// second factor, and hands every authenticated session off — to the
+// kernel's sockmap (package bpf) when it can, to the bounded user-space
+// relay (package loop/relay) when it cannot.
+//
+// No goroutine runs per connection: every callback for a session, on either
+// of its two sockets, runs on the one event loop that owns the client
+// socket, so a session's halves never race. Work that completes elsewhere
+// (an out-of-band MFA approval, a timer) is brought back onto that loop with
+// EventLoop.Execute.
+package loop
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/panjf2000/gnet/v2"
+
+	"github.com/pgmfa/pgmfa/bpf"
+	"github.com/pgmfa/pgmfa/loop/relay"
+	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/proto/session"
+)
+
+// Splice modes.
+const (
+	SpliceAuto    = "auto"    // sockmap when the probe passes, else the relay
+	SpliceSockmap = "sockmap" // sockmap or refuse to start
+	SpliceOff     = "off"     // always the user-space relay
+)
+
+// Config is everything the loop needs. Zero values get the defaults noted.
+type Config struct {
+	// Listen addresses: "host:port" or a unix-socket path (a directory gets
+	// the usual .s.PGSQL.<port> name).
+	Listen []string
+	// Upstream: "host:port" or a unix-socket path (or directory, with
+	// port 5432 unless the path names the socket).
+	Upstream string
+
+	Loops int // event loops; 0 = one per CPU
+
+	Auth                   session.Auth
+	AllowCleartextPassword bool
+	MaxMessageLen          int
+
+	HandshakeTimeout time.Duration // whole login up to the MFA wait; 0 = 15s
+	MFATimeout       time.Duration // out-of-band approval wait; 0 = 60s
+	MaxConns         int           // 0 = unlimited
+
+	// MFA policy.
+	MFARequired bool
+	MFAExempt   map[string]bool
+	Guard       *mfa.Guard
+	Approvals   *mfa.Approvals
+
+	Splice      string // auto | sockmap | off
+	MaxBacklog  int64  // sockmap: bytes in flight per session (0: bpf default)
+	RelayBuffer int    // relay: bytes per direction (0: 64 KiB)
+	SocketBuf   int    // SO_SNDBUF/SO_RCVBUF for both sockets; 0 = kernel default
+
+	Logger *slog.Logger
+	Rand   io.Reader
+}
+
+// Server is a running proxy.
+type Server struct {
+	gnet.BuiltinEventEngine
+
+	cfg      Config
+	log      *slog.Logger
+	upAddr   net.Addr
+	upName   string
+	addrs    []string
+	unixList []string
+
+	splicer *bpf.Splicer
+	relay   *relay.Relay
+	cancels cancelMap
+
+	eng     gnet.Engine
+	booted  chan struct{}
+	bootErr error
+	nextID  atomic.Uint64
+	conns   atomic.Int64
+	stats   Stats
+	stopped atomic.Bool
+	mu      sync.Mutex
+}
+
+// Stats are counters for the admin API and tests.
+type Stats struct {
+	Accepted, Refused, LoginsOK, LoginsFailed atomic.Int64
+	Spliced, Relayed, Active                  atomic.Int64
+}
+
+// New validates the configuration and prepares the handoff paths. Run
+// starts serving.
+func New(cfg Config) (*Server, error) {
+	if len(cfg.Listen) == 0 {
+		return nil, errors.New("no --listen address")
+	}
+	if cfg.Upstream == "" {
+		return nil, errors.New("no --upstream address")
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = 15 * time.Second
+	}
+	if cfg.MFATimeout <= 0 {
+		cfg.MFATimeout = 60 * time.Second
+	}
+	if cfg.Auth == "" {
+		cfg.Auth = session.AuthPassthrough
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
+	}
+	if cfg.MFARequired && (cfg.Guard == nil || cfg.Approvals == nil) {
+		return nil, errors.New("MFA is required but no MFA guard is configured")
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, booted: make(chan struct{})}
+	var err error
+	if s.upAddr, s.upName, err = resolveUpstream(cfg.Upstream); err != nil {
+		return nil, err
+	}
+	if s.addrs, s.unixList, err = listenAddrs(cfg.Listen); err != nil {
+		return nil, err
+	}
+	if err := s.setUpHandoff(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// setUpHandoff loads the sockmap (per --splice) and starts the relay, which
+// is always there: it is the fallback for any session the kernel refuses.
+func (s *Server) setUpHandoff() error {
+	switch s.cfg.Splice {
+	case "", SpliceAuto, SpliceSockmap:
+		err := bpf.Probe()
+		if err == nil {
+			s.splicer, err = bpf.NewSplicer(bpf.Options{MaxBacklog: s.cfg.MaxBacklog, Logger: s.log})
+		}
+		if err != nil {
+			if s.cfg.Splice == SpliceSockmap {
+				return fmt.Errorf("--splice sockmap: %w", err)
+			}
+			s.log.Warn("kernel splicing unavailable; sessions use the user-space relay", "reason", err.Error())
+		} else {
+			s.log.Info("kernel splicing enabled (sockmap)")
+		}
+	case SpliceOff:
+		s.log.Info("kernel splicing off (--splice off); sessions use the user-space relay")
+	default:
+		return fmt.Errorf("--splice must be auto, sockmap or off, not %q", s.cfg.Splice)
+	}
+	r, err := relay.New(relay.Options{BufferSize: s.cfg.RelayBuffer, Logger: s.log})
+	if err != nil {
+		if s.splicer != nil {
+			s.splicer.Close()
+		}
+		return err
+	}
+	s.relay = r
+	return nil
+}
+
+// Splicing reports whether sessions go to the kernel.
+func (s *Server) Splicing() bool { return s.splicer != nil }
+
+// StatsSnapshot returns the counters as plain numbers.
+func (s *Server) StatsSnapshot() map[string]int64 {
+	return map[string]int64{
+		"accepted": s.stats.Accepted.Load(), "refused": s.stats.Refused.Load(),
+		"logins_ok": s.stats.LoginsOK.Load(), "logins_failed": s.stats.LoginsFailed.Load(),
+		"spliced": s.stats.Spliced.Load(), "relayed": s.stats.Relayed.Load(),
+		"active": s.stats.Active.Load(),
+	}
+}
+
+// Run serves until Stop. It returns once the engine has stopped.
+func (s *Server) Run() error {
+	for _, p := range s.unixList {
+		if err := removeStaleSocket(p); err != nil {
+			return err
+		}
+	}
+	opts := []gnet.Option{
+		gnet.WithMulticore(true),
+		gnet.WithTCPNoDelay(gnet.TCPNoDelay),
+		gnet.WithLogger(gnetLogger{s.log}),
+		gnet.WithReuseAddr(true),
+	}
+	if s.cfg.Loops > 0 {
+		opts = append(opts, gnet.WithNumEventLoop(s.cfg.Loops))
+	}
+	if s.cfg.SocketBuf > 0 {
+		opts = append(opts, gnet.WithSocketRecvBuffer(s.cfg.SocketBuf), gnet.WithSocketSendBuffer(s.cfg.SocketBuf))
+	}
+	err := gnet.Rotate(s, s.addrs, opts...)
+	select {
+	case <-s.booted:
+	default:
+		s.bootErr = err
+		close(s.booted)
+	}
+	s.shutdownHandoff()
+	for _, p := range s.unixList {
+		_ = os.Remove(p)
+	}
+	return err
+}
+
+// Ready is closed once the listeners accept connections (or Run failed:
+// then Err says why).
+func (s *Server) Ready() <-chan struct{} { return s.booted }
+
+// Err is Run's start-up error, if any, once Ready is closed.
+func (s *Server) Err() error { return s.bootErr }
+
+// Stop closes the listeners and every connection, including spliced and
+// relayed sessions.
+func (s *Server) Stop(ctx context.Context) error {
+	if !s.stopped.CompareAndSwap(false, true) {
+		return nil
+	}
+	<-s.booted
+	if s.bootErr != nil {
+		return nil
+	}
+	return s.eng.Stop(ctx)
+}
+
+func (s *Server) shutdownHandoff() {
+	if s.splicer != nil {
+		s.splicer.Close()
+	}
+	if s.relay != nil {
+		s.relay.Close()
+	}
+}
+
+// OnBoot records the engine for Stop.
+func (s *Server) OnBoot(eng gnet.Engine) gnet.Action {
+	s.eng = eng
+	s.log.Info("pgmfa listening", "listen", strings.Join(s.cfg.Listen, ","), "upstream", s.upName,
+		"auth", string(s.cfg.Auth), "mfa_required", s.cfg.MFARequired, "splice", s.Splicing())
+	close(s.booted)
+	return gnet.None
+}
+
+// resolveUpstream turns --upstream into a dialable address.
+func resolveUpstream(a string) (net.Addr, string, error) {
+	if strings.HasPrefix(a, "/") || strings.HasPrefix(a, "@") {
+		p := a
+		if st, err := os.Stat(a); err == nil && st.IsDir() {
+			p = filepath.Join(a, ".s.PGSQL.5432")
+		}
+		return &net.UnixAddr{Name: p, Net: "unix"}, p, nil
+	}
+	ta, err := net.ResolveTCPAddr("tcp", a)
+	if err != nil {
+		return nil, "", fmt.Errorf("--upstream %q: %w", a, err)
+	}
+	return ta, ta.String(), nil
+}
+
+// listenAddrs turns --listen values into gnet addresses.
+func listenAddrs(in []string) (addrs, unixPaths []string, err error) {
+	port := 6432
+	for _, a := range in {
+		if _, p, err := net.SplitHostPort(a); err == nil && !strings.HasPrefix(a, "/") {
+			if n, err := strconv.Atoi(p); err == nil {
+				port = n
+				break
+			}
+		}
+	}
+	for _, a := range in {
+		switch {
+		case strings.HasPrefix(a, "/"):
+			p := a
+			if st, err := os.Stat(a); err == nil && st.IsDir() {
+				p = filepath.Join(a, fmt.Sprintf(".s.PGSQL.%d", port))
+			}
+			addrs = append(addrs, "unix://"+p)
+			unixPaths = append(unixPaths, p)
+		default:
+			if _, _, err := net.SplitHostPort(a); err != nil {
+				return nil, nil, fmt.Errorf("--listen %q: want host:port or a unix-socket path", a)
+			}
+			addrs = append(addrs, "tcp://"+a)
+		}
+	}
+	return addrs, unixPaths, nil
+}
+
+// removeStaleSocket removes a unix socket left by a previous run, but never
+// one that still accepts connections.
+func removeStaleSocket(p string) error {
+	st, err := os.Lstat(p)
+	if err != nil {
+		return nil
+	}
+	if st.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("--listen %s exists and is not a socket", p)
+	}
+	if c, err := net.DialTimeout("unix", p, 200*time.Millisecond); err == nil {
+		c.Close()
+		return fmt.Errorf("--listen %s: another server is listening there", p)
+	}
+	return os.Remove(p)
+}
+
+// gnetLogger routes gnet's own logging into slog.
+type gnetLogger struct{ l *slog.Logger }
+
+func (g gnetLogger) Debugf(f string, a ...any) { g.l.Debug("gnet: " + fmt.Sprintf(f, a...)) }
+func (g gnetLogger) Infof(f string, a ...any)  { g.l.Debug("gnet: " + fmt.Sprintf(f, a...)) }
+func (g gnetLogger) Warnf(f string, a ...any)  { g.l.Warn("gnet: " + fmt.Sprintf(f, a...)) }
+func (g gnetLogger) Errorf(f string, a ...any) { g.l.Error("gnet: " + fmt.Sprintf(f, a...)) }
+func (g gnetLogger) Fatalf(f string, a ...any) { g.l.Error("gnet: " + fmt.Sprintf(f, a...)) }

@@ -1,0 +1,375 @@
+package loop_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgmfa/pgmfa/bpf"
+	"github.com/pgmfa/pgmfa/loop"
+	"github.com/pgmfa/pgmfa/mfa"
+)
+
+// spliceModes are the handoff paths every data-path test runs through.
+func spliceModes(t *testing.T) []string {
+	modes := []string{loop.SpliceOff}
+	if err := bpf.Probe(); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("kernel splicing must be available in CI: %v", err)
+		}
+		t.Logf("sockmap path not tested: %v", err)
+		return modes
+	}
+	return append(modes, loop.SpliceSockmap)
+}
+
+var bigTableOnce sync.Once
+
+// bigTable creates a ~100 MB table once for the whole package.
+func bigTable(t *testing.T, pg interface{ PsqlDB(string, string) (string, error) }) {
+	bigTableOnce.Do(func() {
+		_, err := pg.PsqlDB("app", `create table if not exists big as
+			select g, md5(g::text) || repeat('x', 200) as payload, g * 0.5 as half
+			from generate_series(1, 400000) g;
+			grant select on big to public;`)
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// copyOutHash runs psql \copy and hashes what arrives.
+func copyOutHash(t *testing.T, host string, port int, user, pw, code string) (string, int64) {
+	t.Helper()
+	cmd := exec.Command("psql", "-X", "-h", host, "-p", strconv.Itoa(port), "-U", user, "-d", "app",
+		"-c", `\copy (select * from big order by g) to stdout`)
+	cmd.Env = append(os.Environ(), "PGPASSWORD="+pw, "PGSSLMODE=disable", "PGOPTIONS=")
+	if code != "" {
+		cmd.Env = append(cmd.Env, "PGOPTIONS=-c pgmfa.code="+code)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	n, _ := io.Copy(h, stdout)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("psql \\copy: %v\n%s", err, stderr.String())
+	}
+	return hex.EncodeToString(h.Sum(nil)), n
+}
+
+// TestCopyOutMatchesDirect: psql \copy of a ~100 MB table through each
+// handoff path is byte-identical to the same \copy made directly.
+func TestCopyOutMatchesDirect(t *testing.T) {
+	pg := cluster(t)
+	bigTable(t, pg)
+	want, size := copyOutHash(t, pg.Host, pg.Port, svc, svcPW, "")
+	if size < 90<<20 {
+		t.Fatalf("direct \\copy gave only %d bytes", size)
+	}
+	for _, mode := range spliceModes(t) {
+		t.Run(mode, func(t *testing.T) {
+			p := startProxy(t, mfa.Options{}, func(c *loop.Config) { c.Splice = mode })
+			got, n := copyOutHash(t, p.host, p.port, alice, alicePW, p.code(alice))
+			if got != want || n != size {
+				t.Fatalf("through %s: %d bytes sha256 %s; direct: %d bytes %s", mode, n, got, size, want)
+			}
+			st := p.srv.StatsSnapshot()
+			if mode == loop.SpliceSockmap && st["spliced"] == 0 {
+				t.Fatalf("no session was spliced: %v", st)
+			}
+			if mode == loop.SpliceOff && st["relayed"] == 0 {
+				t.Fatalf("no session was relayed: %v", st)
+			}
+		})
+	}
+}
+
+// TestExtendedProtocolLargeBinary: pgx's extended protocol with large
+// binary parameters and results, compared by hash on both ends.
+func TestExtendedProtocolLargeBinary(t *testing.T) {
+	for _, mode := range spliceModes(t) {
+		t.Run(mode, func(t *testing.T) {
+			p := startProxy(t, mfa.Options{}, func(c *loop.Config) { c.Splice = mode })
+			ctx := context.Background()
+			conn, err := pgx.Connect(ctx, p.dsn(svc, svcPW, "app", ""))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close(ctx)
+			for _, size := range []int{0, 1, 8 << 10, 1 << 20, 16 << 20} {
+				blob := make([]byte, size)
+				rand.Read(blob)
+				sum := sha256.Sum256(blob)
+				var back []byte
+				var serverSum string
+				err := conn.QueryRow(ctx, "select $1::bytea, encode(sha256($1::bytea), 'hex')", blob).Scan(&back, &serverSum)
+				if err != nil {
+					t.Fatalf("%d bytes: %v", size, err)
+				}
+				if !bytes.Equal(back, blob) || serverSum != hex.EncodeToString(sum[:]) {
+					t.Fatalf("%d bytes: round trip or server hash differs", size)
+				}
+			}
+			// A prepared statement reused many times (Parse once, Bind/Execute often).
+			for i := 0; i < 200; i++ {
+				var n int
+				if err := conn.QueryRow(ctx, "select $1::int * 2", i).Scan(&n); err != nil || n != 2*i {
+					t.Fatalf("iteration %d: %d %v", i, n, err)
+				}
+			}
+		})
+	}
+}
+
+// TestPgbenchSelectOnly16: pgbench -S with 16 clients over each path.
+func TestPgbenchSelectOnly16(t *testing.T) {
+	if _, err := exec.LookPath("pgbench"); err != nil {
+		t.Skip("pgbench not installed")
+	}
+	pg := cluster(t)
+	initPgbench(t, pg.Host, pg.Port)
+	for _, mode := range spliceModes(t) {
+		t.Run(mode, func(t *testing.T) {
+			p := startProxy(t, mfa.Options{Remember: time.Minute}, func(c *loop.Config) { c.Splice = mode })
+			cmd := exec.Command("pgbench", "-n", "-S", "-c", "16", "-j", "2", "-T", "3",
+				"-h", p.host, "-p", strconv.Itoa(p.port), "-U", alice, "app")
+			cmd.Env = append(os.Environ(), "PGPASSWORD="+alicePW, "PGOPTIONS=-c pgmfa.code="+p.code(alice), "PGSSLMODE=disable")
+			out, err := cmd.CombinedOutput()
+			if err != nil || !strings.Contains(string(out), "number of failed transactions: 0") {
+				t.Fatalf("pgbench: %v\n%s", err, out)
+			}
+		})
+	}
+}
+
+var pgbenchOnce sync.Once
+
+func initPgbench(t *testing.T, host string, port int) {
+	pgbenchOnce.Do(func() {
+		cmd := exec.Command("pgbench", "-i", "-q", "-s", "1", "-h", host, "-p", strconv.Itoa(port), "-U", alice, "app")
+		cmd.Env = append(os.Environ(), "PGPASSWORD="+alicePW, "PGOPTIONS=")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("pgbench -i: %v\n%s", err, out)
+		}
+	})
+}
+
+func openFDs(t *testing.T) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd")
+	}
+	return len(ents)
+}
+
+// TestSessionEndings: a client killed mid-result and a backend terminated
+// mid-query end the session on the other side too, and leave no fd, no
+// session and no database backend behind.
+func TestSessionEndings(t *testing.T) {
+	pg := cluster(t)
+	bigTable(t, pg)
+	for _, mode := range spliceModes(t) {
+		t.Run(mode, func(t *testing.T) {
+			p := startProxy(t, mfa.Options{}, func(c *loop.Config) { c.Splice = mode })
+			ctx := context.Background()
+			// Warm up the pools (goroutines, buffers) before counting fds.
+			if c, err := pgx.Connect(ctx, p.dsn(svc, svcPW, "app", "")); err == nil {
+				c.Close(ctx)
+			}
+			time.Sleep(100 * time.Millisecond)
+			fdsBefore := openFDs(t)
+
+			// 1. The client dies in the middle of a large result.
+			raw, err := pgconn.Connect(ctx, p.dsn(svc, svcPW, "app", ""))
+			if err != nil {
+				t.Fatal(err)
+			}
+			rr := raw.ExecParams(ctx, "select * from big", nil, nil, nil, nil)
+			rr.NextRow()
+			if tcp, ok := raw.Conn().(*net.TCPConn); ok {
+				tcp.SetLinger(0)
+			}
+			raw.Conn().Close() // a reset, as when a client process is killed
+			if !eventually(10*time.Second, func() bool { return backends(t, pg, svc) == 0 }) {
+				t.Fatalf("the backend of a killed client is still there (%d)", backends(t, pg, svc))
+			}
+
+			// 2. The backend is terminated while the client waits on a query.
+			conn, err := pgx.Connect(ctx, p.dsn(svc, svcPW, "app", ""))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var pid int
+			conn.QueryRow(ctx, "select pg_backend_pid()").Scan(&pid)
+			go func() {
+				time.Sleep(300 * time.Millisecond)
+				pg.Psql(fmt.Sprintf("select pg_terminate_backend(%d)", pid))
+			}()
+			_, err = conn.Exec(ctx, "select pg_sleep(30)")
+			var pgErr *pgconn.PgError
+			if !errors.As(err, &pgErr) || pgErr.Code != "57P01" {
+				t.Fatalf("want 57P01 admin_shutdown, got %v", err)
+			}
+			conn.Close(ctx)
+
+			// 3. Orderly: the client says Terminate and closes.
+			conn, err = pgx.Connect(ctx, p.dsn(svc, svcPW, "app", ""))
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn.Close(ctx)
+
+			if !eventually(10*time.Second, func() bool { return p.srv.StatsSnapshot()["active"] == 0 }) {
+				t.Fatalf("sessions still active: %v", p.srv.StatsSnapshot())
+			}
+			if !eventually(5*time.Second, func() bool { return openFDs(t) <= fdsBefore }) {
+				t.Fatalf("fd leak: %d open before, %d after", fdsBefore, openFDs(t))
+			}
+			if !eventually(10*time.Second, func() bool { return backends(t, pg, svc) == 0 }) {
+				t.Fatal("database backends left behind")
+			}
+		})
+	}
+}
+
+// TestUnixSockets: clients on a unix socket (psql -h DIR) and a unix-socket
+// upstream, through each handoff path.
+func TestUnixSockets(t *testing.T) {
+	pg := cluster(t)
+	for _, mode := range spliceModes(t) {
+		t.Run(mode, func(t *testing.T) {
+			dir := t.TempDir()
+			os.Chmod(dir, 0o755)
+			p := startProxy(t, mfa.Options{}, func(c *loop.Config) {
+				c.Splice = mode
+				c.Upstream = pg.SocketPath()
+				c.Listen = append(c.Listen, dir)
+			})
+			cmd := exec.Command("psql", "-X", "-At", "-h", dir, "-p", strconv.Itoa(p.port), "-U", alice, "-d", "app",
+				"-c", "select count(*) from generate_series(1, 100000)")
+			cmd.Env = append(os.Environ(), "PGPASSWORD="+alicePW, "PGOPTIONS=-c pgmfa.code="+p.code(alice))
+			out, err := cmd.CombinedOutput()
+			if err != nil || strings.TrimSpace(string(out)) != "100000" {
+				t.Fatalf("psql over unix sockets: %v\n%s", err, out)
+			}
+		})
+	}
+}
+
+// TestUnprivilegedProxy: the proxy binary run as an unprivileged user
+// (no BPF rights) logs why it cannot splice, relays instead, and works;
+// --splice sockmap refuses to start with a clear reason.
+func TestUnprivilegedProxy(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run the proxy as another user")
+	}
+	nob, err := user.Lookup("nobody")
+	if err != nil {
+		t.Skip("no nobody user")
+	}
+	uid, _ := strconv.Atoi(nob.Uid)
+	gid, _ := strconv.Atoi(nob.Gid)
+	pg := cluster(t)
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	bin := filepath.Join(dir, "pgmfa")
+	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/pgmfa").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	storeDir := filepath.Join(dir, "store")
+	os.Mkdir(storeDir, 0o700)
+	os.Chown(storeDir, uid, gid)
+	store, err := mfa.OpenFileStore(filepath.Join(storeDir, "totp.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := store.Enroll(alice, mfa.EnrollOptions{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chown(filepath.Join(storeDir, "totp.json"), uid, gid)
+
+	run := func(splice string) (*exec.Cmd, *syncBuffer, int) {
+		port, _ := freePort()
+		cmd := exec.Command(bin, "serve", "--listen", "127.0.0.1:"+strconv.Itoa(port), "--upstream", pg.Addr(),
+			"--store", filepath.Join(storeDir, "totp.json"), "--admin", filepath.Join(storeDir, "admin.sock"),
+			"--splice", splice)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
+		logs := &syncBuffer{}
+		cmd.Stderr = logs
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return cmd, logs, port
+	}
+
+	// --splice sockmap: refuses to start, says why.
+	cmd, logs, _ := run("sockmap")
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(logs.String(), "splice") {
+			t.Fatalf("--splice sockmap as nobody: exit %v, log:\n%s", err, logs.String())
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("--splice sockmap as nobody did not refuse to start")
+	}
+
+	// --splice auto: starts, says why it relays, serves.
+	_, logs, port := run("auto")
+	if !eventually(20*time.Second, func() bool {
+		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port))
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}) {
+		t.Fatalf("unprivileged proxy did not start:\n%s", logs.String())
+	}
+	if !strings.Contains(logs.String(), "kernel splicing unavailable") {
+		t.Fatalf("no log line saying why splicing is off:\n%s", logs.String())
+	}
+	code, _ := totpCode(key.Secret())
+	p := &proxy{t: t, pg: pg, host: "127.0.0.1", port: port}
+	out, stderr, err := p.psql(alice, alicePW, code, "select 'relayed'")
+	if err != nil || out != "relayed" {
+		t.Fatalf("through the unprivileged proxy: %q %v\n%s\n%s", out, err, stderr, logs.String())
+	}
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}

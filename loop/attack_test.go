@@ -391,7 +391,7 @@ func TestGarbageAtEveryState(t *testing.T) {
 		{name: "bad protocol version", first: append(bigLen(8)[:4], 0, 2, 0, 0)},
 		{name: "startup without terminator", first: append(bigLen(16)[:4], 0, 3, 0, 0, 'u', 's', 'e', 'r', 0, 'x', 'x', 'x')},
 		{name: "no user", first: proto.Append(nil, &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: map[string]string{"database": "app"}})},
-		{name: "oversized SASL response", after: append([]byte{'p'}, bigLen(100<<20)[:4]...)},
+		{name: "oversized SASL response", after: append([]byte{'p'}, bigLen(100 << 20)[:4]...)},
 		{name: "negative message length", after: []byte{'p', 0xff, 0xff, 0xff, 0xff}},
 		{name: "unknown message type", after: []byte{'?', 0, 0, 0, 4}},
 		{name: "malformed SASL initial", after: []byte{'p', 0, 0, 0, 6, 'x', 'y'}},

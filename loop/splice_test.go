@@ -45,7 +45,9 @@ func spliceModes(t *testing.T) []string {
 var bigTableOnce sync.Once
 
 // bigTable creates a ~100 MB table once for the whole package.
-func bigTable(t *testing.T, pg interface{ PsqlDB(string, string) (string, error) }) {
+func bigTable(t *testing.T, pg interface {
+	PsqlDB(string, string) (string, error)
+}) {
 	bigTableOnce.Do(func() {
 		_, err := pg.PsqlDB("app", `create table if not exists big as
 			select g, md5(g::text) || repeat('x', 200) as payload, g * 0.5 as half

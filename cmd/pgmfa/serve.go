@@ -25,27 +25,27 @@ func init() {
 
 // serveFlags are the flags of `pgmfa serve`; demo reuses them.
 type serveFlags struct {
-	listen, upstream      string
-	loops                 int
-	auth                  string
-	allowCleartext        bool
-	mfaMode, exempt       string
-	remember, mfaTimeout  time.Duration
-	handshakeTimeout      time.Duration
-	maxConns              int
-	maxMessage            int
-	splice                string
-	maxBacklog            int64
-	relayBuffer, sockBuf  int
-	store, adminAddr      string
-	digits                int
-	period                time.Duration
-	skew                  uint
-	algorithm             string
-	maxFailures           int
-	failureWindow         time.Duration
-	maxAddrFailures       int
-	logLevel, logFormat   string
+	listen, upstream     string
+	loops                int
+	auth                 string
+	allowCleartext       bool
+	mfaMode, exempt      string
+	remember, mfaTimeout time.Duration
+	handshakeTimeout     time.Duration
+	maxConns             int
+	maxMessage           int
+	splice               string
+	maxBacklog           int64
+	relayBuffer, sockBuf int
+	store, adminAddr     string
+	digits               int
+	period               time.Duration
+	skew                 uint
+	algorithm            string
+	maxFailures          int
+	failureWindow        time.Duration
+	maxAddrFailures      int
+	logLevel, logFormat  string
 }
 
 func (f *serveFlags) register(fs *flag.FlagSet) {

@@ -152,13 +152,13 @@ type pair struct {
 // is only touched by the worker goroutine, except for registration, which
 // happens under mu before the fds are added to epoll.
 type worker struct {
-	r     *Relay
-	epfd  int
-	wake  int // eventfd to stop the worker
-	mu    sync.Mutex
-	byFD  map[int]*pair
-	quit  atomic.Bool
-	done  chan struct{}
+	r    *Relay
+	epfd int
+	wake int // eventfd to stop the worker
+	mu   sync.Mutex
+	byFD map[int]*pair
+	quit atomic.Bool
+	done chan struct{}
 }
 
 func newWorker(r *Relay) (*worker, error) {

@@ -200,51 +200,45 @@ func (c *conn) dial() {
 // askMFA answers the machine's MFA request through the server's gate,
 // bringing a late (out-of-band) answer back onto this connection's loop.
 func (c *conn) askMFA(req *session.MFARequest) {
-	onLoop := true
-	cancel, waiting := c.srv.ResolveMFA(req, c.addr, func(path mfa.Path, o mfa.Outcome) {
-		if onLoop {
-			c.decide(path, o)
-			return
-		}
+	path, o, cancel, waiting := c.srv.ResolveMFA(req, c.addr, func(path mfa.Path, o mfa.Outcome) {
 		c.exec(func() { c.decide(path, o) })
 	})
-	onLoop = false
-	if waiting {
-		c.cancelWait = cancel
-		c.deadline.Stop()
-		c.deadline = c.after(c.srv.cfg.MFATimeout, func() {
-			c.mfaReason = "timeout"
-			c.act(c.m.Timeout(true))
-		})
-		c.srv.log.Info("login waiting for MFA approval", "conn", c.id, "client", c.addr, "user", req.User,
-			"approve_with", "pgmfa approve "+req.User+" CODE")
+	if !waiting {
+		c.decide(path, o)
+		return
 	}
+	c.cancelWait = cancel
+	c.deadline.Stop()
+	c.deadline = c.after(c.srv.cfg.MFATimeout, func() {
+		c.mfaReason = "timeout"
+		c.act(c.m.Timeout(true))
+	})
+	c.srv.log.Info("login waiting for MFA approval", "conn", c.id, "client", c.addr, "user", req.User,
+		"approve_with", "pgmfa approve "+req.User+" CODE")
 }
 
 // ResolveMFA decides an MFA request: exempt, remembered, a code verified
-// now, or a wait for `pgmfa approve`. decide is called exactly once: before
-// ResolveMFA returns, or (waiting == true) later from another goroutine,
-// unless cancel is called first. Safe for concurrent use.
-func (s *Server) ResolveMFA(req *session.MFARequest, addr string, decide func(mfa.Path, mfa.Outcome)) (cancel func(), waiting bool) {
+// now, or a wait for `pgmfa approve`. When it can decide now it returns the
+// decision; otherwise waiting is true and later is called exactly once from
+// another goroutine, unless cancel is called first. Safe for concurrent use.
+func (s *Server) ResolveMFA(req *session.MFARequest, addr string, later func(mfa.Path, mfa.Outcome)) (path mfa.Path, o mfa.Outcome, cancel func(), waiting bool) {
 	cfg := s.cfg
 	switch {
 	case !cfg.MFARequired || cfg.MFAExempt[req.User]:
-		decide(mfa.PathExempt, mfa.Outcome{OK: true})
+		return mfa.PathExempt, mfa.Outcome{OK: true}, nil, false
 	case cfg.Guard.Remembered(req.User, addr):
-		decide(mfa.PathRemembered, mfa.Outcome{OK: true})
+		return mfa.PathRemembered, mfa.Outcome{OK: true}, nil, false
 	case req.Code != "":
 		path := mfa.PathCode
 		if req.Source == session.SourcePassword {
 			path = mfa.PathPassword
 		}
-		decide(path, cfg.Guard.Verify(req.User, addr, req.Code))
+		return path, cfg.Guard.Verify(req.User, addr, req.Code), nil, false
 	case !cfg.Guard.Enrolled(req.User):
-		decide(mfa.PathCode, mfa.NotEnrolled(req.User))
-	default:
-		_, cancel = cfg.Approvals.Wait(req.User, addr, func(o mfa.Outcome) { decide(mfa.PathApproval, o) })
-		return cancel, true
+		return mfa.PathCode, mfa.NotEnrolled(req.User), nil, false
 	}
-	return func() {}, false
+	_, cancel = cfg.Approvals.Wait(req.User, addr, func(o mfa.Outcome) { later(mfa.PathApproval, o) })
+	return mfa.PathApproval, mfa.Outcome{}, cancel, true
 }
 
 func (c *conn) decide(path mfa.Path, o mfa.Outcome) {

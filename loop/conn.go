@@ -200,7 +200,7 @@ func (c *conn) dial() {
 // askMFA answers the machine's MFA request through the server's gate,
 // bringing a late (out-of-band) answer back onto this connection's loop.
 func (c *conn) askMFA(req *session.MFARequest) {
-	path, o, cancel, waiting := c.srv.ResolveMFA(req, c.addr, func(path mfa.Path, o mfa.Outcome) {
+	path, o, waitID, cancel, waiting := c.srv.ResolveMFA(req, c.addr, func(path mfa.Path, o mfa.Outcome) {
 		c.exec(func() { c.decide(path, o) })
 	})
 	if !waiting {
@@ -213,32 +213,38 @@ func (c *conn) askMFA(req *session.MFARequest) {
 		c.mfaReason = "timeout"
 		c.act(c.m.Timeout(true))
 	})
-	c.srv.log.Info("login waiting for MFA approval", "conn", c.id, "client", c.addr, "user", req.User,
-		"approve_with", "pgmfa approve "+req.User+" CODE")
+	c.srv.log.Info("login waiting for MFA approval", "conn", c.id, "approval_id", waitID, "client", c.addr,
+		"user", req.User, "approve_with", "pgmfa approve "+req.User+" CODE")
 }
 
 // ResolveMFA decides an MFA request: exempt, remembered, a code verified
 // now, or a wait for `pgmfa approve`. When it can decide now it returns the
 // decision; otherwise waiting is true and later is called exactly once from
 // another goroutine, unless cancel is called first. Safe for concurrent use.
-func (s *Server) ResolveMFA(req *session.MFARequest, addr string, later func(mfa.Path, mfa.Outcome)) (path mfa.Path, o mfa.Outcome, cancel func(), waiting bool) {
+//
+// waitID is the approval id (`pgmfa approve --conn ID`).
+func (s *Server) ResolveMFA(req *session.MFARequest, addr string, later func(mfa.Path, mfa.Outcome)) (path mfa.Path, o mfa.Outcome, waitID uint64, cancel func(), waiting bool) {
 	cfg := s.cfg
 	switch {
 	case !cfg.MFARequired || cfg.MFAExempt[req.User]:
-		return mfa.PathExempt, mfa.Outcome{OK: true}, nil, false
+		return mfa.PathExempt, mfa.Outcome{OK: true}, 0, nil, false
 	case cfg.Guard.Remembered(req.User, addr):
-		return mfa.PathRemembered, mfa.Outcome{OK: true}, nil, false
+		return mfa.PathRemembered, mfa.Outcome{OK: true}, 0, nil, false
 	case req.Code != "":
 		path := mfa.PathCode
 		if req.Source == session.SourcePassword {
 			path = mfa.PathPassword
 		}
-		return path, cfg.Guard.Verify(req.User, addr, req.Code), nil, false
+		o := cfg.Guard.Verify(req.User, addr, req.Code)
+		if o.OK && o.Reason == mfa.ReasonRemembered {
+			path = mfa.PathRemembered
+		}
+		return path, o, 0, nil, false
 	case !cfg.Guard.Enrolled(req.User):
-		return mfa.PathCode, mfa.NotEnrolled(req.User), nil, false
+		return mfa.PathCode, mfa.NotEnrolled(req.User), 0, nil, false
 	}
-	_, cancel = cfg.Approvals.Wait(req.User, addr, func(o mfa.Outcome) { later(mfa.PathApproval, o) })
-	return mfa.PathApproval, mfa.Outcome{}, cancel, true
+	waitID, cancel = cfg.Approvals.Wait(req.User, addr, func(o mfa.Outcome) { later(mfa.PathApproval, o) })
+	return mfa.PathApproval, mfa.Outcome{}, waitID, cancel, true
 }
 
 func (c *conn) decide(path mfa.Path, o mfa.Outcome) {

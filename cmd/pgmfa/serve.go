@@ -57,7 +57,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.mfaMode, "mfa", "required", "required: every login needs a second factor; off: none (the proxy then only relays)")
 	fs.StringVar(&f.exempt, "mfa-exempt", "", "comma-separated users that skip MFA (service accounts)")
 	fs.DurationVar(&f.remember, "mfa-remember", 0, "after a successful MFA, further logins of the same user from the same client address pass without a code for this long (0: off); lets a connection pool open many connections with one code")
-	fs.DurationVar(&f.mfaTimeout, "mfa-timeout", 60*time.Second, "how long a login without a code waits for `pgmfa approve`")
+	fs.DurationVar(&f.mfaTimeout, "mfa-timeout", 60*time.Second, "how long a login without a code waits for pgmfa approve")
 	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", 15*time.Second, "the whole login up to the MFA decision (slow clients are closed after it)")
 	fs.IntVar(&f.maxConns, "max-conns", 0, "most client connections at once, logins and sessions alike; more get SQLSTATE 53300 (0: unlimited)")
 	fs.IntVar(&f.maxMessage, "max-message-len", 1<<20, "largest protocol message accepted during login, bytes")
@@ -65,8 +65,8 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.Int64Var(&f.maxBacklog, "max-backlog", 0, "sockmap: bytes the kernel may hold in flight per session before backpressure (0: the default, 4 MiB)")
 	fs.IntVar(&f.relayBuffer, "relay-buffer", 64<<10, "user-space relay: bytes buffered per direction of a session")
 	fs.IntVar(&f.sockBuf, "socket-buffer", 0, "SO_SNDBUF/SO_RCVBUF for client and database sockets (0: kernel default, autotuned)")
-	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by `pgmfa enroll` (env PGMFA_STORE)")
-	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for `pgmfa approve`: a unix-socket path or a loopback host:port; empty disables it (env PGMFA_ADMIN)")
+	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll (env PGMFA_STORE)")
+	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for pgmfa approve: a unix-socket path or a loopback host:port; empty disables it (env PGMFA_ADMIN)")
 	fs.IntVar(&f.digits, "totp-digits", 6, "TOTP code length for users enrolled without their own (6 or 8)")
 	fs.DurationVar(&f.period, "totp-period", 30*time.Second, "TOTP time step")
 	fs.UintVar(&f.skew, "totp-skew", 1, "TOTP steps accepted either side of now (clock drift)")
@@ -153,11 +153,15 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if required && len(store.Users()) == 0 {
 		logger.Warn("the secret store has no enrolled users; logins will be refused until `pgmfa enroll USER`", "store", f.store)
 	}
-	guard := mfa.NewGuard(mfa.Options{
+	mopts := mfa.Options{
 		Digits: f.digits, Period: f.period, Skew: f.skew, Algorithm: f.algorithm,
 		MaxFailures: f.maxFailures, FailureWindow: f.failureWindow, MaxAddrFailures: f.maxAddrFailures,
 		Remember: f.remember,
-	}, store)
+	}
+	if err := mopts.Validate(); err != nil {
+		return nil, err
+	}
+	guard := mfa.NewGuard(mopts, store)
 	approvals := mfa.NewApprovals(guard)
 
 	srv, err := loop.New(loop.Config{
@@ -191,7 +195,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		}
 		h := admin.NewServer(approvals, logger)
 		h.SetStats(func() any { return srv.StatsSnapshot() })
-		p.admin = &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+		p.admin = &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ConnContext: h.ConnContext}
 		go func() {
 			if err := p.admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				logger.Error("admin API stopped", "err", err)

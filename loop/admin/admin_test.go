@@ -1,0 +1,283 @@
+package admin
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/pgmfa/pgmfa/mfa"
+)
+
+// fixture is an enrolled user behind a Guard with a fixed clock, and the
+// admin API serving it on ln.
+type fixture struct {
+	store *mfa.FileStore
+	guard *mfa.Guard
+	appr  *mfa.Approvals
+	srv   *Server
+	addr  string
+	logs  *syncBuffer
+	now   time.Time
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func start(t *testing.T, addr string) *fixture {
+	t.Helper()
+	f := &fixture{now: time.Unix(1_800_000_015, 0), logs: &syncBuffer{}}
+	store, err := mfa.OpenFileStore(filepath.Join(t.TempDir(), "totp.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.Enroll("alice", mfa.EnrollOptions{}, false); err != nil {
+		t.Fatal(err)
+	}
+	f.store = store
+	f.guard = mfa.NewGuard(mfa.Options{Now: func() time.Time { return f.now }}, store)
+	f.appr = mfa.NewApprovals(f.guard)
+	f.srv = NewServer(f.appr, slog.New(slog.NewTextHandler(f.logs, nil)))
+	ln, err := Listen(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: f.srv, ConnContext: f.srv.ConnContext}
+	go hs.Serve(ln)
+	t.Cleanup(func() { hs.Close() })
+	f.addr = addr
+	if !isUnix(addr) {
+		f.addr = ln.Addr().String()
+	}
+	return f
+}
+
+func (f *fixture) code(t *testing.T) string {
+	c, err := f.store.Code("alice", f.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func (f *fixture) wrongCode(t *testing.T) string {
+	good := map[string]bool{}
+	for d := -1; d <= 1; d++ {
+		c, _ := f.store.Code("alice", f.now.Add(time.Duration(d)*30*time.Second))
+		good[c] = true
+	}
+	for _, c := range []string{"000000", "111111", "222222", "333333"} {
+		if !good[c] {
+			return c
+		}
+	}
+	t.Fatal("no wrong code")
+	return ""
+}
+
+func TestUnixSocketEndToEnd(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "run")
+	sock := filepath.Join(dir, "admin.sock")
+	f := start(t, sock)
+	ctx := context.Background()
+
+	di, err := os.Stat(dir)
+	if err != nil || di.Mode().Perm() != 0o700 {
+		t.Fatalf("socket directory: %v %v", di.Mode(), err)
+	}
+	si, err := os.Stat(sock)
+	if err != nil || si.Mode()&os.ModeSocket == 0 || si.Mode().Perm() != 0o600 {
+		t.Fatalf("socket: %v %v", si.Mode(), err)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 1 {
+		t.Fatalf("the directory holds %d entries", len(entries))
+	}
+	if err := Health(ctx, sock); err != nil {
+		t.Fatal(err)
+	}
+
+	// Two logins wait.
+	released := make(chan uint64, 2)
+	id1, _ := f.appr.Wait("alice", "192.0.2.1:5000", func(o mfa.Outcome) {
+		if o.OK {
+			released <- 1
+		}
+	})
+	f.appr.Wait("alice", "192.0.2.2:5000", func(o mfa.Outcome) {
+		if o.OK {
+			released <- 2
+		}
+	})
+	pending, err := List(ctx, sock)
+	if err != nil || len(pending) != 2 || pending[0].ID != id1 || pending[0].User != "alice" || pending[0].Addr != "192.0.2.1:5000" || !pending[0].Since.Equal(f.now) {
+		t.Fatalf("List: %+v %v", pending, err)
+	}
+
+	// A wrong code: an *Error with the message and hint, nobody released.
+	wrong := f.wrongCode(t)
+	_, err = Approve(ctx, sock, "alice", wrong, 0)
+	var e *Error
+	if !errors.As(err, &e) || e.Reason != mfa.ReasonBadCode || e.Status != http.StatusForbidden || e.Hint == "" || !strings.Contains(e.Message, "not valid") {
+		t.Fatalf("wrong code: %#v", err)
+	}
+	if len(released) != 0 {
+		t.Fatal("released with a wrong code")
+	}
+
+	// Only one connection.
+	got, err := Approve(ctx, sock, "alice", f.code(t), id1)
+	if err != nil || len(got) != 1 || got[0].ID != id1 {
+		t.Fatalf("approve one: %+v %v", got, err)
+	}
+	if <-released != 1 {
+		t.Fatal("wrong login released")
+	}
+	// The rest, with the next code.
+	f.now = f.now.Add(30 * time.Second)
+	got, err = Approve(ctx, sock, "alice", f.code(t), 0)
+	if err != nil || len(got) != 1 || got[0].Addr != "192.0.2.2:5000" {
+		t.Fatalf("approve rest: %+v %v", got, err)
+	}
+	// Nobody waits now.
+	_, err = Approve(ctx, sock, "alice", f.code(t), 0)
+	if !errors.As(err, &e) || e.Reason != mfa.ReasonNotWaiting || e.Status != http.StatusNotFound {
+		t.Fatalf("nobody waiting: %v", err)
+	}
+
+	// Codes never reach the log; approvals do.
+	logs := f.logs.String()
+	for _, c := range []string{wrong, f.code(t)} {
+		if strings.Contains(logs, c) {
+			t.Fatalf("the log contains a code:\n%s", logs)
+		}
+	}
+	if !strings.Contains(logs, "admin approval") || !strings.Contains(logs, "user=alice") ||
+		!strings.Contains(logs, fmt.Sprintf("approver_uid=%d", os.Getuid())) {
+		t.Fatalf("no approval log line:\n%s", logs)
+	}
+
+	// Stats: absent until set.
+	if _, err := Stats(ctx, sock); !errors.As(err, &e) || e.Status != http.StatusNotFound {
+		t.Fatalf("stats unset: %v", err)
+	}
+	f.srv.SetStats(func() any { return map[string]int{"active": 3} })
+	raw, err := Stats(ctx, sock)
+	if err != nil || !strings.Contains(string(raw), `"active": 3`) {
+		t.Fatalf("stats: %s %v", raw, err)
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	f := start(t, filepath.Join(t.TempDir(), "admin.sock"))
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return net.Dial("unix", f.addr)
+	}}}
+	for _, body := range []string{`{`, `{"user":"alice"}`, `{"user":"alice","code":"1","extra":1}`, `{"user":"alice","code":"123456"} {}`} {
+		resp, err := c.Post("http://x/v1/approve", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("%s: status %d", body, resp.StatusCode)
+		}
+	}
+	resp, err := c.Get("http://x/v1/approve")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("GET approve: %d", resp.StatusCode)
+	}
+}
+
+func TestLoopbackTCP(t *testing.T) {
+	f := start(t, "127.0.0.1:0")
+	f.appr.Wait("alice", "192.0.2.1:1", func(mfa.Outcome) {})
+	got, err := Approve(context.Background(), f.addr, "alice", f.code(t), 0)
+	if err != nil || len(got) != 1 {
+		t.Fatalf("%+v %v", got, err)
+	}
+}
+
+func TestListenRefusesNonLoopback(t *testing.T) {
+	for _, addr := range []string{":0", "0.0.0.0:0", "[::]:0", "192.0.2.1:0", "@pgmfa"} {
+		ln, err := Listen(addr)
+		if err == nil {
+			ln.Close()
+			t.Errorf("%s: accepted", addr)
+			continue
+		}
+		if !strings.Contains(err.Error(), "loopback") && !strings.Contains(err.Error(), "abstract") {
+			t.Errorf("%s: unclear error: %v", addr, err)
+		}
+	}
+}
+
+func TestListenSocketLifecycle(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "admin.sock")
+
+	// A stale socket (its listener gone without cleanup) is replaced.
+	stale, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale.SetUnlinkOnClose(false)
+	stale.Close()
+	ln, err := Listen(sock)
+	if err != nil {
+		t.Fatalf("stale socket: %v", err)
+	}
+	// A live one is refused.
+	if ln2, err := Listen(sock); err == nil || !strings.Contains(err.Error(), "in use") {
+		if ln2 != nil {
+			ln2.Close()
+		}
+		t.Fatalf("live socket: %v", err)
+	}
+	if ln.Addr().String() != sock {
+		t.Fatalf("Addr %s", ln.Addr())
+	}
+	// Close removes the socket.
+	ln.Close()
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket left after Close: %v", err)
+	}
+	// A regular file is not ours to remove.
+	os.WriteFile(sock, []byte("x"), 0o600)
+	if _, err := Listen(sock); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Fatalf("regular file: %v", err)
+	}
+}
+
+func TestClientUnreachable(t *testing.T) {
+	_, err := List(context.Background(), filepath.Join(t.TempDir(), "none.sock"))
+	if err == nil || !strings.Contains(err.Error(), "is `pgmfa serve` running") {
+		t.Fatalf("%v", err)
+	}
+}

@@ -1,0 +1,239 @@
+package mfa
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/pquerna/otp/totp"
+)
+
+func storePath(t *testing.T) string {
+	return filepath.Join(t.TempDir(), "sub", "totp.json")
+}
+
+func TestFileStoreEnrollWritesPrivateFile(t *testing.T) {
+	path := storePath(t)
+	s, err := OpenFileStore(path)
+	if err != nil {
+		t.Fatal("missing file:", err)
+	}
+	if len(s.Users()) != 0 {
+		t.Fatal("missing file is not empty")
+	}
+	key, err := s.Enroll("alice", EnrollOptions{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("store mode %04o", fi.Mode().Perm())
+	}
+	di, _ := os.Stat(filepath.Dir(path))
+	if di.Mode().Perm() != 0o700 {
+		t.Fatalf("created directory mode %04o", di.Mode().Perm())
+	}
+	// No temporary files left behind.
+	entries, _ := os.ReadDir(filepath.Dir(path))
+	if len(entries) != 1 {
+		t.Fatalf("directory holds %d entries", len(entries))
+	}
+	// Defaults: SHA1, 6 digits, 30 s, 20-byte secret; an app computing
+	// codes from the URI agrees with the store.
+	if key.Algorithm().String() != "SHA1" || key.Digits().Length() != 6 || key.Period() != 30 || key.Issuer() != "pgmfa" || key.AccountName() != "alice" {
+		t.Fatalf("key %s", key.URL())
+	}
+	if b, _ := decodeSecret(key.Secret()); len(b) != 20 {
+		t.Fatalf("secret of %d bytes", len(b))
+	}
+	now := time.Now()
+	want, _ := totp.GenerateCode(key.Secret(), now)
+	if got, err := s.Code("alice", now); err != nil || got != want {
+		t.Fatalf("Code %q %v, want %q", got, err, want)
+	}
+	// A fresh open sees the same.
+	s2, err := OpenFileStore(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sec, ok := s2.Secret("alice"); !ok || sec != key.Secret() {
+		t.Fatal("reopened store lost the secret")
+	}
+}
+
+func TestFileStoreRefusesOpenPermissions(t *testing.T) {
+	path := storePath(t)
+	s, _ := OpenFileStore(path)
+	if _, err := s.Enroll("alice", EnrollOptions{}, false); err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []os.FileMode{0o640, 0o604, 0o620, 0o666} {
+		os.Chmod(path, mode)
+		_, err := OpenFileStore(path)
+		if err == nil || !strings.Contains(err.Error(), "chmod 600 "+path) {
+			t.Fatalf("mode %04o: %v", mode, err)
+		}
+		// Reload refuses it too, and keeps the old content.
+		if err := s.Reload(); err == nil {
+			t.Fatalf("mode %04o: Reload accepted", mode)
+		}
+		if _, ok := s.Secret("alice"); !ok {
+			t.Fatal("failed Reload dropped the old content")
+		}
+	}
+	os.Chmod(path, 0o400)
+	if _, err := OpenFileStore(path); err != nil {
+		t.Fatalf("0400: %v", err)
+	}
+}
+
+func TestFileStoreEnrollForceAndRemove(t *testing.T) {
+	path := storePath(t)
+	s, _ := OpenFileStore(path)
+	k1, err := s.Enroll("alice", EnrollOptions{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Enroll("alice", EnrollOptions{}, false)
+	if !errors.Is(err, ErrAlreadyEnrolled) || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("second enroll: %v", err)
+	}
+	if sec, _ := s.Secret("alice"); sec != k1.Secret() {
+		t.Fatal("refused enroll changed the secret")
+	}
+	k2, err := s.Enroll("alice", EnrollOptions{}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k2.Secret() == k1.Secret() {
+		t.Fatal("--force did not rotate")
+	}
+	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
+		t.Fatalf("mode after rotation %04o", fi.Mode().Perm())
+	}
+	if err := s.Remove("alice"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove("alice"); !errors.Is(err, ErrNotEnrolled) {
+		t.Fatalf("second remove: %v", err)
+	}
+	if len(s.Users()) != 0 {
+		t.Fatal(s.Users())
+	}
+	for _, bad := range []string{"", "a\nb", strings.Repeat("x", 64)} {
+		if _, err := s.Enroll(bad, EnrollOptions{}, false); err == nil {
+			t.Fatalf("enrolled %q", bad)
+		}
+	}
+	if _, err := s.Enroll("bob", EnrollOptions{Digits: 7}, false); err == nil {
+		t.Fatal("enrolled with 7 digits")
+	}
+}
+
+// TestFileStoreKeepsParameters: users keep the parameters they were enrolled
+// with when the server's defaults differ.
+func TestFileStoreKeepsParameters(t *testing.T) {
+	path := storePath(t)
+	s, _ := OpenFileStore(path)
+	rnd := bytes.NewReader(bytes.Repeat([]byte{7}, 64))
+	key, err := s.Enroll("carol", EnrollOptions{Digits: 8, Period: time.Minute, Algorithm: "sha512", Issuer: "db1", Rand: rnd}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := key.Secret(), b32(string(bytes.Repeat([]byte{7}, 64))); got != want {
+		t.Fatalf("secret from the injected randomness: %s, want %s", got, want)
+	}
+	if !strings.Contains(key.URL(), "algorithm=SHA512") || !strings.Contains(key.URL(), "digits=8") || !strings.Contains(key.URL(), "period=60") || !strings.HasPrefix(key.URL(), "otpauth://totp/db1:carol?") {
+		t.Fatalf("URI %s", key.URL())
+	}
+	s2, _ := OpenFileStore(path)
+	acct, ok := s2.Account("carol")
+	if !ok || acct.Digits != 8 || acct.Period != time.Minute || acct.Algorithm != "SHA512" {
+		t.Fatalf("%+v", acct)
+	}
+	clk := newClock(t0)
+	g := NewGuard(Options{Digits: 6, Period: 30 * time.Second, Algorithm: "SHA1", Now: clk.Now}, s2)
+	c, err := s2.Code("carol", clk.Now())
+	if err != nil || len(c) != 8 {
+		t.Fatalf("code %q %v", c, err)
+	}
+	if o := g.Verify("carol", "192.0.2.1:1", c); !o.OK {
+		t.Fatalf("%+v", o)
+	}
+}
+
+func TestFileStoreReload(t *testing.T) {
+	path := storePath(t)
+	server, _ := OpenFileStore(path)
+	admin, _ := OpenFileStore(path)
+	if _, err := admin.Enroll("alice", EnrollOptions{}, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := server.Secret("alice"); ok {
+		t.Fatal("visible before reload")
+	}
+	if err := server.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := server.Secret("alice"); !ok {
+		t.Fatal("not visible after reload")
+	}
+	// A broken file: Reload fails and keeps the old content.
+	os.WriteFile(path, []byte("{not json"), 0o600)
+	if err := server.Reload(); err == nil {
+		t.Fatal("reload of garbage succeeded")
+	}
+	if _, ok := server.Secret("alice"); !ok {
+		t.Fatal("failed reload dropped the content")
+	}
+	// Entries that could never verify are refused at load.
+	for _, doc := range []string{
+		`{"version":1,"users":{"x":{"secret":"!!","digits":6,"period":30,"algorithm":"SHA1"}}}`,
+		`{"version":1,"users":{"x":{"secret":"JBSWY3DP","digits":7,"period":30,"algorithm":"SHA1"}}}`,
+		`{"version":1,"users":{"x":{"secret":"JBSWY3DP","digits":6,"period":0,"algorithm":"SHA1"}}}`,
+		`{"version":1,"users":{"x":{"secret":"JBSWY3DP","digits":6,"period":30,"algorithm":"MD5"}}}`,
+		`{"version":2,"users":{}}`,
+	} {
+		os.WriteFile(path, []byte(doc), 0o600)
+		if _, err := OpenFileStore(path); err == nil {
+			t.Fatalf("accepted %s", doc)
+		}
+	}
+}
+
+// TestFileStoreConcurrentEnrolls: two store handles (two `pgmfa enroll`
+// runs) writing at once lose nobody.
+func TestFileStoreConcurrentEnrolls(t *testing.T) {
+	path := storePath(t)
+	a, _ := OpenFileStore(path)
+	b, _ := OpenFileStore(path)
+	var wg sync.WaitGroup
+	for i := 0; i < 10; i++ {
+		for j, s := range []*FileStore{a, b} {
+			wg.Add(1)
+			go func(s *FileStore, name string) {
+				defer wg.Done()
+				if _, err := s.Enroll(name, EnrollOptions{}, false); err != nil {
+					t.Error(err)
+				}
+			}(s, fmt.Sprintf("user%d-%d", i, j))
+		}
+	}
+	wg.Wait()
+	c, err := OpenFileStore(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(c.Users()); n != 20 {
+		t.Fatalf("%d users after 20 enrolls: %v", n, c.Users())
+	}
+}

@@ -1,0 +1,170 @@
+package mfa
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+)
+
+// storeVersion is the format of the store file.
+const storeVersion = 1
+
+// storeFile is the JSON document on disk.
+type storeFile struct {
+	Version int                   `json:"version"`
+	Users   map[string]storedUser `json:"users"`
+}
+
+// storedUser is one enrollment on disk. The TOTP parameters are stored so
+// that changing the server's defaults later does not break authenticators
+// that were set up with the old ones.
+type storedUser struct {
+	Secret    string    `json:"secret"`    // base32, no padding
+	Digits    int       `json:"digits"`    // 6 or 8
+	Period    int       `json:"period"`    // seconds
+	Algorithm string    `json:"algorithm"` // SHA1, SHA256, SHA512
+	Issuer    string    `json:"issuer,omitempty"`
+	Enrolled  time.Time `json:"enrolled,omitempty"`
+}
+
+func (u storedUser) account() Account {
+	return Account{Secret: u.Secret, Digits: u.Digits, Period: time.Duration(u.Period) * time.Second, Algorithm: u.Algorithm}
+}
+
+// readStore reads and checks the file at path. A missing file is an empty
+// store. The file must not be open to group or others: it holds the secrets.
+func readStore(path string) (map[string]storedUser, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return map[string]storedUser{}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("TOTP store: %w", err)
+	}
+	defer f.Close()
+	// Stat the open file, not the path, so the check and the read are of
+	// the same file.
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("TOTP store: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("TOTP store %s is not a regular file", path)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("TOTP store %s is accessible to group or others (mode %04o) and holds secrets; refusing it. Fix with: chmod 600 %s", path, perm, path)
+	}
+	var doc storeFile
+	dec := json.NewDecoder(f)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&doc); err != nil {
+		return nil, fmt.Errorf("TOTP store %s: %w", path, err)
+	}
+	if doc.Version != storeVersion {
+		return nil, fmt.Errorf("TOTP store %s: version %d, this pgmfa reads version %d", path, doc.Version, storeVersion)
+	}
+	if doc.Users == nil {
+		doc.Users = map[string]storedUser{}
+	}
+	for name, u := range doc.Users {
+		if err := validUser(name); err != nil {
+			return nil, fmt.Errorf("TOTP store %s: %w", path, err)
+		}
+		if err := u.check(); err != nil {
+			return nil, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
+		}
+	}
+	return doc.Users, nil
+}
+
+// check rejects an entry that could never verify a code.
+func (u storedUser) check() error {
+	if u.Secret == "" {
+		return errors.New("empty secret")
+	}
+	if _, err := decodeSecret(u.Secret); err != nil {
+		return err
+	}
+	if u.Digits != 6 && u.Digits != 8 {
+		return fmt.Errorf("digits must be 6 or 8, got %d", u.Digits)
+	}
+	if u.Period <= 0 {
+		return fmt.Errorf("period must be positive seconds, got %d", u.Period)
+	}
+	if _, err := canonicalAlgorithm(u.Algorithm); err != nil || u.Algorithm == "" {
+		return fmt.Errorf("algorithm must be SHA1, SHA256 or SHA512, got %q", u.Algorithm)
+	}
+	return nil
+}
+
+// writeStore replaces the file at path atomically: a temporary file in the
+// same directory, mode 0600, synced, renamed over the old one, and the
+// directory synced so the rename survives a crash.
+func writeStore(path string, users map[string]storedUser) (err error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(storeFile{Version: storeVersion, Users: users}); err != nil {
+		return err
+	}
+	dir := filepath.Dir(path)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("TOTP store: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	// CreateTemp already uses 0600; say it anyway, it is the point.
+	if err = tmp.Chmod(0o600); err != nil {
+		return fmt.Errorf("TOTP store: %w", err)
+	}
+	if _, err = tmp.Write(buf.Bytes()); err != nil {
+		return fmt.Errorf("TOTP store: %w", err)
+	}
+	if err = tmp.Sync(); err != nil {
+		return fmt.Errorf("TOTP store: %w", err)
+	}
+	if err = tmp.Close(); err != nil {
+		return fmt.Errorf("TOTP store: %w", err)
+	}
+	if err = os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("TOTP store: %w", err)
+	}
+	if d, derr := os.Open(dir); derr == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+// lockDir takes an exclusive flock on the store's directory (created 0700 if
+// missing) so that two `pgmfa enroll` runs cannot lose each other's writes.
+// The lock is advisory and released by the returned function.
+func lockDir(path string) (unlock func(), err error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("TOTP store: %w", err)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("TOTP store: %w", err)
+	}
+	if err := syscall.Flock(int(d.Fd()), syscall.LOCK_EX); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("TOTP store: lock %s: %w", dir, err)
+	}
+	return func() {
+		_ = syscall.Flock(int(d.Fd()), syscall.LOCK_UN)
+		d.Close()
+	}, nil
+}

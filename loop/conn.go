@@ -2,10 +2,13 @@ package loop
 
 import (
 	"context"
+	"errors"
+	"io"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/panjf2000/gnet/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/proto"
@@ -28,6 +31,13 @@ type conn struct {
 	cancelWait func()      // out-of-band approval registration
 	mfaPath    mfa.Path
 	mfaReason  string
+
+	// A client that half-closed (FIN) once nothing more was needed from it
+	// is closed by gnet (it has no half-close); we keep a dup of its socket
+	// and its unparsed bytes and finish the login on them.
+	clientFD   int
+	clientHeld []byte
+	clientOut  []byte // bytes for the half-closed client not yet written
 
 	logged    bool // the one audit line per login was written
 	closed    bool
@@ -120,6 +130,11 @@ func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
 			break
 		}
 	}
+	// A half-closed client cannot answer a further authentication request.
+	if !c.closed && !c.handedOff && c.clientFD > 0 && c.m.NeedsClient() {
+		c.act(c.m.ClientClosed())
+		return
+	}
 	// A database that keeps talking while the client's login is held is
 	// cut off before it can make the proxy buffer without bound.
 	if !c.closed && !c.handedOff && gc == c.upstream && gc.InboundBuffered() > 1<<20 {
@@ -134,11 +149,20 @@ func (s *Server) OnClose(gc gnet.Conn, err error) gnet.Action {
 	switch ctx := gc.Context().(type) {
 	case *clientSide:
 		c := ctx.c
-		if !c.handedOff {
-			c.client = nil
-			c.act(c.m.ClientClosed())
-			c.finish()
+		if c.handedOff || c.closed {
+			return gnet.None
 		}
+		if isEOF(err) && !c.m.NeedsClient() {
+			if fd, derr := gc.Dup(); derr == nil {
+				c.clientFD = fd
+				c.clientHeld = takeAll(gc)
+				c.client = nil
+				return gnet.None
+			}
+		}
+		c.client = nil
+		c.act(c.m.ClientClosed())
+		c.finish()
 	case *upstreamSide:
 		c := ctx.c
 		if !c.handedOff {
@@ -158,8 +182,8 @@ func (c *conn) act(out session.Output) {
 		c.handoff(out.ToClient, out.Established)
 		return
 	}
-	if len(out.ToClient) > 0 && c.client != nil {
-		_, _ = c.client.Write(out.ToClient)
+	if len(out.ToClient) > 0 {
+		c.writeClient(out.ToClient)
 	}
 	if out.Dial {
 		c.dial()
@@ -174,6 +198,27 @@ func (c *conn) act(out session.Output) {
 		c.close(out.Err)
 	}
 }
+
+// writeClient writes to the client through gnet or, once the client
+// half-closed, straight to the kept socket (what does not fit now is sent
+// ahead of everything else at the handoff).
+func (c *conn) writeClient(b []byte) {
+	switch {
+	case c.client != nil:
+		_, _ = c.client.Write(b)
+	case c.clientFD > 0:
+		c.clientOut = append(c.clientOut, b...)
+		for len(c.clientOut) > 0 {
+			n, err := unix.Write(c.clientFD, c.clientOut)
+			if err != nil || n <= 0 {
+				return
+			}
+			c.clientOut = c.clientOut[n:]
+		}
+	}
+}
+
+func isEOF(err error) bool { return errors.Is(err, io.EOF) }
 
 // dial opens the database connection on this connection's own loop.
 func (c *conn) dial() {
@@ -266,6 +311,10 @@ func (c *conn) close(err error) {
 	c.audit(false, err)
 	if c.client != nil {
 		_ = c.client.Close()
+	}
+	if c.clientFD > 0 {
+		unix.Close(c.clientFD)
+		c.clientFD = 0
 	}
 	if c.upstream != nil {
 		_ = c.upstream.Close()

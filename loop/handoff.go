@@ -25,11 +25,11 @@ import (
 // gnet at all: it travels as the first pending bytes to the client, so
 // nothing is left in gnet to wait for.
 func (c *conn) handoff(release []byte, est *session.Established) {
-	if c.client == nil || c.upstream == nil {
+	if (c.client == nil && c.clientFD == 0) || c.upstream == nil {
 		c.close(errors.New("a side closed at the handoff"))
 		return
 	}
-	if c.client.OutboundBuffered() > 0 || c.upstream.OutboundBuffered() > 0 {
+	if (c.client != nil && c.client.OutboundBuffered() > 0) || c.upstream.OutboundBuffered() > 0 {
 		// Login traffic still queued in gnet (a peer with a full receive
 		// buffer): retry shortly rather than lose or reorder it. The
 		// handshake deadline still bounds this.
@@ -40,13 +40,22 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 		})
 		return
 	}
-	toServer := takeAll(c.client)
-	toClient := append(release, takeAll(c.upstream)...)
-
-	cfd, err := c.client.Dup()
-	if err != nil {
-		c.close(err)
-		return
+	var cfd int
+	var toServer []byte
+	toClient := append(c.clientOut, release...)
+	toClient = append(toClient, takeAll(c.upstream)...)
+	if c.client != nil {
+		toServer = takeAll(c.client)
+		fd, err := c.client.Dup()
+		if err != nil {
+			c.close(err)
+			return
+		}
+		cfd = fd
+	} else {
+		// The client half-closed during the login (see OnClose).
+		cfd, toServer = c.clientFD, c.clientHeld
+		c.clientFD, c.clientHeld, c.clientOut = 0, nil, nil
 	}
 	ufd, err := c.upstream.Dup()
 	if err != nil {
@@ -56,7 +65,9 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 	}
 	c.handedOff = true
 	c.stopWaiting()
-	_ = c.loop.Close(c.client)
+	if c.client != nil {
+		_ = c.loop.Close(c.client)
+	}
 	_ = c.loop.Close(c.upstream)
 	c.client, c.upstream = nil, nil
 

@@ -23,6 +23,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/pgmfa/pgmfa/proto"
 
 	"github.com/pgmfa/pgmfa/bpf"
 	"github.com/pgmfa/pgmfa/loop"
@@ -374,4 +376,42 @@ func freePort() (int, error) {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// TestHandoffAfterClientFIN: a client pipelines a query and Terminate behind
+// its last auth message and half-closes at once, so its socket already has
+// FIN when the session is handed off (which the kernel may refuse to
+// insert). The query is still answered and the session ends cleanly.
+func TestHandoffAfterClientFIN(t *testing.T) {
+	for _, mode := range spliceModes(t) {
+		t.Run(mode, func(t *testing.T) {
+			p := startProxy(t, mfa.Options{}, func(c *loop.Config) { c.Splice = mode })
+			mk := marker(t)
+			c := dialRaw(t, p)
+			scramLogin(t, c, alice, alicePW, p.code(alice), func(final []byte) {
+				q := proto.Append(nil, &pgproto3.Query{String: "select '" + mk + "'"}, &pgproto3.Terminate{})
+				c.write(append(final, q...))
+				c.conn.(*net.TCPConn).CloseWrite()
+			})
+			var gotRow bool
+			for {
+				m, err := c.nextRaw()
+				if err != nil {
+					break // EOF after Terminate
+				}
+				if m.Type == 'D' && bytes.Contains(m.Body, []byte(mk)) {
+					gotRow = true
+				}
+				if m.Type == 'E' {
+					t.Fatalf("error: %q", m.Body)
+				}
+			}
+			if !gotRow {
+				t.Fatalf("the pipelined query was not answered\n%s", p.logs.String())
+			}
+			if !eventually(10*time.Second, func() bool { return p.srv.StatsSnapshot()["active"] == 0 }) {
+				t.Fatalf("session still active: %v", p.srv.StatsSnapshot())
+			}
+		})
+	}
 }

@@ -221,6 +221,20 @@ func (m *Machine) User() string     { return m.user }
 func (m *Machine) Database() string { return m.db }
 func (m *Machine) Method() string   { return m.method }
 
+// NeedsClient reports whether the login still needs bytes from the client
+// (a startup packet, a password, an answer to an authentication request).
+// A client that half-closes while this is false can still be logged in.
+func (m *Machine) NeedsClient() bool {
+	switch m.phase {
+	case PhaseStartup, PhasePassword:
+		return true
+	case PhaseDialing, PhaseAuth:
+		// An authentication request is waiting for the client's answer.
+		return m.wantClient
+	}
+	return false
+}
+
 // SetEncrypted records that the TLS handshake asked for by StartTLS
 // completed; the startup phase goes on inside TLS.
 func (m *Machine) SetEncrypted() { m.encrypted = true }

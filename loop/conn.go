@@ -88,17 +88,18 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		loop:   gc.EventLoop(),
 		addr:   gc.RemoteAddr().String(),
 		start:  time.Now(),
-		m: session.New(session.Config{
-			Auth:           s.cfg.Auth,
-			MaxMessageLen:  s.cfg.MaxMessageLen,
-			AllowCleartext: s.cfg.AllowCleartextPassword,
-			Rand:           s.cfg.Rand,
-		}),
+		m:      session.New(s.sessionConfig()),
 	}
 	if c.addr == "" {
 		c.addr = "unix"
 	}
 	gc.SetContext(&clientSide{c})
+	if s.upstreamTLS {
+		// The database side needs TLS: the whole connection runs in the
+		// TLS driver from its first byte.
+		c.handoffTLS(nil, false, false, true)
+		return nil, gnet.Close
+	}
 	c.deadline = c.after(s.cfg.HandshakeTimeout, func() { c.act(c.m.Timeout(false)) })
 	return nil, gnet.None
 }
@@ -180,6 +181,10 @@ func (c *conn) act(out session.Output) {
 	}
 	if out.Established != nil {
 		c.handoff(out.ToClient, out.Established)
+		return
+	}
+	if out.StartTLS {
+		c.handoffTLS(out.ToClient, true, out.DirectTLS, false)
 		return
 	}
 	if len(out.ToClient) > 0 {

@@ -32,6 +32,7 @@ import (
 
 	"github.com/pgmfa/pgmfa/bpf"
 	"github.com/pgmfa/pgmfa/loop/relay"
+	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
@@ -73,6 +74,12 @@ type Config struct {
 	RelayBuffer int    // relay: bytes per direction (0: 64 KiB)
 	SocketBuf   int    // SO_SNDBUF/SO_RCVBUF for both sockets; 0 = kernel default
 
+	// TLS (package tlsproxy): the client-facing certificate (nil: no TLS
+	// for clients), the client policy, and TLS towards the database.
+	TLSCerts    *tlsproxy.Certs
+	TLSMode     session.TLSMode
+	UpstreamTLS tlsproxy.UpstreamTLS
+
 	Logger *slog.Logger
 	Rand   io.Reader
 }
@@ -88,9 +95,11 @@ type Server struct {
 	addrs    []string
 	unixList []string
 
-	splicer *bpf.Splicer
-	relay   *relay.Relay
-	cancels cancelMap
+	splicer     *bpf.Splicer
+	relay       *relay.Relay
+	tls         *tlsproxy.Driver // nil without TLS
+	upstreamTLS bool             // every connection goes to the TLS driver
+	cancels     cancelMap
 
 	eng     gnet.Engine
 	booted  chan struct{}
@@ -105,7 +114,7 @@ type Server struct {
 // Stats are counters for the admin API and tests.
 type Stats struct {
 	Accepted, Refused, LoginsOK, LoginsFailed atomic.Int64
-	Spliced, Relayed, Active                  atomic.Int64
+	Spliced, Relayed, TLS, Active             atomic.Int64
 }
 
 // New validates the configuration and prepares the handoff paths. Run
@@ -141,6 +150,9 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	if s.addrs, s.unixList, err = listenAddrs(cfg.Listen); err != nil {
+		return nil, err
+	}
+	if err := s.setUpTLS(); err != nil {
 		return nil, err
 	}
 	if err := s.setUpHandoff(); err != nil {
@@ -190,7 +202,7 @@ func (s *Server) StatsSnapshot() map[string]int64 {
 	return map[string]int64{
 		"accepted": s.stats.Accepted.Load(), "refused": s.stats.Refused.Load(),
 		"logins_ok": s.stats.LoginsOK.Load(), "logins_failed": s.stats.LoginsFailed.Load(),
-		"spliced": s.stats.Spliced.Load(), "relayed": s.stats.Relayed.Load(),
+		"spliced": s.stats.Spliced.Load(), "relayed": s.stats.Relayed.Load(), "tls": s.stats.TLS.Load(),
 		"active": s.stats.Active.Load(),
 	}
 }
@@ -249,6 +261,9 @@ func (s *Server) Stop(ctx context.Context) error {
 }
 
 func (s *Server) shutdownHandoff() {
+	if s.tls != nil {
+		s.tls.Close()
+	}
 	if s.splicer != nil {
 		s.splicer.Close()
 	}

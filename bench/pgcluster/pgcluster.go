@@ -74,7 +74,14 @@ type Options struct {
 	// Log receives the output of the harness's pg_ctl and psql commands when
 	// set (e.g. t.Logf). The server log itself stays in Cluster.LogFile.
 	Log func(format string, args ...any)
+	// SSL turns on TLS in the server with this certificate and key.
+	SSL *SSLFiles
 }
+
+// SSLFiles are a PEM certificate and key for the server's TLS. They are
+// copied into the data directory (owned by postgres, the key 0600, as the
+// server insists).
+type SSLFiles struct{ CertFile, KeyFile string }
 
 // Cluster is a running PostgreSQL server.
 type Cluster struct {
@@ -268,6 +275,13 @@ func (c *Cluster) start(cred *syscall.Credential) error {
 	if err != nil {
 		return err
 	}
+	if c.opts.SSL != nil {
+		if err := c.copySSL(cred); err != nil {
+			f.Close()
+			return err
+		}
+		conf.WriteString("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+	}
 	if _, err := f.Write(conf.Bytes()); err != nil {
 		f.Close()
 		return err
@@ -300,6 +314,29 @@ func (c *Cluster) start(cred *syscall.Credential) error {
 		return lastErr
 	}
 	return c.provision()
+}
+
+// copySSL copies Options.SSL into the data directory as server.crt and
+// server.key.
+func (c *Cluster) copySSL(cred *syscall.Credential) error {
+	for _, cp := range []struct{ from, to string }{
+		{c.opts.SSL.CertFile, "server.crt"}, {c.opts.SSL.KeyFile, "server.key"},
+	} {
+		b, err := os.ReadFile(cp.from)
+		if err != nil {
+			return fmt.Errorf("pgcluster: SSL: %w", err)
+		}
+		dst := filepath.Join(c.DataDir, cp.to)
+		if err := os.WriteFile(dst, b, 0o600); err != nil {
+			return err
+		}
+		if cred != nil {
+			if err := os.Chown(dst, int(cred.Uid), int(cred.Gid)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func (c *Cluster) hba() string {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/loop/admin"
+	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
@@ -46,6 +47,7 @@ type serveFlags struct {
 	failureWindow        time.Duration
 	maxAddrFailures      int
 	logLevel, logFormat  string
+	tls                  tlsFlags
 }
 
 func (f *serveFlags) register(fs *flag.FlagSet) {
@@ -76,6 +78,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.maxAddrFailures, "mfa-max-addr-failures", 20, "failed MFA attempts per client address within the window")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
+	f.tls.register(fs)
 }
 
 func runServe(args []string) int {
@@ -89,7 +92,8 @@ Runs the proxy. Clients connect to --listen and log in as they would to
 PostgreSQL; the login completes only after a TOTP code is verified:
   PGOPTIONS='-c pgmfa.code=123456' psql -h 127.0.0.1 -p 6432 -U alice db
 or, with --auth password, the code appended to the password, or out of band
-with `+"`pgmfa approve USER CODE`"+`. SIGHUP reloads the secret store.
+with `+"`pgmfa approve USER CODE`"+`. SIGHUP reloads the secret store and
+the TLS certificate.
 
 flags:
 `)
@@ -122,6 +126,7 @@ flags:
 type proxy struct {
 	srv    *loop.Server
 	store  *mfa.FileStore
+	certs  *tlsproxy.Certs // nil without client TLS
 	admin  *http.Server
 	log    *slog.Logger
 	onStop []func()
@@ -145,6 +150,10 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		auth = session.AuthPassword
 	default:
 		return nil, fmt.Errorf("--auth must be passthrough or password, not %q", f.auth)
+	}
+	certs, tlsMode, upTLS, err := f.tls.build(nil)
+	if err != nil {
+		return nil, err
 	}
 	store, err := mfa.OpenFileStore(f.store)
 	if err != nil {
@@ -182,12 +191,15 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		MaxBacklog:             f.maxBacklog,
 		RelayBuffer:            f.relayBuffer,
 		SocketBuf:              f.sockBuf,
+		TLSCerts:               certs,
+		TLSMode:                tlsMode,
+		UpstreamTLS:            upTLS,
 		Logger:                 logger,
 	})
 	if err != nil {
 		return nil, err
 	}
-	p := &proxy{srv: srv, store: store, log: logger}
+	p := &proxy{srv: srv, store: store, certs: certs, log: logger}
 	if f.adminAddr != "" {
 		ln, err := admin.Listen(f.adminAddr)
 		if err != nil {
@@ -228,6 +240,13 @@ func (p *proxy) runUntilSignal() int {
 					p.log.Error("reload of the secret store failed; keeping the old one", "err", err)
 				} else {
 					p.log.Info("secret store reloaded", "users", len(p.store.Users()))
+				}
+				if p.certs != nil {
+					if err := p.certs.Reload(); err != nil {
+						p.log.Error("reload of the TLS certificate failed; keeping the old one", "err", err)
+					} else {
+						p.log.Info("TLS certificate reloaded")
+					}
 				}
 				continue
 			}

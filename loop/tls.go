@@ -1,0 +1,143 @@
+package loop
+
+import (
+	"net"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgmfa/pgmfa/loop/tlsproxy"
+	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/proto"
+	"github.com/pgmfa/pgmfa/proto/session"
+)
+
+// TLS: crypto/tls is a blocking API, so connections that need it — a
+// client asking for TLS, or every connection when the database side uses
+// TLS — leave the gnet loop for package tlsproxy, which runs them on
+// goroutines and relays them in user space (TLS sessions cannot be spliced
+// in the kernel here). Plaintext sessions never leave the loop's model.
+
+// setUpTLS builds the TLS driver when the configuration needs one.
+func (s *Server) setUpTLS() error {
+	if s.cfg.TLSCerts == nil && !s.cfg.UpstreamTLS.NeedsDriver() {
+		return nil
+	}
+	dial, err := tlsproxy.Dialer(s.upAddr, s.cfg.UpstreamTLS)
+	if err != nil {
+		return err
+	}
+	s.tls = tlsproxy.New(tlsproxy.Config{
+		Certs:            s.cfg.TLSCerts,
+		Mode:             s.tlsMode(),
+		Session:          s.sessionConfig(),
+		DialUpstream:     dial,
+		UpstreamName:     s.upName,
+		HandshakeTimeout: s.cfg.HandshakeTimeout,
+		MFATimeout:       s.cfg.MFATimeout,
+		Logger:           s.log,
+		Hooks: tlsproxy.Hooks{
+			MFA: func(req *session.MFARequest, addr string, decide func(mfa.Path, mfa.Outcome)) (func(), bool) {
+				path, o, _, cancel, waiting := s.ResolveMFA(req, addr, decide)
+				if !waiting {
+					decide(path, o)
+					return func() {}, false
+				}
+				return cancel, true
+			},
+			RegisterCancel: func(proxy, upstream *pgproto3.BackendKeyData) func() {
+				s.cancels.add(proxy, upstream)
+				return func() { s.cancels.remove(proxy) }
+			},
+			ForwardCancel: s.forwardCancelAsync,
+			LoginDone: func(ok bool) {
+				if ok {
+					s.stats.LoginsOK.Add(1)
+				} else {
+					s.stats.LoginsFailed.Add(1)
+				}
+			},
+		},
+	})
+	s.upstreamTLS = s.cfg.UpstreamTLS.NeedsDriver()
+	return nil
+}
+
+func (s *Server) tlsMode() session.TLSMode {
+	if s.cfg.TLSCerts == nil {
+		return session.TLSOff
+	}
+	return s.cfg.TLSMode
+}
+
+// sessionConfig is the login machine's configuration for this server.
+func (s *Server) sessionConfig() session.Config {
+	return session.Config{
+		Auth:           s.cfg.Auth,
+		MaxMessageLen:  s.cfg.MaxMessageLen,
+		AllowCleartext: s.cfg.AllowCleartextPassword,
+		Rand:           s.cfg.Rand,
+		TLS:            s.tlsMode(),
+	}
+}
+
+// handoffTLS gives a client connection to the TLS driver: after its
+// SSLRequest was answered (reply 'S'), at a direct TLS ClientHello, or from
+// its first byte (start == false) when the database side needs TLS. In
+// OnOpen gnet must close the conn itself (atOpen): the caller returns
+// gnet.Close.
+func (c *conn) handoffTLS(reply []byte, start, direct, atOpen bool) {
+	if c.client == nil {
+		c.close(nil)
+		return
+	}
+	readAhead := takeAll(c.client)
+	fd, err := c.client.Dup()
+	if err != nil {
+		c.close(err)
+		return
+	}
+	nc, err := tlsproxy.FileConn(fd)
+	if err != nil {
+		c.close(err)
+		return
+	}
+	c.handedOff = true
+	c.stopWaiting()
+	if atOpen {
+		c.client.SetContext(&tlsSide{})
+	} else {
+		_ = c.loop.Close(c.client)
+	}
+	c.client = nil
+	srv := c.srv
+	srv.stats.TLS.Add(1)
+	srv.tls.Serve(tlsproxy.Handoff{
+		Conn: nc, ReadAhead: readAhead, Reply: reply,
+		StartTLS: start, Direct: direct, ID: c.id, Addr: c.addr,
+	}, func() {
+		srv.conns.Add(-1)
+		srv.stats.Active.Add(-1)
+	})
+}
+
+// forwardCancelAsync forwards a CancelRequest that arrived on a TLS
+// connection (off the loop, so a plain blocking dial).
+func (s *Server) forwardCancelAsync(req *pgproto3.CancelRequest) {
+	up, ok := s.cancels.lookup(req.ProcessID, req.SecretKey)
+	if !ok {
+		return
+	}
+	go func() {
+		c, err := net.DialTimeout(s.upAddr.Network(), s.upAddr.String(), 5*time.Second)
+		if err != nil {
+			s.log.Warn("cancel request not forwarded", "err", err)
+			return
+		}
+		defer c.Close()
+		_, _ = c.Write(proto.Append(nil, &pgproto3.CancelRequest{ProcessID: up.ProcessID, SecretKey: up.SecretKey}))
+	}()
+}
+
+// tlsSide marks a gnet conn handed to the TLS driver at open.
+type tlsSide struct{}

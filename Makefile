@@ -44,7 +44,7 @@ generate: deps-clang
 	$(GO) generate ./bpf/...
 
 run: deps-pg build
-	$(GO) run ./cmd/pgmfa demo
+	./$(BIN) demo
 
 bench: deps-pg deps-bench build
 	$(GO) run ./bench $(BENCHFLAGS)

@@ -300,7 +300,12 @@ func TestUnprivilegedProxy(t *testing.T) {
 	uid, _ := strconv.Atoi(nob.Uid)
 	gid, _ := strconv.Atoi(nob.Gid)
 	pg := cluster(t)
-	dir := t.TempDir()
+	// Not t.TempDir(): its parent is 0700, and nobody must reach the binary.
+	dir, err := os.MkdirTemp("", "pgmfa-unpriv-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	os.Chmod(dir, 0o755)
 	bin := filepath.Join(dir, "pgmfa")
 	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/pgmfa").CombinedOutput(); err != nil {

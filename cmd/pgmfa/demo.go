@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strconv"
+	"syscall"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
 )
@@ -46,6 +48,10 @@ flags:
 		fmt.Fprintln(os.Stderr, "pgmfa:", err)
 		return 2
 	}
+	// Piped into tee or less, Ctrl-C kills the reader too; a log line
+	// written after that must not kill us (SIGPIPE) before the scratch
+	// database is stopped.
+	signal.Ignore(syscall.SIGPIPE)
 
 	fmt.Fprintln(os.Stderr, "starting a scratch PostgreSQL ...")
 	pg, err := pgcluster.Start(pgcluster.Options{

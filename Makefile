@@ -23,7 +23,7 @@ vet:
 
 # The whole suite. Tests that need root, BPF or PostgreSQL skip with a reason
 # elsewhere; under CI=true they must run.
-test: deps-pg build vet
+test: deps-pg deps-bench build vet
 	$(GO) test -count=1 -timeout 40m $(TESTFLAGS) ./...
 
 # The pure packages alone: fast, no PostgreSQL, no root.

@@ -1,0 +1,33 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// loginLatency logs in and out one login after another for -duration and
+// returns the median milliseconds from dial to ReadyForQuery. On pgmfa paths
+// the code is sent every time (and --mfa-remember is on, as with pgbench),
+// so the figure is what MFA adds to a login a pool or a script makes.
+func (e *env) loginLatency(ctx context.Context, ep *endpoint) (float64, map[string]float64, error) {
+	var ms []float64
+	deadline := time.Now().Add(e.cfg.Duration)
+	for time.Now().Before(deadline) || len(ms) < 5 {
+		if len(ms) >= 5 && ctx.Err() != nil {
+			break
+		}
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		t0 := time.Now()
+		conn, err := connect(cctx, ep, benchUser, true, nil, nil)
+		d := time.Since(t0)
+		cancel()
+		if err != nil {
+			return 0, nil, fmt.Errorf("login %d: %w", len(ms)+1, err)
+		}
+		conn.Close(context.Background())
+		ms = append(ms, float64(d.Microseconds())/1000)
+	}
+	s := summarize(ms)
+	return s.Median, map[string]float64{"logins": float64(len(ms)), "min_ms": s.Min, "max_ms": s.Max}, nil
+}

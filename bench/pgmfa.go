@@ -1,0 +1,126 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/pgmfa/pgmfa/bench/pgcluster"
+)
+
+// The users the suite logs in as. benchWaitUser never sends a code: its
+// sessions are the ones that wait for MFA approval.
+const (
+	benchUser     = "bench"
+	benchWaitUser = "bench_wait"
+	benchPassword = "bench-pw-not-secret"
+	benchDB       = "bench"
+)
+
+// findPgmfa returns the pgmfa binary: -pgmfa when given, else bin/pgmfa in
+// the repository, else one built now into tmp with go build.
+func findPgmfa(ctx context.Context, flagPath, repo, tmp string) (string, error) {
+	if flagPath != "" {
+		if _, err := os.Stat(flagPath); err != nil {
+			return "", fmt.Errorf("-pgmfa: %w", err)
+		}
+		return filepath.Abs(flagPath)
+	}
+	def := filepath.Join(repo, "bin", "pgmfa")
+	if _, err := os.Stat(def); err == nil {
+		return def, nil
+	}
+	out := filepath.Join(tmp, "pgmfa")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/pgmfa")
+	cmd.Dir = repo
+	if b, err := cmd.CombinedOutput(); err != nil {
+		// The first line of the compiler's complaint is the useful one.
+		msg := strings.TrimSpace(string(b))
+		for _, l := range strings.Split(msg, "\n") {
+			if !strings.HasPrefix(l, "#") && l != "" {
+				msg = l
+				break
+			}
+		}
+		return "", fmt.Errorf("no pgmfa binary (make build) and go build ./cmd/pgmfa failed: %v: %s", err, msg)
+	}
+	return out, nil
+}
+
+// pgmfaVersion asks the binary for its version, for the JSON file.
+func pgmfaVersion(bin string) string {
+	b, err := exec.Command(bin, "version").Output()
+	if err != nil {
+		return "unknown (" + err.Error() + ")"
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// startPgmfa starts one pgmfa serve for a path: its own store (so replay
+// protection of one proxy cannot affect another), its own admin socket and
+// log. --mfa-remember lets one code cover all of pgbench's connections from
+// 127.0.0.1. User flags come last so they override the suite's.
+func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, extra []string) *endpoint {
+	ep := &endpoint{Name: name, Host: "127.0.0.1"}
+	if bin == "" {
+		ep.Err = fmt.Errorf("no pgmfa binary")
+		return ep
+	}
+	if ep.Err = os.MkdirAll(dir, 0o700); ep.Err != nil {
+		return ep
+	}
+	store := filepath.Join(dir, "store.json")
+	ep.Code, ep.Err = enrollTOTP(store, benchUser, benchWaitUser)
+	if ep.Err != nil {
+		return ep
+	}
+	if ep.Port, ep.Err = pgcluster.FreePort(); ep.Err != nil {
+		return ep
+	}
+	upstream, splice := cl.Addr(), "sockmap"
+	switch name {
+	case pathSockmapUnix:
+		upstream = cl.SocketPath()
+	case pathRelay:
+		splice = "off"
+	}
+	args := []string{"serve",
+		"--listen", ep.Addr(),
+		"--upstream", upstream,
+		"--store", store,
+		"--admin", filepath.Join(dir, "admin.sock"),
+		"--splice", splice,
+		"--mfa-remember", "1h",
+		// Opening -sessions logins that wait for approval can take longer
+		// than the default minute on a small machine; none may time out
+		// before the memory is read.
+		"--mfa-timeout", "10m",
+		"--loops", strconv.Itoa(runtime.NumCPU()),
+	}
+	args = append(args, extra...)
+	ep.LogFile = filepath.Join(dir, "pgmfa.log")
+	logf, err := os.Create(ep.LogFile)
+	if err != nil {
+		ep.Err = err
+		return ep
+	}
+	defer logf.Close() // the child keeps its own descriptor
+	cmd := exec.Command(bin, args...)
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	ep.CmdLine = cmd.Args
+	if ep.Err = ps.start(cmd); ep.Err != nil {
+		return ep
+	}
+	ep.Cmd = cmd
+	if err := ps.waitListening(cmd, ep.Addr(), 15*time.Second); err != nil {
+		ep.Err = fmt.Errorf("pgmfa %v; log:\n%s", err, tail(ep.LogFile, 1500))
+	}
+	return ep
+}

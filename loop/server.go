@@ -22,6 +22,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -177,6 +178,10 @@ func (s *Server) setUpHandoff() error {
 			s.log.Warn("kernel splicing unavailable; sessions use the user-space relay", "reason", err.Error())
 		} else {
 			s.log.Info("kernel splicing enabled (sockmap)")
+			// Loading parses the kernel's BTF: megabytes of garbage the
+			// runtime would otherwise keep mapped for a while. Hand it back
+			// now, once, so the proxy's RSS reflects its sessions.
+			debug.FreeOSMemory()
 		}
 	case SpliceOff:
 		s.log.Info("kernel splicing off (--splice off); sessions use the user-space relay")

@@ -26,6 +26,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/pgmfa/pgmfa/proto"
 
+	"github.com/pgmfa/pgmfa/bench/pgcluster"
 	"github.com/pgmfa/pgmfa/bpf"
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/mfa"
@@ -325,7 +326,7 @@ func TestUnprivilegedProxy(t *testing.T) {
 	os.Chown(filepath.Join(storeDir, "totp.json"), uid, gid)
 
 	run := func(splice string) (*exec.Cmd, *syncBuffer, int) {
-		port, _ := freePort()
+		port, _ := pgcluster.FreePort()
 		cmd := exec.Command(bin, "serve", "--listen", "127.0.0.1:"+strconv.Itoa(port), "--upstream", pg.Addr(),
 			"--store", filepath.Join(storeDir, "totp.json"), "--admin", filepath.Join(storeDir, "admin.sock"),
 			"--splice", splice)
@@ -374,14 +375,6 @@ func TestUnprivilegedProxy(t *testing.T) {
 	}
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
 
 // TestHandoffAfterClientFIN: a client pipelines a query and Terminate behind
 // its last auth message and half-closes at once, so its socket already has

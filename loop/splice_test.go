@@ -375,7 +375,6 @@ func TestUnprivilegedProxy(t *testing.T) {
 	}
 }
 
-
 // TestHandoffAfterClientFIN: a client pipelines a query and Terminate behind
 // its last auth message and half-closes at once, so its socket already has
 // FIN when the session is handed off (which the kernel may refuse to

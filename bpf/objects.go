@@ -1,0 +1,88 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+)
+
+// loaded is the kernel side of a Splicer: the maps of splice.c and the
+// verdict program, attached to verdict_socks.
+type loaded struct {
+	spliceObjects
+	attached bool
+}
+
+// load loads splice.c and attaches the verdict program. On error nothing
+// is left behind, and the error is one sentence saying why.
+func load() (*loaded, error) {
+	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones
+	// use memcg and this is a no-op.
+	if err := rlimit.RemoveMemlock(); err != nil && !errors.Is(err, unix.EPERM) {
+		return nil, fmt.Errorf("cannot raise the locked-memory limit for BPF maps: %v", err)
+	}
+	l := &loaded{}
+	if err := loadSpliceObjects(&l.spliceObjects, nil); err != nil {
+		return nil, explainLoadError(err)
+	}
+	err := link.RawAttachProgram(link.RawAttachProgramOptions{
+		Target:  l.VerdictSocks.FD(),
+		Program: l.PgmfaVerdict,
+		Attach:  ebpf.AttachSkSKBStreamVerdict,
+	})
+	if err != nil {
+		l.spliceObjects.Close()
+		return nil, fmt.Errorf("the kernel refused to attach the sk_skb stream verdict program to a SOCKHASH: %v", err)
+	}
+	l.attached = true
+	return l, nil
+}
+
+// close detaches the program and closes every map. Sockets still in the
+// maps are released by the kernel when the last reference to a map goes.
+func (l *loaded) close() error {
+	var errs []error
+	if l.attached {
+		errs = append(errs, link.RawDetachProgram(link.RawDetachProgramOptions{
+			Target:  l.VerdictSocks.FD(),
+			Program: l.PgmfaVerdict,
+			Attach:  ebpf.AttachSkSKBStreamVerdict,
+		}))
+		l.attached = false
+	}
+	errs = append(errs, l.spliceObjects.Close())
+	return errors.Join(errs...)
+}
+
+// explainLoadError turns a load failure into one sentence naming the cause
+// an operator can act on.
+func explainLoadError(err error) error {
+	var verr *ebpf.VerifierError
+	switch {
+	case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
+		if os.Geteuid() != 0 {
+			return fmt.Errorf("kernel splicing needs root or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, and this process (uid %d) has neither", os.Geteuid())
+		}
+		return fmt.Errorf("the kernel refused BPF to root (lockdown, a seccomp filter or a missing capability): %v", err)
+	case errors.Is(err, ebpf.ErrNotSupported) || errors.Is(err, unix.EINVAL) && strings.Contains(err.Error(), "map create"):
+		return fmt.Errorf("this kernel lacks SOCKHASH or ring-buffer maps or sk_skb programs (needs Linux 5.15 or later with CONFIG_BPF_STREAM_PARSER): %v", err)
+	case errors.Is(err, unix.ENOMEM):
+		return fmt.Errorf("the locked-memory limit is too low for the BPF maps (raise RLIMIT_MEMLOCK): %v", err)
+	case errors.As(err, &verr):
+		return fmt.Errorf("the kernel refused the sk_skb verdict program (too old for its helpers or without BTF): %v", oneLine(verr.Error()))
+	}
+	return fmt.Errorf("the kernel refused the splice BPF objects: %v", oneLine(err.Error()))
+}
+
+func oneLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	return strings.TrimRight(s, ". :")
+}

@@ -1,0 +1,15 @@
+package bpf
+
+// Probe reports whether kernel splicing is usable here. nil means yes;
+// otherwise the error's message is one sentence saying why (not root or
+// missing capabilities, a map or program type the kernel refuses, a kernel
+// too old, the locked-memory limit). It loads and attaches the real
+// program and map set and releases them again, so a nil result means
+// NewSplicer will succeed as far as the kernel is concerned.
+func Probe() error {
+	l, err := load()
+	if err != nil {
+		return err
+	}
+	return l.close()
+}

@@ -1,0 +1,182 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * Stream verdict for spliced pgmfa sessions.
+ *
+ * Every byte a spliced socket receives runs through pgmfa_verdict, which
+ * redirects it to the egress (send side) of the session's other socket. The
+ * kernel queues redirected skbs on the destination's psock and a kworker
+ * pushes them into the destination's send queue; that queue (psock
+ * ingress_skb) is charged to no socket buffer, so a reader that stops
+ * reading would let it grow without bound while the source keeps
+ * acknowledging (measured: 1 GiB absorbed, invisible in TCP's memory
+ * accounting). The program therefore accounts for it exactly and, at the
+ * bound, stops redirecting and tells the watcher, which ends the session;
+ * see struct dir and pgmfa_verdict.
+ */
+#include "include/pgmfa_bpf.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* dir.flags */
+#define DIR_BASE_SET 1 /* base_seq holds the peer's write_seq at the first verdict */
+#define DIR_OVER 2     /* the backlog bound was reached: nothing is redirected any more */
+
+/*
+ * One direction of a session, keyed by the cookie of the socket the bytes
+ * arrive on. User space creates the entry (peer, limit; the rest zero) and
+ * never writes it again: the program owns the other fields, so a user-space
+ * update would clobber them.
+ */
+struct dir {
+	__u64 peer;          /* cookie of the socket these bytes go to */
+	__u64 limit;         /* bytes the peer's redirect queue may hold */
+	__u64 redirected;    /* bytes handed to the peer's redirect queue */
+	__u64 over_backlog;  /* the backlog seen when the bound was reached */
+	__u32 base_seq;      /* the peer's write_seq when this direction first ran */
+	__u32 flags;         /* DIR_* */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 131072);
+	__type(key, __u64);
+	__type(value, struct dir);
+} dirs SEC(".maps");
+
+/*
+ * Redirect targets, keyed by socket cookie. No program is attached to this
+ * map: being in it only gives a socket the psock that a redirect needs.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 131072);
+	__type(key, __u64);
+	__type(value, __u64);
+} targets SEC(".maps");
+
+/*
+ * The sockets whose received bytes run through pgmfa_verdict (the program
+ * is attached to this map). Kept apart from targets so that a socket can be
+ * a redirect target before its own bytes start to move.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 131072);
+	__type(key, __u64);
+	__type(value, __u64);
+} verdict_socks SEC(".maps");
+
+/* Cookies of directions that just reached the bound, for the watcher. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} over SEC(".maps");
+
+/*
+ * backlog returns the bytes redirected to the peer that have not yet
+ * entered the peer's send queue: the uncharged psock queue. write_seq only
+ * moves when bytes enter the send queue, and nothing else writes to a
+ * spliced socket, so
+ *   backlog = redirected - (write_seq - base_seq).
+ * base_seq is taken at the first verdict of the direction, before anything
+ * was redirected (the read-ahead written by Splice precedes it). Sequence
+ * numbers wrap, so the difference is taken in 32 bits. The peer's send
+ * queue itself is not counted: it is charged to the peer and bounded by
+ * its SO_SNDBUF. Returns -1 when the peer is not a TCP socket.
+ */
+static __always_inline __s64 backlog(struct dir *d)
+{
+	struct tcp_sock *tp;
+	void *peer;
+	__s64 b = -1;
+	__u32 wseq;
+
+	/* A referenced socket: must be released on every path. */
+	peer = bpf_map_lookup_elem(&targets, &d->peer);
+	if (!peer)
+		return -1;
+	tp = bpf_skc_to_tcp_sock(peer);
+	if (tp) {
+		wseq = tp->write_seq;
+		if (!(d->flags & DIR_BASE_SET)) {
+			d->base_seq = wseq;
+			d->flags |= DIR_BASE_SET;
+		}
+		b = (__s32)((__u32)d->redirected + d->base_seq - wseq);
+		if (b < 0)
+			b = 0;
+	}
+	bpf_sk_release(peer);
+	return b;
+}
+
+SEC("sk_skb/stream_verdict")
+int pgmfa_verdict(struct __sk_buff *skb)
+{
+	__u32 len = skb->len;
+	__u64 cookie;
+	struct dir *d;
+	__s64 b;
+
+	/*
+	 * The FIN arrives as an skb without payload; TCP has already recorded
+	 * the FIN in the socket state (RCV_SHUTDOWN, which the watcher sees as
+	 * EPOLLRDHUP) before the verdict runs. The empty skb itself must not
+	 * go anywhere, measured on 6.18:
+	 *  - redirected, it reaches the peer's psock queue and the kworker's
+	 *    send of zero bytes returns 0, which sk_psock_backlog treats as a
+	 *    hard error: EPIPE on the peer and its transmit side disabled;
+	 *  - passed (SK_PASS) while this socket's own psock queue holds bytes
+	 *    redirected to it, it is queued behind them and hits the same
+	 *    zero-length error on this socket (seen as "broken pipe" when both
+	 *    sides close at once).
+	 * Dropping it loses nothing: it carries no bytes, and the FIN is
+	 * forwarded by the watcher as shutdown(SHUT_WR) once this direction's
+	 * bytes are out. This is the one SK_DROP in the program.
+	 */
+	if (len == 0)
+		return SK_DROP;
+
+	cookie = bpf_get_socket_cookie(skb);
+	d = bpf_map_lookup_elem(&dirs, &cookie);
+	if (!d)
+		return SK_PASS;
+
+	/*
+	 * Verdicts for one socket run one at a time (under the socket lock,
+	 * from tcp_data_ready), so the plain updates of d below do not race
+	 * with each other; user space only reads them.
+	 *
+	 * At the bound the bytes are passed instead: they stay readable in
+	 * this socket, charged to its receive buffer, so TCP's window closes
+	 * and the sender stops; the watcher ends the session. (Resuming from
+	 * here was tried and dropped: moving the passed bytes in user space
+	 * and then redirecting again duplicated whole skbs on 6.18, rarely;
+	 * see doc.go.)
+	 */
+	if (d->flags & DIR_OVER)
+		return SK_PASS;
+	b = backlog(d);
+	if (b > 0 && (__u64)b > d->limit) {
+		d->flags |= DIR_OVER;
+		d->over_backlog = b;
+		bpf_ringbuf_output(&over, &cookie, sizeof(cookie), BPF_RB_FORCE_WAKEUP);
+		return SK_PASS;
+	}
+
+	/*
+	 * For sk_skb programs bpf_sk_redirect_hash does not redirect by itself:
+	 * it records the target in the skb and returns SK_PASS (SK_DROP when
+	 * the key is missing). The kernel then maps our return value: SK_PASS
+	 * with a recorded target becomes __SK_REDIRECT, SK_PASS without one
+	 * __SK_PASS (sk_psock_map_verd). So returning SK_PASS unconditionally
+	 * redirects when the helper succeeded and otherwise leaves the bytes
+	 * readable in this socket, where nothing is lost; SK_DROP would throw
+	 * away bytes TCP has already acknowledged.
+	 */
+	if (bpf_sk_redirect_hash(skb, &targets, &d->peer, 0) == SK_PASS)
+		d->redirected += len;
+	return SK_PASS;
+}

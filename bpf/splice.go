@@ -1,0 +1,233 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// Splice takes ownership of two connected stream sockets, client and
+// server, given as fds the caller duplicated and no longer reads or
+// writes. toServer and toClient are bytes the caller had already read from
+// one side but not forwarded (read-ahead); they reach their destination
+// before anything the kernel moves.
+//
+// The sequence, and why each step is where it is:
+//
+//  1. Refuse what the kernel cannot do before touching anything: a
+//     unix-socket server side (ErrUnixUnsupported), a socket that is no
+//     longer ESTABLISHED (it already got FIN or a reset, and the kernel
+//     refuses to insert such a socket).
+//  2. Insert both sockets into the program-less targets SOCKHASH. This
+//     changes nothing about how their bytes flow yet, but it is the
+//     kernel's own check that they can be spliced, done before any
+//     read-ahead is written (so that a refusal still lets the caller fall
+//     back with its read-ahead intact).
+//  3. Write the read-ahead fully (waiting for writability up to
+//     Options.PendingWriteTimeout), then record each socket's send
+//     progress, against which the watcher later decides that everything
+//     redirected before a FIN is out.
+//  4. Create the per-direction entries (peer cookie, backlog limit).
+//  5. Insert each socket into the verdict SOCKHASH, then set SO_RCVLOWAT
+//     to 1 on it so bytes queued before the insertion are run through the
+//     program now rather than stranded until the next segment.
+//  6. Hand the pair to the watcher.
+//
+// On error nothing is left in the maps and the fds are still the caller's,
+// which can relay them in user space with the same read-ahead; except for
+// a *PartialWriteError, which means the streams already changed and the
+// caller must close both fds.
+//
+// onDone is called exactly once, from the watcher goroutine, after the
+// map entries are removed and both fds closed. A FIN from one side is
+// passed on as shutdown(SHUT_WR) on the other once every byte before it
+// is out; a reset or error on either side closes both.
+func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone func(Stats)) error {
+	start := time.Now()
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
+	ck, err := kindOf(client)
+	if err != nil {
+		return fmt.Errorf("bpf: client socket: %w", err)
+	}
+	sk, err := kindOf(server)
+	if err != nil {
+		return fmt.Errorf("bpf: server socket: %w", err)
+	}
+	if !ck.tcp() {
+		return errors.New("bpf: the client side is not a TCP stream socket; not spliced")
+	}
+	if sk.unixStream() {
+		return ErrUnixUnsupported
+	}
+	if !sk.tcp() {
+		return errors.New("bpf: the server side is not a TCP stream socket; not spliced")
+	}
+	for _, fd := range []int{client, server} {
+		if err := unix.SetNonblock(fd, true); err != nil {
+			return fmt.Errorf("bpf: setting O_NONBLOCK: %w", err)
+		}
+	}
+	var cookies [2]uint64
+	for i, fd := range []int{client, server} {
+		if cookies[i], err = cookieOf(fd); err != nil {
+			return fmt.Errorf("bpf: %s socket cookie: %w", side(i), err)
+		}
+		if !established(fd) {
+			return fmt.Errorf("bpf: the %s socket is no longer established (it already received FIN or a reset); not spliced", side(i))
+		}
+	}
+	ss := &session{fds: [2]int{client, server}, cookies: cookies, start: start, onDone: onDone}
+
+	// 2. Redirect targets.
+	for i := range 2 {
+		if err := s.obj.Targets.Update(cookies[i], uint64(ss.fds[i]), ebpf.UpdateNoExist); err != nil {
+			s.unmap(ss)
+			return fmt.Errorf("bpf: the kernel refused the %s socket (one that already received FIN cannot be inserted): %w", side(i), err)
+		}
+	}
+
+	// 3. Read-ahead, then the accounting base.
+	deadline := start.Add(s.pendingTO)
+	nS, errS := writeAll(server, toServer, deadline)
+	var nC int
+	var errC error
+	if errS == nil {
+		nC, errC = writeAll(client, toClient, deadline)
+	}
+	if err := errors.Join(errS, errC); err != nil {
+		s.unmap(ss)
+		if nS+nC == 0 {
+			return fmt.Errorf("bpf: writing the read-ahead: %w", err)
+		}
+		return &PartialWriteError{ToServer: nS, ToClient: nC, Err: err}
+	}
+	// partial builds the error for failures from here on: the read-ahead
+	// (if any) is out, so the caller cannot replay it.
+	partial := func(err error) error {
+		s.unmap(ss)
+		if nS+nC == 0 {
+			return err
+		}
+		return &PartialWriteError{ToServer: nS, ToClient: nC, Err: err}
+	}
+	ss.dirs[sideClient] = &direction{src: sideClient, dst: sideServer, pending: uint64(nS)}
+	ss.dirs[sideServer] = &direction{src: sideServer, dst: sideClient, pending: uint64(nC)}
+	for _, d := range ss.dirs {
+		if d.base, err = writeProgress(ss.fds[d.dst]); err != nil {
+			return partial(fmt.Errorf("bpf: sampling the %s socket: %w", d.dst, err))
+		}
+	}
+
+	// 4. Directions.
+	for _, d := range ss.dirs {
+		v := spliceDir{Peer: cookies[d.dst], Limit: s.maxBacklog}
+		if err := s.obj.Dirs.Update(cookies[d.src], &v, ebpf.UpdateNoExist); err != nil {
+			return partial(fmt.Errorf("bpf: adding the session: %w", err))
+		}
+	}
+
+	// 5. Verdict. Once the client is in, its bytes may already be on
+	// their way to the server, so a failure after that point can no longer
+	// be undone.
+	for i := range 2 {
+		if err := s.obj.VerdictSocks.Update(cookies[i], uint64(ss.fds[i]), ebpf.UpdateNoExist); err != nil {
+			err = fmt.Errorf("bpf: the kernel refused the %s socket (it may have just received FIN): %w", side(i), err)
+			if i == 0 {
+				return partial(err)
+			}
+			s.unmap(ss)
+			return &PartialWriteError{ToServer: nS, ToClient: nC, Err: err}
+		}
+		if err := rcvlowatKick(ss.fds[i]); err != nil {
+			s.unmap(ss)
+			return &PartialWriteError{ToServer: nS, ToClient: nC, Err: fmt.Errorf("bpf: SO_RCVLOWAT: %w", err)}
+		}
+	}
+
+	// 6. Watcher.
+	if err := s.register(ss); err != nil {
+		s.unmap(ss)
+		return &PartialWriteError{ToServer: nS, ToClient: nC, Err: err}
+	}
+	return nil
+}
+
+// unmap removes a session's entries from every map, ignoring the ones that
+// are not there.
+func (s *Splicer) unmap(ss *session) {
+	for _, c := range ss.cookies {
+		// Out of the verdict map first, so no further byte is redirected
+		// while the others go.
+		_ = s.obj.VerdictSocks.Delete(c)
+	}
+	for _, c := range ss.cookies {
+		_ = s.obj.Targets.Delete(c)
+		_ = s.obj.Dirs.Delete(c)
+	}
+}
+
+// register hands a fully inserted session to the watcher. The session is
+// complete (epoll registration included) before the watcher can find it,
+// so the watcher never sees it half built; events that fire before that
+// find no session and are dropped, which is why the watcher polls a new
+// session's sockets once (see watch, kicked).
+func (s *Splicer) register(ss *session) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	for {
+		ss.id = s.nextID
+		s.nextID++
+		if s.nextID < firstSessionID {
+			s.nextID = firstSessionID
+		}
+		if _, taken := s.sessions[ss.id]; !taken {
+			break
+		}
+	}
+	s.mu.Unlock()
+
+	// Edge-triggered: later events are reported once per change. The
+	// watcher adds EPOLLOUT while it waits to forward a FIN.
+	undo := func() {
+		for _, fd := range ss.fds {
+			_ = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+		}
+	}
+	for i, fd := range ss.fds {
+		ss.mask[i] = baseMask
+		if err := s.epollAdd(fd, ss.id, int32(i), baseMask); err != nil {
+			undo()
+			return err
+		}
+	}
+
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		undo()
+		return ErrClosed
+	}
+	s.sessions[ss.id] = ss
+	for _, c := range ss.cookies {
+		s.byCookie[c] = ss
+	}
+	s.kicked = append(s.kicked, ss.id)
+	s.mu.Unlock()
+	s.wake()
+	return nil
+}
+
+var eventfdOne = []byte{1, 0, 0, 0, 0, 0, 0, 0}
+
+func (s *Splicer) wake() { _, _ = unix.Write(s.wakefd, eventfdOne) }

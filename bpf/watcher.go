@@ -1,0 +1,176 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"errors"
+	"os"
+	"time"
+
+	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
+)
+
+// watch is the Splicer's one goroutine. It waits on a single epoll set for
+// the spliced sockets (state changes: FIN, reset, error; writability only
+// while it waits to forward a FIN), the ring buffer of directions at the
+// backlog bound and the wake eventfd, plus a timer for the rechecks no
+// event announces.
+func (s *Splicer) watch() {
+	defer close(s.done)
+	events := make([]unix.EpollEvent, 256)
+	var rec ringbuf.Record
+	for {
+		n, err := unix.EpollWait(s.epfd, events, s.timeout())
+		if err != nil && err != unix.EINTR {
+			s.log.Error("sockmap watcher: epoll_wait failed; tearing down spliced sessions", "error", err)
+			s.mu.Lock()
+			s.closed = true // nobody would watch new sessions
+			s.mu.Unlock()
+			s.shutdownAll("proxy shutdown")
+			return
+		}
+		for _, ev := range events[:max(n, 0)] {
+			switch id := uint32(ev.Fd); id {
+			case idWake:
+				var b [8]byte
+				_, _ = unix.Read(s.wakefd, b[:])
+				s.mu.Lock()
+				closed, kicked := s.closed, s.kicked
+				s.kicked = nil
+				s.mu.Unlock()
+				if closed {
+					s.shutdownAll("proxy shutdown")
+					return
+				}
+				for _, id := range kicked {
+					if ss := s.session(id); ss != nil {
+						s.pollNew(ss)
+					}
+				}
+			case idRing:
+				s.readOver(&rec)
+			default:
+				if ss := s.session(id); ss != nil {
+					s.event(ss, side(ev.Pad), ev.Events)
+				}
+			}
+		}
+		now := time.Now()
+		for ss := range s.timed {
+			if !ss.recheckAt.After(now) {
+				s.step(ss)
+			}
+		}
+	}
+}
+
+// timeout is the epoll_wait timeout in milliseconds: until the earliest
+// recheck, or forever.
+func (s *Splicer) timeout() int {
+	if len(s.timed) == 0 {
+		return -1
+	}
+	var first time.Time
+	for ss := range s.timed {
+		if first.IsZero() || ss.recheckAt.Before(first) {
+			first = ss.recheckAt
+		}
+	}
+	d := time.Until(first)
+	if d <= 0 {
+		return 0
+	}
+	return int((d + time.Millisecond - 1) / time.Millisecond)
+}
+
+func (s *Splicer) session(id uint32) *session {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.sessions[id]
+}
+
+// event handles epoll events on one socket of a session.
+func (s *Splicer) event(ss *session, sd side, ev uint32) {
+	fd := ss.fds[sd]
+	if ev&unix.EPOLLERR != 0 {
+		e, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		if err == nil && e != 0 {
+			s.teardown(ss, sockReason(sd, unix.Errno(e)))
+			return
+		}
+	}
+	if ev&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		if d := ss.dirs[sd]; !d.fin {
+			d.fin = true
+			if ss.firstClose == "" {
+				ss.firstClose = sd.String() + " closed"
+			}
+		}
+	}
+	s.step(ss)
+}
+
+// pollNew looks at a newly registered session once: it polls both sockets
+// for what epoll may have reported before the session could be found (a
+// FIN or reset during the handoff) and steps it (a direction may also have
+// reached the backlog bound before the session was registered, and the
+// ring buffer record found no session then).
+func (s *Splicer) pollNew(ss *session) {
+	pfds := []unix.PollFd{
+		{Fd: int32(ss.fds[0]), Events: unix.POLLRDHUP},
+		{Fd: int32(ss.fds[1]), Events: unix.POLLRDHUP},
+	}
+	if _, err := unix.Poll(pfds, 0); err == nil {
+		for i, p := range pfds {
+			if ev := uint32(p.Revents) & (unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR); ev != 0 {
+				s.event(ss, side(i), ev)
+				if s.session(ss.id) == nil {
+					return // torn down
+				}
+			}
+		}
+	}
+	s.step(ss)
+}
+
+// readOver consumes the ring buffer: each record is the cookie of a socket
+// whose direction the program just stopped at the backlog bound.
+func (s *Splicer) readOver(rec *ringbuf.Record) {
+	// A deadline in the past makes the Reader return what is there and
+	// then os.ErrDeadlineExceeded instead of blocking; epoll already said
+	// there is something.
+	s.rb.SetDeadline(time.Unix(1, 0))
+	for {
+		err := s.rb.ReadInto(rec)
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, ringbuf.ErrClosed) {
+			return
+		}
+		if err != nil {
+			s.log.Warn("sockmap watcher: reading the backlog ring buffer", "error", err)
+			return
+		}
+		if len(rec.RawSample) < 8 {
+			continue
+		}
+		cookie := binary.NativeEndian.Uint64(rec.RawSample)
+		s.mu.Lock()
+		ss := s.byCookie[cookie]
+		s.mu.Unlock()
+		if ss != nil {
+			s.step(ss)
+		}
+	}
+}
+
+// shutdownAll tears down every session (Close).
+func (s *Splicer) shutdownAll(reason string) {
+	s.mu.Lock()
+	all := make([]*session, 0, len(s.sessions))
+	for _, ss := range s.sessions {
+		all = append(all, ss)
+	}
+	s.mu.Unlock()
+	for _, ss := range all {
+		s.teardown(ss, reason)
+	}
+}

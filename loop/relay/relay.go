@@ -136,6 +136,7 @@ type direction struct {
 	off, end int
 	eof      bool // src said FIN
 	shut     bool // dst got shutdown(SHUT_WR)
+	blocked  bool // the last write to dst would have blocked
 	bytes    uint64
 }
 
@@ -146,6 +147,8 @@ type pair struct {
 	start  time.Time
 	onDone func(Stats)
 	done   bool
+	// outArmed: EPOLLOUT is in the interest set of fds[i].
+	outArmed [2]bool
 }
 
 // worker owns an epoll instance and the pairs registered on it. Pair state
@@ -187,11 +190,17 @@ func (w *worker) add(p *pair) error {
 	}
 	w.byFD[p.fds[0]] = p
 	w.byFD[p.fds[1]] = p
-	// Edge-triggered, both directions: no epoll_ctl calls on the hot path.
-	// Every event on either fd pumps both directions of the pair until
-	// EAGAIN, which is what edge triggering requires.
+	// Edge-triggered. Every event on either fd pumps both directions of
+	// the pair until EAGAIN, which is what edge triggering requires.
+	// EPOLLOUT is armed only while a write is blocked (see setOut): the
+	// kernel signals write space on almost every ACK, and listening to that
+	// all the time doubles the wake-ups of a busy session.
+	// Both start armed, so the first pump runs at once: the read-ahead
+	// (the login's release, at least) must go out even if neither side
+	// sends anything first.
+	p.outArmed = [2]bool{true, true}
 	for i, fd := range p.fds {
-		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
+		ev := unix.EpollEvent{Events: readEvents | unix.EPOLLOUT, Fd: int32(fd)}
 		if err := unix.EpollCtl(w.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 			for _, f := range p.fds[:i] {
 				_ = unix.EpollCtl(w.epfd, unix.EPOLL_CTL_DEL, f, nil)
@@ -250,6 +259,8 @@ func (w *worker) run() {
 	}
 }
 
+const readEvents = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET
+
 // pump moves what can be moved in both directions without blocking.
 func (w *worker) pump(p *pair) {
 	for i := range p.dirs {
@@ -260,17 +271,38 @@ func (w *worker) pump(p *pair) {
 	}
 	if p.dirs[0].shut && p.dirs[1].shut {
 		w.finish(p, "closed")
+		return
+	}
+	// dirs[0] writes to the server (fds[1]), dirs[1] to the client (fds[0]).
+	for i, d := range p.dirs {
+		w.setOut(p, 1-i, d.blocked)
+	}
+}
+
+// setOut arms or disarms EPOLLOUT on one fd of the pair.
+func (w *worker) setOut(p *pair, i int, on bool) {
+	if p.outArmed[i] == on {
+		return
+	}
+	ev := unix.EpollEvent{Events: readEvents, Fd: int32(p.fds[i])}
+	if on {
+		ev.Events |= unix.EPOLLOUT
+	}
+	if unix.EpollCtl(w.epfd, unix.EPOLL_CTL_MOD, p.fds[i], &ev) == nil {
+		p.outArmed[i] = on
 	}
 }
 
 // move runs one direction until the source has nothing or the destination
 // takes nothing more. It returns a reason when the pair must end.
 func (w *worker) move(d *direction) string {
+	d.blocked = false
 	for {
 		// Drain what we hold first: order is preserved and memory stays bounded.
 		for len(d.pending) > 0 {
 			n, err := unix.Write(d.dst, d.pending)
 			if err == unix.EAGAIN {
+				d.blocked = true
 				return ""
 			}
 			if err != nil {
@@ -282,6 +314,7 @@ func (w *worker) move(d *direction) string {
 		for d.off < d.end {
 			n, err := unix.Write(d.dst, d.buf[d.off:d.end])
 			if err == unix.EAGAIN {
+				d.blocked = true
 				return ""
 			}
 			if err != nil {

@@ -205,3 +205,25 @@ func TestAddAfterClose(t *testing.T) {
 		t.Fatalf("Add after Close: %v", err)
 	}
 }
+
+// TestReadAheadAloneIsDelivered: the bytes handed over with the pair go out
+// even when neither side sends anything (the login's release travels this
+// way, and the client waits for it before it says a word).
+func TestReadAheadAloneIsDelivered(t *testing.T) {
+	r := newRelay(t, Options{})
+	client, cfd := tcpPair(t)
+	server, sfd := tcpPair(t)
+	if err := r.Add(cfd, sfd, []byte("to server"), []byte("to client"), nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		conn net.Conn
+		want string
+	}{{client, "to client"}, {server, "to server"}} {
+		c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, len(c.want))
+		if _, err := io.ReadFull(c.conn, buf); err != nil || string(buf) != c.want {
+			t.Fatalf("got %q, %v; want %q", buf, err, c.want)
+		}
+	}
+}

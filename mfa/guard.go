@@ -19,9 +19,10 @@ const sweepEvery = 1024
 // checking the code, with a message saying when to retry), and the optional
 // remember window. Safe for concurrent use from many goroutines.
 //
-// The state is in memory: a restart forgets used steps (a code could be
-// replayed within its skew window after a restart), failures and remembered
-// logins.
+// Throttling and remember state is in memory. The last accepted step is
+// also recorded in the store when it is a StepRecorder (FileStore), so a
+// restart does not reopen a used code; with other Secrets a restart forgets
+// used steps too (a code could be replayed within its skew window).
 type Guard struct {
 	opts    Options
 	secrets Secrets
@@ -87,6 +88,21 @@ func (g *Guard) Verify(user, addr, code string) Outcome {
 // remembered (false for approvals: the approver is not the login, and a
 // spent code must not approve twice through the pool rule).
 func (g *Guard) verify(user, addr, code string, client bool) Outcome {
+	o, accepted := g.check(user, addr, code, client)
+	if accepted != 0 {
+		// Outside the lock: a durable store writes a file.
+		if r, ok := g.secrets.(StepRecorder); ok {
+			if err := r.RecordStep(user, accepted); err != nil && g.opts.OnRecordError != nil {
+				g.opts.OnRecordError(user, err)
+			}
+		}
+	}
+	return o
+}
+
+// check is verify under the lock; accepted is the start of the step it
+// accepted (0: none).
+func (g *Guard) check(user, addr, code string, client bool) (o Outcome, accepted int64) {
 	acct, enrolled := account(g.secrets, user)
 	code = strings.TrimSpace(code)
 	akey := throttleKey(addr)
@@ -97,32 +113,36 @@ func (g *Guard) verify(user, addr, code string, client bool) Outcome {
 	g.maybeSweep(now)
 
 	if until, blocked := g.byUser.blockedUntil(user, now); blocked {
-		return throttled(user, true, until, now)
+		return throttled(user, true, until, now), 0
 	}
 	if until, blocked := g.byAddr.blockedUntil(akey, now); blocked {
-		return throttled(user, false, until, now)
+		return throttled(user, false, until, now), 0
 	}
 	if !enrolled {
 		g.byAddr.add(akey, now)
-		return NotEnrolled(user)
+		return NotEnrolled(user), 0
 	}
 	p, err := resolve(acct, g.opts)
 	if err != nil {
-		return badAccount(user)
+		return badAccount(user), 0
 	}
 	if !wellFormed(code, p) {
 		g.fail(user, akey, now)
-		return malformed(user, p)
+		return malformed(user, p), 0
 	}
 	steps, err := matchingSteps(acct.Secret, code, now, g.opts.Skew, p)
 	if err != nil {
-		return badAccount(user)
+		return badAccount(user), 0
 	}
 	if len(steps) == 0 {
 		g.fail(user, akey, now)
-		return badCode(user, p)
+		return badCode(user, p), 0
 	}
 	last, seen := g.used[user]
+	if acct.LastStep > last {
+		// Accepted before a restart (the store keeps it).
+		last, seen = acct.LastStep, true
+	}
 	for _, s := range steps {
 		if start := s * p.period; !seen || start > last {
 			g.used[user] = start
@@ -132,19 +152,19 @@ func (g *Guard) verify(user, addr, code string, client bool) Outcome {
 			if client {
 				g.rememberLocked(user, addr, acct.Secret, start, now)
 			}
-			return ok
+			return ok, start
 		}
 	}
 	if client && g.opts.Remember > 0 {
 		if r, hit := g.remember[rememberKey(user, addr)]; hit && now.Before(r.until) && r.secret == acct.Secret {
 			for _, s := range steps {
 				if s*p.period == r.stepStart {
-					return Outcome{OK: true, Reason: ReasonRemembered}
+					return Outcome{OK: true, Reason: ReasonRemembered}, 0
 				}
 			}
 		}
 	}
-	return replayed(user, p)
+	return replayed(user, p), 0
 }
 
 // Remembered reports whether user@addr passes without a code now (Remember

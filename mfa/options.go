@@ -34,6 +34,9 @@ type Options struct {
 	// address passes without a code until it expires.
 	Remember time.Duration
 	Now      func() time.Time // time.Now when nil
+	// OnRecordError is told when a StepRecorder could not record an
+	// accepted step (the code then stays single-use for this process only).
+	OnRecordError func(user string, err error)
 }
 
 // Validate reports the first unusable field, in words an operator can act

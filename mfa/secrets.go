@@ -15,6 +15,17 @@ type Account struct {
 	Digits    int           // 6 or 8
 	Period    time.Duration // whole seconds
 	Algorithm string        // SHA1, SHA256 or SHA512
+	// LastStep is the unix second at which the last accepted code's time
+	// step began, as recorded by a StepRecorder (0: none). A restarted
+	// proxy refuses that step and any before it (RFC 6238 §5.2).
+	LastStep int64
+}
+
+// StepRecorder is implemented by secret sources that keep the last accepted
+// time step durably (FileStore does), so a code stays single-use across a
+// restart of the proxy.
+type StepRecorder interface {
+	RecordStep(user string, stepStart int64) error
 }
 
 // Accounts is implemented by secret sources that record the TOTP parameters

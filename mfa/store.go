@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode"
 )
@@ -31,6 +32,15 @@ type FileStore struct {
 
 	mu    sync.RWMutex
 	users map[string]storedUser
+
+	// Accepted steps waiting for the writer (see SetAsyncSteps).
+	asyncSteps   atomic.Bool
+	stepMu       sync.Mutex
+	pendingSteps map[string]int64
+	stepKick     chan struct{}
+	stepIdle     *sync.Cond
+	stepWriting  bool
+	stepErr      error
 }
 
 // OpenFileStore loads the store at path. A missing file is an empty store;
@@ -100,6 +110,81 @@ func (s *FileStore) Code(user string, t time.Time) (string, error) {
 		return "", fmt.Errorf("user %q: %w", user, ErrNotEnrolled)
 	}
 	return accountCode(acct, Options{}.withDefaults(), t)
+}
+
+// RecordStep records that a code of user's step starting at stepStart was
+// accepted (only ever moving forward), so that a restarted proxy does not
+// accept it again. After SetAsyncSteps it does not block (see there).
+func (s *FileStore) RecordStep(user string, stepStart int64) error {
+	if !s.asyncSteps.Load() {
+		return s.writeSteps(map[string]int64{user: stepStart})
+	}
+	s.stepMu.Lock()
+	if s.pendingSteps == nil {
+		s.pendingSteps = map[string]int64{}
+		s.stepKick = make(chan struct{}, 1)
+		s.stepIdle = sync.NewCond(&s.stepMu)
+		go s.stepWriter()
+	}
+	if stepStart > s.pendingSteps[user] {
+		s.pendingSteps[user] = stepStart
+	}
+	s.stepMu.Unlock()
+	select {
+	case s.stepKick <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+func (s *FileStore) stepWriter() {
+	for range s.stepKick {
+		s.stepMu.Lock()
+		batch := s.pendingSteps
+		if len(batch) == 0 {
+			s.stepMu.Unlock()
+			continue
+		}
+		s.pendingSteps = map[string]int64{}
+		s.stepWriting = true
+		s.stepMu.Unlock()
+		err := s.writeSteps(batch)
+		s.stepMu.Lock()
+		s.stepWriting = false
+		s.stepErr = err
+		s.stepIdle.Broadcast()
+		s.stepMu.Unlock()
+	}
+}
+
+// SetAsyncSteps makes RecordStep hand steps to one writer goroutine that
+// writes them, coalesced, instead of writing the file itself. The proxy
+// verifies codes on its event loop, where a file write with fsync does not
+// belong; the price is that a crash can lose the last few milliseconds of
+// used steps. Flush waits for the writer.
+func (s *FileStore) SetAsyncSteps(on bool) { s.asyncSteps.Store(on) }
+
+func (s *FileStore) writeSteps(steps map[string]int64) error {
+	return s.update(func(users map[string]storedUser) error {
+		for user, step := range steps {
+			if u, ok := users[user]; ok && u.LastStep < step {
+				u.LastStep = step
+				users[user] = u
+			}
+		}
+		return nil
+	})
+}
+
+// Flush waits until every step recorded so far is written, and returns the
+// last write error.
+func (s *FileStore) Flush() error {
+	s.stepMu.Lock()
+	defer s.stepMu.Unlock()
+	for s.stepIdle != nil && (len(s.pendingSteps) > 0 || s.stepWriting) {
+		s.stepIdle.Wait()
+	}
+	return s.stepErr
 }
 
 // Remove deletes user's enrollment from the file.

@@ -237,3 +237,74 @@ func TestFileStoreConcurrentEnrolls(t *testing.T) {
 		t.Fatalf("%d users after 20 enrolls: %v", n, c.Users())
 	}
 }
+
+// TestUsedStepSurvivesRestart: a code accepted by one proxy process is
+// refused by the next one reading the same store (RFC 6238 §5.2 across a
+// restart).
+func TestUsedStepSurvivesRestart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "totp.json")
+	store, err := OpenFileStore(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.Enroll("alice", EnrollOptions{}, false); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1_800_000_000, 0)
+	code, err := store.Code("alice", now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := func() time.Time { return now }
+	if o := NewGuard(Options{Now: clock}, store).Verify("alice", "10.0.0.1:5", code); !o.OK {
+		t.Fatalf("first use refused: %+v", o)
+	}
+	if err := store.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// A new process: a fresh store handle and guard.
+	store2, err := OpenFileStore(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o := NewGuard(Options{Now: clock}, store2).Verify("alice", "10.0.0.1:5", code); o.OK || o.Reason != ReasonReplayed {
+		t.Fatalf("the same code after a restart: %+v, want replayed", o)
+	}
+	// The next step's code is fine.
+	next, _ := store2.Code("alice", now.Add(30*time.Second))
+	if o := NewGuard(Options{Now: func() time.Time { return now.Add(30 * time.Second) }}, store2).Verify("alice", "10.0.0.1:5", next); !o.OK {
+		t.Fatalf("next code refused: %+v", o)
+	}
+	if err := store2.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAsyncStepsAreWritten: with SetAsyncSteps (the proxy's mode) the step
+// reaches the file once Flush returns.
+func TestAsyncStepsAreWritten(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "totp.json")
+	store, err := OpenFileStore(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.Enroll("bob", EnrollOptions{}, false); err != nil {
+		t.Fatal(err)
+	}
+	store.SetAsyncSteps(true)
+	for _, step := range []int64{1_800_000_000, 1_800_000_060, 1_800_000_030} {
+		if err := store.RecordStep("bob", step); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := store.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	again, err := OpenFileStore(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, _ := again.Account("bob"); a.LastStep != 1_800_000_060 {
+		t.Fatalf("LastStep = %d, want the newest, 1800000060", a.LastStep)
+	}
+}

@@ -31,10 +31,11 @@ type storedUser struct {
 	Algorithm string    `json:"algorithm"` // SHA1, SHA256, SHA512
 	Issuer    string    `json:"issuer,omitempty"`
 	Enrolled  time.Time `json:"enrolled,omitempty"`
+	LastStep  int64     `json:"last_step,omitempty"` // unix second of the last accepted code's step
 }
 
 func (u storedUser) account() Account {
-	return Account{Secret: u.Secret, Digits: u.Digits, Period: time.Duration(u.Period) * time.Second, Algorithm: u.Algorithm}
+	return Account{Secret: u.Secret, Digits: u.Digits, Period: time.Duration(u.Period) * time.Second, Algorithm: u.Algorithm, LastStep: u.LastStep}
 }
 
 // readStore reads and checks the file at path. A missing file is an empty

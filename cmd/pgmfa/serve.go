@@ -159,6 +159,8 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Codes are verified on the event loop: record used steps off it.
+	store.SetAsyncSteps(true)
 	if required && len(store.Users()) == 0 {
 		logger.Warn("the secret store has no enrolled users; logins will be refused until `pgmfa enroll USER`", "store", f.store)
 	}
@@ -166,6 +168,9 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		Digits: f.digits, Period: f.period, Skew: f.skew, Algorithm: f.algorithm,
 		MaxFailures: f.maxFailures, FailureWindow: f.failureWindow, MaxAddrFailures: f.maxAddrFailures,
 		Remember: f.remember,
+		OnRecordError: func(user string, err error) {
+			logger.Error("could not record a used MFA code in the store; it stays single-use only until a restart", "user", user, "err", err)
+		},
 	}
 	if err := mopts.Validate(); err != nil {
 		return nil, err
@@ -259,6 +264,9 @@ func (p *proxy) runUntilSignal() int {
 }
 
 func (p *proxy) shutdown() {
+	if err := p.store.Flush(); err != nil {
+		p.log.Error("could not record used MFA codes in the store", "err", err)
+	}
 	if p.admin != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_ = p.admin.Shutdown(ctx)

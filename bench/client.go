@@ -13,8 +13,8 @@ import (
 // through pgconn, counting the bytes the client receives in rx when not nil.
 // local, when set, is the client's source address.
 func connect(ctx context.Context, ep *endpoint, user string, withCode bool, rx *atomic.Int64, local net.Addr) (*pgconn.PgConn, error) {
-	cfg, err := pgconn.ParseConfig(fmt.Sprintf("host=%s port=%d user=%s password=%s dbname=%s sslmode=disable application_name=pgmfa-bench",
-		ep.Host, ep.Port, user, benchPassword, benchDB))
+	cfg, err := pgconn.ParseConfig(fmt.Sprintf("host=%s port=%d user=%s password=%s dbname=%s sslmode=%s application_name=pgmfa-bench",
+		ep.Host, ep.Port, user, benchPassword, benchDB, ep.sslmode()))
 	if err != nil {
 		return nil, err
 	}

@@ -26,7 +26,8 @@ type config struct {
 	Keep       bool          `json:"keep"`
 }
 
-const usageHead = `pgmfa benchmark suite: direct PostgreSQL vs pgmfa (each relay mode) vs pgbouncer.
+const usageHead = `pgmfa benchmark suite: direct PostgreSQL vs pgmfa (each relay mode)
+vs pgbouncer, and both with TLS to the client.
 
 It starts a scratch PostgreSQL, pgbouncer and one pgmfa per pgmfa path, then
 measures every workload on every path round by round, so each path is compared

@@ -6,10 +6,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/loop/tlsproxy/testpki"
 )
 
 // env is everything a run has started: the cluster, the proxies and their
@@ -21,6 +23,7 @@ type env struct {
 	procs     procs
 	endpoints map[string]*endpoint
 	pgmfaBin  string
+	pki       *testpki.PKI // certificates of the TLS paths; nil without them
 	logf      func(format string, args ...any)
 }
 
@@ -61,13 +64,25 @@ func setup(ctx context.Context, cfg *config, repo string, logf func(string, ...a
 	if err = e.loadPgbench(ctx); err != nil {
 		return e, err
 	}
+	var pkiErr error
+	if slices.ContainsFunc(cfg.Paths, isTLS) {
+		if e.pki, pkiErr = testpki.New(); pkiErr != nil {
+			logf("TLS certificates unavailable: %v", pkiErr)
+			e.pki = nil
+		}
+	}
 	for _, p := range cfg.Paths {
-		if isPgmfa(p) && e.pgmfaBin == "" {
+		if isTLS(p) && pkiErr != nil {
+			e.endpoints[p] = &endpoint{Name: p, TLS: true, Err: fmt.Errorf("TLS certificates: %w", pkiErr)}
+		}
+	}
+	for _, p := range cfg.Paths {
+		if isPgmfa(p) && e.pgmfaBin == "" && e.endpoints[p] == nil {
 			var berr error
 			if e.pgmfaBin, berr = findPgmfa(ctx, cfg.Pgmfa, repo, e.tmp); berr != nil {
 				logf("pgmfa unavailable: %v", berr)
 				for _, q := range cfg.Paths {
-					if isPgmfa(q) {
+					if isPgmfa(q) && e.endpoints[q] == nil {
 						e.endpoints[q] = &endpoint{Name: q, Err: berr}
 					}
 				}
@@ -83,14 +98,14 @@ func setup(ctx context.Context, cfg *config, repo string, logf func(string, ...a
 		switch {
 		case p == pathDirect:
 			ep = &endpoint{Name: p, Host: e.cluster.Host, Port: e.cluster.Port}
-		case p == pathPgbouncer:
-			ep = startPgbouncer(&e.procs, e.cluster, filepath.Join(e.tmp, p), []string{benchUser, benchWaitUser}, cfg.Sessions)
+		case isPgbouncer(p):
+			ep = startPgbouncer(&e.procs, p, e.cluster, filepath.Join(e.tmp, p), e.pki, []string{benchUser, benchWaitUser}, cfg.Sessions)
 		default:
-			ep = startPgmfa(&e.procs, e.pgmfaBin, p, e.cluster, filepath.Join(e.tmp, p), cfg.PgmfaFlags)
+			ep = startPgmfa(&e.procs, e.pgmfaBin, p, e.cluster, filepath.Join(e.tmp, p), e.pki, cfg.PgmfaFlags)
 			fresh := 0
 			ep.Fresh = func() *endpoint {
 				fresh++
-				return startPgmfa(&e.procs, e.pgmfaBin, p, e.cluster, filepath.Join(e.tmp, fmt.Sprintf("%s-fresh%d", p, fresh)), cfg.PgmfaFlags)
+				return startPgmfa(&e.procs, e.pgmfaBin, p, e.cluster, filepath.Join(e.tmp, fmt.Sprintf("%s-fresh%d", p, fresh)), e.pki, cfg.PgmfaFlags)
 			}
 		}
 		if ep.Err != nil {
@@ -122,6 +137,9 @@ func (e *env) loadPgbench(ctx context.Context) error {
 // -keep.
 func (e *env) close() {
 	e.procs.stopAll()
+	if e.pki != nil && !e.cfg.Keep {
+		e.pki.Close()
+	}
 	if e.cluster != nil {
 		if e.cfg.Keep {
 			os.Setenv("PGCLUSTER_KEEP", "1")
@@ -135,6 +153,9 @@ func (e *env) close() {
 	}
 	if e.cfg.Keep {
 		fmt.Fprintf(os.Stderr, "bench: kept %s (pgmfa/pgbouncer logs and stores)", e.tmp)
+		if e.pki != nil {
+			fmt.Fprintf(os.Stderr, ", the TLS certificates in %s", e.pki.Dir)
+		}
 		if e.cluster != nil {
 			fmt.Fprintf(os.Stderr, " and the cluster's data in %s", filepath.Dir(e.cluster.DataDir))
 		}

@@ -9,26 +9,36 @@ import (
 
 // Path names. Their order is the order of the table and the chart.
 const (
-	pathDirect      = "direct"
-	pathSockmap     = "pgmfa-sockmap"
-	pathSockmapUnix = "pgmfa-sockmap-unix"
-	pathRelay       = "pgmfa-relay"
-	pathPgbouncer   = "pgbouncer"
+	pathDirect       = "direct"
+	pathSockmap      = "pgmfa-sockmap"
+	pathSockmapUnix  = "pgmfa-sockmap-unix"
+	pathRelay        = "pgmfa-relay"
+	pathPgbouncer    = "pgbouncer"
+	pathPgmfaTLS     = "pgmfa-tls"
+	pathPgbouncerTLS = "pgbouncer-tls"
 )
 
-var allPaths = []string{pathDirect, pathSockmap, pathSockmapUnix, pathRelay, pathPgbouncer}
+var allPaths = []string{pathDirect, pathSockmap, pathSockmapUnix, pathRelay, pathPgbouncer, pathPgmfaTLS, pathPgbouncerTLS}
 
 // pathDescriptions say what each path is, for the JSON file and --help.
 var pathDescriptions = map[string]string{
-	pathDirect:      "TCP straight to PostgreSQL (the limit)",
-	pathSockmap:     "pgmfa --splice sockmap, TCP upstream",
-	pathSockmapUnix: "pgmfa --splice sockmap, unix-socket upstream",
-	pathRelay:       "pgmfa --splice off (user-space relay), TCP upstream",
-	pathPgbouncer:   "pgbouncer, session mode, scram-sha-256, TCP upstream",
+	pathDirect:       "TCP straight to PostgreSQL (the limit)",
+	pathSockmap:      "pgmfa --splice sockmap, TCP upstream",
+	pathSockmapUnix:  "pgmfa --splice sockmap, unix-socket upstream",
+	pathRelay:        "pgmfa --splice off (user-space relay), TCP upstream",
+	pathPgbouncer:    "pgbouncer, session mode, scram-sha-256, TCP upstream",
+	pathPgmfaTLS:     "pgmfa --tls require --splice off (clients sslmode=require; TLS is relayed in user space, never spliced), TCP upstream",
+	pathPgbouncerTLS: "pgbouncer, session mode, client_tls_sslmode=require (clients sslmode=require), TCP upstream",
 }
 
 // isPgmfa reports whether a path goes through pgmfa.
-func isPgmfa(path string) bool { return path != pathDirect && path != pathPgbouncer }
+func isPgmfa(path string) bool { return path != pathDirect && !isPgbouncer(path) }
+
+// isPgbouncer reports whether a path goes through pgbouncer.
+func isPgbouncer(path string) bool { return path == pathPgbouncer || path == pathPgbouncerTLS }
+
+// isTLS reports whether a path's clients connect with TLS (sslmode=require).
+func isTLS(path string) bool { return path == pathPgmfaTLS || path == pathPgbouncerTLS }
 
 // endpoint is where a path's clients connect, and the process (if any)
 // whose CPU and memory the path costs.
@@ -48,8 +58,18 @@ type endpoint struct {
 	// flags, own port and store) for measurements that need a process
 	// without the history of earlier workloads.
 	Fresh func() *endpoint
+	// TLS is set when clients must connect with sslmode=require.
+	TLS bool
 	// Err is why the path could not be started; its rows then show it.
 	Err error
+}
+
+// sslmode is the libpq sslmode the path's clients use.
+func (e *endpoint) sslmode() string {
+	if e.TLS {
+		return "require"
+	}
+	return "disable"
 }
 
 // Addr is host:port.

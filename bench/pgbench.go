@@ -59,7 +59,7 @@ func (e *env) pgbenchOnce(ctx context.Context, ep *endpoint, secs int, args []st
 	cmd := exec.CommandContext(ctx, e.pgbenchBin(), full...)
 	cmd.Env = append(os.Environ(),
 		"PGHOST="+ep.Host, "PGPORT="+strconv.Itoa(ep.Port), "PGUSER="+benchUser,
-		"PGPASSWORD="+benchPassword, "PGSSLMODE=disable", "PGOPTIONS="+opts,
+		"PGPASSWORD="+benchPassword, "PGSSLMODE="+ep.sslmode(), "PGOPTIONS="+opts,
 		"PGAPPNAME=pgmfa-bench", "PGCONNECT_TIMEOUT=30")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out

@@ -14,15 +14,23 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/loop/tlsproxy/testpki"
 )
 
 // startPgbouncer runs pgbouncer in session mode in front of the cluster,
 // with the same authentication the database uses: scram-sha-256 against the
 // SCRAM verifiers copied from pg_authid, so pgbouncer can log in upstream
 // with the client's SCRAM keys. pgbouncer refuses to run as root, so it runs
-// as the postgres user, which owns its directory.
-func startPgbouncer(ps *procs, cl *pgcluster.Cluster, dir string, users []string, maxClients int) *endpoint {
-	ep := &endpoint{Name: pathPgbouncer, Host: "127.0.0.1"}
+// as the postgres user, which owns its directory. On the TLS path (pki is
+// then required) clients must use TLS (client_tls_sslmode = require) with a
+// copy of the suite's certificate and key in that directory; the server side
+// stays plaintext, as on pgmfa's TLS path.
+func startPgbouncer(ps *procs, name string, cl *pgcluster.Cluster, dir string, pki *testpki.PKI, users []string, maxClients int) *endpoint {
+	ep := &endpoint{Name: name, Host: "127.0.0.1", TLS: isTLS(name)}
+	if ep.TLS && pki == nil {
+		ep.Err = fmt.Errorf("no certificates for client TLS")
+		return ep
+	}
 	bin, err := exec.LookPath("pgbouncer")
 	if err != nil {
 		for _, p := range []string{"/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer"} {
@@ -75,9 +83,23 @@ admin_users = %s
 ignore_startup_parameters = extra_float_digits
 logfile = %s
 `, cl.Port, ep.Port, filepath.Join(dir, "userlist.txt"), maxClients+100, maxClients+50, users[0], ep.LogFile)
-	files := map[string]string{"userlist.txt": auth.String(), "pgbouncer.ini": ini}
-	for name, body := range files {
-		if ep.Err = os.WriteFile(filepath.Join(dir, name), []byte(body), 0o600); ep.Err != nil {
+	files := map[string]string{"userlist.txt": auth.String()}
+	if ep.TLS {
+		// pgbouncer (as postgres) cannot read the suite's PKI directory.
+		for _, f := range []struct{ from, to string }{{pki.CertFile, "server.pem"}, {pki.KeyFile, "server.key"}} {
+			b, err := os.ReadFile(f.from)
+			if err != nil {
+				ep.Err = fmt.Errorf("TLS certificate: %w", err)
+				return ep
+			}
+			files[f.to] = string(b)
+		}
+		ini += fmt.Sprintf("client_tls_sslmode = require\nclient_tls_cert_file = %s\nclient_tls_key_file = %s\n",
+			filepath.Join(dir, "server.pem"), filepath.Join(dir, "server.key"))
+	}
+	files["pgbouncer.ini"] = ini
+	for fn, body := range files {
+		if ep.Err = os.WriteFile(filepath.Join(dir, fn), []byte(body), 0o600); ep.Err != nil {
 			return ep
 		}
 	}
@@ -87,8 +109,9 @@ logfile = %s
 		return ep
 	}
 	if cred != nil {
-		for _, p := range []string{dir, filepath.Join(dir, "userlist.txt"), filepath.Join(dir, "pgbouncer.ini")} {
-			_ = os.Chown(p, int(cred.Uid), int(cred.Gid))
+		_ = os.Chown(dir, int(cred.Uid), int(cred.Gid))
+		for fn := range files {
+			_ = os.Chown(filepath.Join(dir, fn), int(cred.Uid), int(cred.Gid))
 		}
 	}
 	cmd := exec.Command(bin, filepath.Join(dir, "pgbouncer.ini"))
@@ -116,7 +139,7 @@ logfile = %s
 func pgbouncerReconnect(ctx context.Context, ep *endpoint, admin string) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	c, err := pgconn.Connect(ctx, fmt.Sprintf("host=%s port=%d user=%s password=%s dbname=pgbouncer sslmode=disable", ep.Host, ep.Port, admin, benchPassword))
+	c, err := pgconn.Connect(ctx, fmt.Sprintf("host=%s port=%d user=%s password=%s dbname=pgbouncer sslmode=%s", ep.Host, ep.Port, admin, benchPassword, ep.sslmode()))
 	if err != nil {
 		return fmt.Errorf("pgbouncer admin console: %w", err)
 	}

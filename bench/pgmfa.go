@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/loop/tlsproxy/testpki"
 )
 
 // The users the suite logs in as. benchWaitUser never sends a code: its
@@ -65,9 +66,14 @@ func pgmfaVersion(bin string) string {
 // startPgmfa starts one pgmfa serve for a path: its own store (so replay
 // protection of one proxy cannot affect another), its own admin socket and
 // log. --mfa-remember lets one code cover all of pgbench's connections from
-// 127.0.0.1. User flags come last so they override the suite's.
-func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, extra []string) *endpoint {
-	ep := &endpoint{Name: name, Host: "127.0.0.1"}
+// 127.0.0.1. User flags come last so they override the suite's. pki is the
+// suite's certificates, used by the TLS path only.
+func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, pki *testpki.PKI, extra []string) *endpoint {
+	ep := &endpoint{Name: name, Host: "127.0.0.1", TLS: isTLS(name)}
+	if ep.TLS && pki == nil {
+		ep.Err = fmt.Errorf("no certificates for client TLS")
+		return ep
+	}
 	if bin == "" {
 		ep.Err = fmt.Errorf("no pgmfa binary")
 		return ep
@@ -89,6 +95,10 @@ func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, 
 		upstream = cl.SocketPath()
 	case pathRelay:
 		splice = "off"
+	case pathPgmfaTLS:
+		// TLS sessions are relayed in user space whatever --splice says;
+		// off keeps the path free of the BPF requirement.
+		splice = "off"
 	}
 	args := []string{"serve",
 		"--listen", ep.Addr(),
@@ -102,6 +112,9 @@ func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, 
 		// before the memory is read.
 		"--mfa-timeout", "10m",
 		"--loops", strconv.Itoa(runtime.NumCPU()),
+	}
+	if ep.TLS {
+		args = append(args, "--tls-cert", pki.CertFile, "--tls-key", pki.KeyFile, "--tls", "require")
 	}
 	args = append(args, extra...)
 	ep.LogFile = filepath.Join(dir, "pgmfa.log")

@@ -9,11 +9,13 @@ import (
 
 // pathColours gives each path one colour in the chart, stable across runs.
 var pathColours = map[string]string{
-	pathDirect:      "#2ca02c",
-	pathSockmap:     "#1f77b4",
-	pathSockmapUnix: "#17becf",
-	pathRelay:       "#ff7f0e",
-	pathPgbouncer:   "#7f7f7f",
+	pathDirect:       "#2ca02c",
+	pathSockmap:      "#1f77b4",
+	pathSockmapUnix:  "#17becf",
+	pathRelay:        "#ff7f0e",
+	pathPgbouncer:    "#7f7f7f",
+	pathPgmfaTLS:     "#d62728",
+	pathPgbouncerTLS: "#8c564b",
 }
 
 // renderSVG draws the ratios to direct as grouped bars: one group per

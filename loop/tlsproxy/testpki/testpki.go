@@ -1,7 +1,7 @@
 // Package testpki makes a throwaway PKI for tests: a CA, a certificate for
 // localhost/127.0.0.1 signed by it (usable by the proxy and by a TLS
-// PostgreSQL alike), and an unrelated CA for the wrong-CA cases. It is
-// imported by tests only.
+// PostgreSQL alike), and an unrelated CA for the wrong-CA cases. Tests and
+// the benchmark suite's TLS paths use it; the proxy itself never does.
 package testpki
 
 import (

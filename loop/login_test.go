@@ -224,3 +224,36 @@ func TestRememberPool(t *testing.T) {
 	}
 	conn.Close(context.Background())
 }
+
+// TestMaxConnsAndUnreachableUpstream: past --max-conns a client gets 53300;
+// a database that cannot be reached is 08006 naming its address.
+func TestMaxConnsAndUnreachableUpstream(t *testing.T) {
+	ctx := context.Background()
+	p := startProxy(t, mfa.Options{}, func(c *loop.Config) { c.MaxConns = 1 })
+	held, err := pgx.Connect(ctx, p.dsn(svc, svcPW, "app", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = pgx.Connect(ctx, p.dsn(svc, svcPW, "app", ""))
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "53300" {
+		t.Fatalf("second connection with --max-conns 1: want 53300, got %v", err)
+	}
+	held.Close(ctx)
+	// The slot comes back when the session ends.
+	if !eventually(10*time.Second, func() bool {
+		c, err := pgx.Connect(ctx, p.dsn(svc, svcPW, "app", ""))
+		if err == nil {
+			c.Close(ctx)
+		}
+		return err == nil
+	}) {
+		t.Fatal("the connection slot was not given back")
+	}
+
+	dead := startProxy(t, mfa.Options{}, func(c *loop.Config) { c.Upstream = "127.0.0.1:1" })
+	_, err = pgx.Connect(ctx, dead.dsn(svc, svcPW, "app", ""))
+	if !errors.As(err, &pgErr) || pgErr.Code != "08006" || !strings.Contains(pgErr.Message, "127.0.0.1:1") {
+		t.Fatalf("unreachable upstream: want 08006 naming 127.0.0.1:1, got %v", err)
+	}
+}

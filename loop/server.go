@@ -25,7 +25,6 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -109,7 +108,6 @@ type Server struct {
 	conns   atomic.Int64
 	stats   Stats
 	stopped atomic.Bool
-	mu      sync.Mutex
 }
 
 // Stats are counters for the admin API and tests.

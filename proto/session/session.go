@@ -397,22 +397,21 @@ func (m *Machine) passwordPacket(buf []byte) (int, Output) {
 	if err := pm.Decode(msg.Body); err != nil {
 		return n, m.fail(&proto.ProtocolError{Msg: "malformed password message"})
 	}
-	m.password = pm.Password
+	password := pm.Password
 	if m.code == "" {
 		if pw, code, ok := SplitCode(pm.Password, m.cfg.CodeDigits); ok {
-			m.password, m.code, m.source = pw, code, SourcePassword
+			password, m.code, m.source = pw, code, SourcePassword
 		}
 	}
 	m.up = proto.NewUpstreamLogin(proto.UpstreamConfig{
 		User:               m.user,
 		Database:           m.db,
-		Password:           m.password,
+		Password:           password,
 		Params:             withoutUserDB(m.startup.Parameters),
 		ProtocolVersion:    m.startup.ProtocolVersion,
 		Rand:               m.cfg.Rand,
 		MaxSCRAMIterations: m.cfg.MaxSCRAMIterations,
 	})
-	m.password = ""
 	m.phase = PhaseDialing
 	return n, Output{Dial: true}
 }

@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pgmfa/pgmfa/loop/internal/testlog"
+
 	"github.com/pquerna/otp/totp"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
@@ -89,22 +91,8 @@ type proxy struct {
 	logs    *syncBuffer
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer collects the proxy's log for assertions.
+type syncBuffer = testlog.Buffer
 
 // startProxy runs a proxy in front of the shared cluster. alice and bob
 // are enrolled; svc is exempt; nobody is not enrolled.

@@ -1,7 +1,6 @@
 package admin
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,9 +10,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/pgmfa/pgmfa/loop/internal/testlog"
 
 	"github.com/pgmfa/pgmfa/mfa"
 )
@@ -30,22 +30,8 @@ type fixture struct {
 	now   time.Time
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer collects the proxy's log for assertions.
+type syncBuffer = testlog.Buffer
 
 func start(t *testing.T, addr string) *fixture {
 	t.Helper()

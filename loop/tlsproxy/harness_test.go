@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pgmfa/pgmfa/loop/internal/testlog"
+
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
 
@@ -109,22 +111,8 @@ func withSSL(t *testing.T) *pgcluster.Cluster {
 	})
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer collects the proxy's log for assertions.
+type syncBuffer = testlog.Buffer
 
 // setup describes a proxy under test.
 type setup struct {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -36,9 +37,9 @@ func (e *env) pgbench(ctx context.Context, ep *endpoint, args ...string) (pgbenc
 // length plus the connection time doubled.
 func (e *env) pgbenchFor(ctx context.Context, ep *endpoint, secs int, args ...string) (pgbenchResult, error) {
 	for attempt := 0; ; attempt++ {
-		r, out, err := e.pgbenchOnce(ctx, ep, secs, args)
+		r, err := e.pgbenchOnce(ctx, ep, secs, args)
 		// Smoke runs only need a figure, not a good one.
-		starved := strings.Contains(out, "actually processed: 0") ||
+		starved := errors.Is(err, errStarved) ||
 			(!e.cfg.Smoke && err == nil && r.ConnTimeMS > 250*float64(secs) && !slices.Contains(args, "-C"))
 		if attempt == 2 || !starved || ctx.Err() != nil {
 			return r, err
@@ -47,10 +48,10 @@ func (e *env) pgbenchFor(ctx context.Context, ep *endpoint, secs int, args ...st
 	}
 }
 
-func (e *env) pgbenchOnce(ctx context.Context, ep *endpoint, secs int, args []string) (pgbenchResult, string, error) {
+func (e *env) pgbenchOnce(ctx context.Context, ep *endpoint, secs int, args []string) (pgbenchResult, error) {
 	opts, err := ep.options(benchUser)
 	if err != nil {
-		return pgbenchResult{}, "", err
+		return pgbenchResult{}, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(secs)*time.Second+2*time.Minute)
 	defer cancel()
@@ -68,13 +69,13 @@ func (e *env) pgbenchOnce(ctx context.Context, ep *endpoint, secs int, args []st
 	what := strings.Join(args, " ")
 	switch {
 	case ctx.Err() != nil:
-		return r, out.String(), fmt.Errorf("pgbench %s: %v", what, ctx.Err())
+		return r, fmt.Errorf("pgbench %s: %w", what, ctx.Err())
 	case perr != nil:
-		return r, out.String(), fmt.Errorf("pgbench %s: %v", what, perr)
+		return r, fmt.Errorf("pgbench %s: %w", what, perr)
 	case runErr != nil:
-		return r, out.String(), fmt.Errorf("pgbench %s: %v: %s", what, runErr, lastLine(out.String()))
+		return r, fmt.Errorf("pgbench %s: %v: %s", what, runErr, lastLine(out.String()))
 	}
-	return r, out.String(), nil
+	return r, nil
 }
 
 func (r pgbenchResult) detail() map[string]float64 {

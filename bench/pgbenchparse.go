@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"math"
 	"regexp"
 	"strconv"
 	"strings"
@@ -19,12 +20,20 @@ type pgbenchResult struct {
 }
 
 var (
-	reTPS     = regexp.MustCompile(`^tps = ([0-9.]+)`)
+	// pgbench prints "-nan", "inf" or a negative rate when its clients took
+	// the whole -T to connect; the pattern takes those too so the caller
+	// can tell a starved run from a missing report.
+	reTPS     = regexp.MustCompile(`^tps = (-?(?:[0-9.]+|nan|inf))`)
 	reTxn     = regexp.MustCompile(`^number of transactions actually processed: (\d+)`)
 	reFailed  = regexp.MustCompile(`^number of failed transactions: (\d+)`)
 	reLatency = regexp.MustCompile(`^latency average = ([0-9.]+) ms`)
 	reConn    = regexp.MustCompile(`^(?:initial|average) connection time = ([0-9.]+) ms`)
 )
+
+// errStarved is a pgbench report without a usable rate: no transaction
+// completed, or connecting the clients took the whole run (tps printed as
+// nan, inf or negative). The caller retries such a run for longer.
+var errStarved = errors.New("pgbench completed no transactions in its run (connecting took the whole -T)")
 
 // parsePgbench reads pgbench's (PostgreSQL 15) summary. It fails when the
 // output has no tps line or reports an error or an aborted run, quoting the
@@ -56,11 +65,22 @@ func parsePgbench(out string) (pgbenchResult, error) {
 	case firstErr != "":
 		return r, errors.New(firstErr)
 	case !seenTPS:
-		return r, errors.New("pgbench printed no tps line")
+		return r, fmt.Errorf("pgbench printed no tps line; it ended with: %q", lastLines(out, 3))
+	case !(r.TPS > 0) || math.IsInf(r.TPS, 0):
+		return r, errStarved
 	case r.Transactions == 0:
-		return r, errors.New("pgbench completed no transactions")
+		return r, errStarved
 	case r.Failed > 0:
 		return r, fmt.Errorf("pgbench: %d failed transactions", r.Failed)
 	}
 	return r, nil
+}
+
+// lastLines is the last n non-empty lines of s, joined by " | ".
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, " | ")
 }

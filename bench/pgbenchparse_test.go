@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"os"
 	"strings"
 	"testing"
@@ -49,5 +50,14 @@ func TestParsePgbenchErrors(t *testing.T) {
 	failed := "number of transactions actually processed: 10\nnumber of failed transactions: 2 (16.7%)\ntps = 10.0 (without initial connection time)\n"
 	if _, err := parsePgbench(failed); err == nil {
 		t.Error("failed transactions not reported")
+	}
+	// Clients that take the whole -T to connect leave pgbench dividing by
+	// a zero or negative duration; such a run must read as starved (the
+	// caller retries it), not as a missing report.
+	for _, tps := range []string{"-nan", "inf", "-1234.5", "0.000000"} {
+		starved := "number of transactions actually processed: 3\ninitial connection time = 1200.0 ms\ntps = " + tps + " (without initial connection time)\n"
+		if _, err := parsePgbench(starved); !errors.Is(err, errStarved) {
+			t.Errorf("tps = %s: err = %v, want errStarved", tps, err)
+		}
 	}
 }

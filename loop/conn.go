@@ -62,6 +62,17 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 			return nil, gnet.Close
 		}
 		c.upstream = gc
+		// gnet applies its socket-buffer options to accepted sockets
+		// only; the database socket is dialed, so --socket-buffer is set
+		// here (before any byte moves, so autotuning is off from the start).
+		if b := s.cfg.SocketBuf; b > 0 {
+			if err := gc.SetReadBuffer(b); err != nil {
+				s.log.Warn("could not set the database socket's receive buffer", "conn", c.id, "bytes", b, "err", err)
+			}
+			if err := gc.SetWriteBuffer(b); err != nil {
+				s.log.Warn("could not set the database socket's send buffer", "conn", c.id, "bytes", b, "err", err)
+			}
+		}
 		c.act(c.m.UpstreamConnected())
 		return nil, gnet.None
 	case *cancelSide:

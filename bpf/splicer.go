@@ -39,8 +39,10 @@ type Options struct {
 	// session with Reason "backlog limit" and a warning. Pausing and
 	// resuming instead was built and dropped: it duplicated data on this
 	// kernel. So this is a kill bound, not flow control: size it above the
-	// largest burst a healthy reader may lag behind by (a whole large
-	// result on a slow link). 0 means DefaultMaxBacklog.
+	// largest lead a healthy sender may take over its reader (a whole
+	// large result on a slow link; a bulk COPY FROM, where the client sends
+	// far faster than the database ingests and the default ends the
+	// session within a fraction of a second). 0 means DefaultMaxBacklog.
 	MaxBacklog int64
 	// PendingWriteTimeout bounds how long Splice waits for a peer to take
 	// the read-ahead. 0 means DefaultPendingWriteTimeout.

@@ -64,7 +64,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.maxConns, "max-conns", 0, "most client connections at once, logins and sessions alike; more get SQLSTATE 53300 (0: unlimited)")
 	fs.IntVar(&f.maxMessage, "max-message-len", 1<<20, "largest protocol message accepted during login, bytes")
 	fs.StringVar(&f.splice, "splice", "auto", "after login: auto (kernel sockmap when available, else the user-space relay), sockmap (or refuse to start), off (always the relay)")
-	fs.Int64Var(&f.maxBacklog, "max-backlog", 0, "sockmap: bytes the kernel may hold in flight towards one side of a session (a reader that stops reading); past it the session is ended with reason \"backlog limit\" (0: the default, 64 MiB)")
+	fs.Int64Var(&f.maxBacklog, "max-backlog", 0, "sockmap: bytes the kernel may hold in flight towards one side of a session (a reader slower than its sender: a stalled client, a bulk COPY FROM); past it the session is ended with reason \"backlog limit\" (0: the default, 64 MiB). Spliced sessions have no flow control: use --splice off for upload-heavy workloads")
 	fs.IntVar(&f.relayBuffer, "relay-buffer", 64<<10, "user-space relay: bytes buffered per direction of a session")
 	fs.IntVar(&f.sockBuf, "socket-buffer", 0, "SO_SNDBUF/SO_RCVBUF for client and database sockets (0: kernel default, autotuned)")
 	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll (env PGMFA_STORE)")

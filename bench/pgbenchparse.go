@@ -41,7 +41,7 @@ var errStarved = errors.New("pgbench completed no transactions in its run (conne
 func parsePgbench(out string) (pgbenchResult, error) {
 	var r pgbenchResult
 	var firstErr string
-	seenTPS := false
+	seenTPS, seenTxn := false, false
 	sc := bufio.NewScanner(strings.NewReader(out))
 	for sc.Scan() {
 		line := strings.TrimSpace(sc.Text())
@@ -53,6 +53,7 @@ func parsePgbench(out string) (pgbenchResult, error) {
 			seenTPS = true
 		case reTxn.MatchString(line):
 			r.Transactions, _ = strconv.ParseInt(reTxn.FindStringSubmatch(line)[1], 10, 64)
+			seenTxn = true
 		case reFailed.MatchString(line):
 			r.Failed, _ = strconv.ParseInt(reFailed.FindStringSubmatch(line)[1], 10, 64)
 		case reLatency.MatchString(line):
@@ -64,6 +65,9 @@ func parsePgbench(out string) (pgbenchResult, error) {
 	switch {
 	case firstErr != "":
 		return r, errors.New(firstErr)
+	case seenTxn && r.Transactions == 0:
+		// pgbench prints no tps line at all when nothing completed.
+		return r, errStarved
 	case !seenTPS:
 		return r, fmt.Errorf("pgbench printed no tps line; it ended with: %q", lastLines(out, 3))
 	case !(r.TPS > 0) || math.IsInf(r.TPS, 0):

@@ -54,6 +54,12 @@ func TestParsePgbenchErrors(t *testing.T) {
 	// Clients that take the whole -T to connect leave pgbench dividing by
 	// a zero or negative duration; such a run must read as starved (the
 	// caller retries it), not as a missing report.
+	// PostgreSQL 15's pgbench when no transaction completed in -T: no tps
+	// line at all (seen in CI with 64 clients and -T 1).
+	none := "duration: 1 s\nnumber of transactions actually processed: 0\nnumber of failed transactions: 0 (NaN%)\n"
+	if _, err := parsePgbench(none); !errors.Is(err, errStarved) {
+		t.Errorf("no transactions: err = %v, want errStarved", err)
+	}
 	for _, tps := range []string{"-nan", "inf", "-1234.5", "0.000000"} {
 		starved := "number of transactions actually processed: 3\ninitial connection time = 1200.0 ms\ntps = " + tps + " (without initial connection time)\n"
 		if _, err := parsePgbench(starved); !errors.Is(err, errStarved) {

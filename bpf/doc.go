@@ -27,5 +27,16 @@
 //     tcp_read_skb later hands to the verdict again in full.
 //   - Inserting a TCP socket that already received FIN fails (EOPNOTSUPP:
 //     only ESTABLISHED sockets are accepted); Splice checks first.
-//   - AF_UNIX upstreams are refused; see ErrUnixUnsupported.
+//   - For an AF_UNIX upstream the verdict sees the database's end as the
+//     owner of the bytes it sends (a unix skb stays charged to its
+//     sender), so that direction is keyed under the database end's cookie,
+//     found with unix_diag (unixPeerCookie), as well as under the proxy's
+//     own. A unix socket has no write_seq: towards one, the backlog counts
+//     queued skbs as 64 KiB each, and "queue drained" before a FIN is read
+//     from the kernel with a sockmap iterator (pgmfa_queues). The verdict
+//     of a unix socket takes one skb per wake-up and SO_RCVLOWAT does not
+//     wake it, so the unix socket enters the verdict map before anything
+//     is written to the database. When the database's end shuts down, the
+//     kernel takes the proxy's end out of every sockmap; the session ends
+//     there (PostgreSQL never half-closes).
 package bpf

@@ -1,8 +1,10 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 
@@ -17,6 +19,7 @@ import (
 type loaded struct {
 	spliceObjects
 	attached bool
+	queues   *link.Iter // pgmfa_queues over targets
 }
 
 // load loads splice.c and attaches the verdict program. On error nothing
@@ -41,13 +44,42 @@ func load() (*loaded, error) {
 		return nil, fmt.Errorf("the kernel refused to attach the sk_skb stream verdict program to a SOCKHASH: %v", err)
 	}
 	l.attached = true
+	if l.queues, err = link.AttachIter(link.IterOptions{Program: l.PgmfaQueues, Map: l.Targets}); err != nil {
+		l.close()
+		return nil, fmt.Errorf("the kernel refused the sockmap iterator (needs BTF and Linux 5.10 or later): %v", err)
+	}
 	return l, nil
+}
+
+// queueLen runs pgmfa_queues and returns the length of the redirect queue
+// of the socket with the given cookie (-1: the socket is not in targets
+// or has no psock).
+func (l *loaded) queueLen(cookie uint64) (int64, error) {
+	r, err := l.queues.Open()
+	if err != nil {
+		return 0, fmt.Errorf("running the queue iterator: %w", err)
+	}
+	defer r.Close()
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return 0, fmt.Errorf("reading the queue iterator: %w", err)
+	}
+	for ; len(b) >= 16; b = b[16:] {
+		if binary.NativeEndian.Uint64(b) == cookie {
+			return int64(binary.NativeEndian.Uint64(b[8:])), nil
+		}
+	}
+	return -1, nil
 }
 
 // close detaches the program and closes every map. Sockets still in the
 // maps are released by the kernel when the last reference to a map goes.
 func (l *loaded) close() error {
 	var errs []error
+	if l.queues != nil {
+		errs = append(errs, l.queues.Close())
+		l.queues = nil
+	}
 	if l.attached {
 		errs = append(errs, link.RawDetachProgram(link.RawDetachProgramOptions{
 			Target:  l.VerdictSocks.FD(),

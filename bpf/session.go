@@ -53,6 +53,12 @@ type session struct {
 	start   time.Time
 	onDone  func(Stats)
 
+	// A unix-socket server side: alt is the cookie of the database's end,
+	// under which this kernel reports the bytes it sends (the server's
+	// direction is keyed under both; see dirState).
+	unixServer bool
+	alt        uint64
+
 	mask       [2]uint32 // epoll events registered per fd
 	firstClose string    // the end reason once a side sent FIN
 	recheckAt  time.Time // zero: no timer
@@ -70,17 +76,39 @@ type direction struct {
 	waitOut bool // want EPOLLOUT on dst (its redirect queue is draining)
 }
 
-// dirState reads the program's view of a direction.
+// dirState reads the program's view of a direction. A unix server's
+// direction has two entries, one per cookie the kernel may name; one of
+// them stays untouched, and their sum is the direction.
 func (s *Splicer) dirState(ss *session, d *direction) (spliceDir, error) {
 	var v spliceDir
-	err := s.obj.Dirs.Lookup(ss.cookies[d.src], &v)
-	return v, err
+	if err := s.obj.Dirs.Lookup(ss.cookies[d.src], &v); err != nil {
+		return v, err
+	}
+	if d.src == sideServer && ss.alt != 0 {
+		var w spliceDir
+		if err := s.obj.Dirs.Lookup(ss.alt, &w); err != nil {
+			return v, err
+		}
+		v.Redirected += w.Redirected
+		v.Flags |= w.Flags
+		v.OverBacklog = max(v.OverBacklog, w.OverBacklog)
+	}
+	return v, nil
 }
 
 // queueEmpty reports whether every byte redirected to dst has entered
 // dst's send queue, that is, the kernel's redirect queue for dst is empty
 // and a FIN queued on dst now cannot overtake anything.
 func (s *Splicer) queueEmpty(ss *session, d *direction, redirected uint64) (bool, error) {
+	if d.dst == sideServer && ss.unixServer {
+		// No write_seq on a unix socket: ask the kernel for the length
+		// of its redirect queue directly (the sockmap iterator).
+		q, err := s.obj.queueLen(ss.cookies[sideServer])
+		if err != nil {
+			return false, err
+		}
+		return q <= 0, nil
+	}
 	p, err := writeProgress(ss.fds[d.dst])
 	if errors.Is(err, errBusy) {
 		return false, nil
@@ -108,6 +136,16 @@ func (s *Splicer) step(ss *session) {
 		wait = wait || w
 	}
 	if ss.dirs[0].shut && ss.dirs[1].shut {
+		s.teardown(ss, ss.firstClose)
+		return
+	}
+	if ss.unixServer && ss.dirs[sideServer].shut {
+		// When the database's end of a unix socket shuts down, the kernel
+		// takes the proxy's end out of every sockmap (unix_shutdown and
+		// unix_release call the psock's unhash), dropping what was queued
+		// towards it; nothing the client sends can reach the database
+		// any more. PostgreSQL only ever closes fully, so the session
+		// ends here, once the database's last bytes are out.
 		s.teardown(ss, ss.firstClose)
 		return
 	}
@@ -241,7 +279,7 @@ func (s *Splicer) teardown(ss *session, reason string) {
 	}
 	for i, d := range ss.dirs {
 		if d != nil {
-			_ = s.obj.Dirs.Lookup(ss.cookies[i], &counted[i])
+			counted[i], _ = s.dirState(ss, d)
 		}
 	}
 	s.unmap(ss)
@@ -254,6 +292,7 @@ func (s *Splicer) teardown(ss *session, reason string) {
 	for _, c := range ss.cookies {
 		delete(s.byCookie, c)
 	}
+	delete(s.byCookie, ss.alt)
 	s.mu.Unlock()
 	delete(s.timed, ss)
 

@@ -86,9 +86,36 @@ struct {
  * queue itself is not counted: it is charged to the peer and bounded by
  * its SO_SNDBUF. Returns -1 when the peer is not a TCP socket.
  */
+/*
+ * psock_qlen returns how many skbs wait in sk's redirect queue (its psock's
+ * ingress_skb, which the kworker sends from), or -1 when sk has no psock.
+ */
+static __always_inline __s64 psock_qlen(struct sock *sk)
+{
+	struct sk_psock *ps;
+	__u32 q = 0;
+
+	ps = (struct sk_psock *)((unsigned long)sk->sk_user_data & SK_USER_DATA_PTRMASK);
+	if (!ps)
+		return -1;
+	if (bpf_probe_read_kernel(&q, sizeof(q), &ps->ingress_skb.qlen))
+		return -1;
+	return q;
+}
+
+/*
+ * A unix socket has no write_seq, so towards one the backlog is estimated
+ * from the number of skbs queued, each counted as a full loopback TCP
+ * segment (GSO skbs carry up to 64 KiB): an upper bound, so the bound
+ * ends a session no later than the TCP measure would, and earlier when the
+ * client sends many small messages while the database is not reading.
+ */
+#define UNIX_SKB_BYTES 65536
+
 static __always_inline __s64 backlog(struct dir *d)
 {
 	struct tcp_sock *tp;
+	struct unix_sock *u;
 	void *peer;
 	__s64 b = -1;
 	__u32 wseq;
@@ -107,6 +134,10 @@ static __always_inline __s64 backlog(struct dir *d)
 		b = (__s32)((__u32)d->redirected + d->base_seq - wseq);
 		if (b < 0)
 			b = 0;
+	} else if ((u = bpf_skc_to_unix_sock(peer))) {
+		b = psock_qlen(&u->sk);
+		if (b > 0)
+			b *= UNIX_SKB_BYTES;
 	}
 	bpf_sk_release(peer);
 	return b;
@@ -179,4 +210,28 @@ int pgmfa_verdict(struct __sk_buff *skb)
 	if (bpf_sk_redirect_hash(skb, &targets, &d->peer, 0) == SK_PASS)
 		d->redirected += len;
 	return SK_PASS;
+}
+
+/*
+ * pgmfa_queues reports, for every socket in targets, its cookie and the
+ * length of its redirect queue. The watcher runs it (a sockmap iterator)
+ * before forwarding a FIN to a unix socket: a unix socket has no
+ * write_seq to tell it that every redirected byte has left the queue.
+ */
+SEC("iter/sockmap")
+int pgmfa_queues(struct bpf_iter__sockmap *ctx)
+{
+	struct sock *sk = ctx->sk;
+	__u64 *key = ctx->key;
+	struct {
+		__u64 cookie;
+		__s64 qlen;
+	} rec;
+
+	if (!sk || !key)
+		return 0;
+	rec.cookie = *key;
+	rec.qlen = psock_qlen(sk);
+	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
+	return 0;
 }

@@ -31,6 +31,7 @@ const (
 	spliceMapOver          = "over"
 	spliceMapTargets       = "targets"
 	spliceMapVerdictSocks  = "verdict_socks"
+	spliceProgPgmfaQueues  = "pgmfa_queues"
 	spliceProgPgmfaVerdict = "pgmfa_verdict"
 )
 
@@ -76,6 +77,7 @@ type spliceSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type spliceProgramSpecs struct {
+	PgmfaQueues  *ebpf.ProgramSpec `ebpf:"pgmfa_queues"`
 	PgmfaVerdict *ebpf.ProgramSpec `ebpf:"pgmfa_verdict"`
 }
 
@@ -140,11 +142,13 @@ type spliceVariables struct {
 //
 // It can be passed to loadSpliceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type splicePrograms struct {
+	PgmfaQueues  *ebpf.Program `ebpf:"pgmfa_queues"`
 	PgmfaVerdict *ebpf.Program `ebpf:"pgmfa_verdict"`
 }
 
 func (p *splicePrograms) Close() error {
 	return _SpliceClose(
+		p.PgmfaQueues,
 		p.PgmfaVerdict,
 	)
 }

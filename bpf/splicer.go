@@ -176,10 +176,6 @@ func (s *Splicer) release() error {
 	return errors.Join(errs...)
 }
 
-// SupportsUnix reports whether Splice accepts a unix-socket server side.
-// It is false on every kernel for now; see ErrUnixUnsupported.
-func (s *Splicer) SupportsUnix() bool { return false }
-
 // Sessions returns the number of live spliced pairs.
 func (s *Splicer) Sessions() int {
 	s.mu.Lock()

@@ -58,7 +58,7 @@ func sendStream(c net.Conn, n int64, off int) (uint64, error) {
 		n -= int64(w)
 		off = (off + w) % len(pattern)
 	}
-	return h.Sum64(), c.(*net.TCPConn).CloseWrite()
+	return h.Sum64(), c.(interface{ CloseWrite() error }).CloseWrite()
 }
 
 // recvStream reads to EOF, hashing.

@@ -1,21 +1,23 @@
 package bpf
 
 import (
-	"errors"
+	"bytes"
+	"fmt"
 	"io"
+	"math"
+	"math/rand/v2"
 	"net"
-	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 )
 
 // unixUpstream returns the proxy's fd of a unix-socket connection and the
 // "server app" end.
-func unixUpstream(t *testing.T) (int, net.Conn) {
+func unixUpstream(t testing.TB) (int, net.Conn) {
 	path := filepath.Join(t.TempDir(), "pg.sock")
 	ln, err := net.Listen("unix", path)
 	if err != nil {
@@ -35,112 +37,263 @@ func unixUpstream(t *testing.T) (int, net.Conn) {
 	return fd, <-acc
 }
 
-// TestSpliceRefusesUnix: a unix-socket server side is refused before
-// anything changes, so the caller can relay it with the same fds and
-// read-ahead.
-func TestSpliceRefusesUnix(t *testing.T) {
-	sp := needSplicer(t, Options{})
-	if sp.SupportsUnix() {
-		t.Fatal("SupportsUnix() = true")
-	}
-	h := newHarness(t)
+// unixPair is a TCP client app and a unix server app with the proxy's two
+// fds between them (pc TCP, ps unix).
+func unixPair(t testing.TB, h *harness) *pair {
 	p := h.pair()
-	defer p.close()
-	ufd, uapp := unixUpstream(t)
-	defer uapp.Close()
-	defer unix.Close(ufd)
-	defer unix.Close(p.ps)
-	defer unix.Close(p.pc)
-	err := sp.Splice(p.pc, ufd, []byte("x"), []byte("y"), func(Stats) { t.Error("onDone called") })
-	if !errors.Is(err, ErrUnixUnsupported) {
-		t.Fatalf("Splice with a unix upstream: %v, want ErrUnixUnsupported", err)
+	unix.Close(p.ps)
+	p.server.Close()
+	p.ps, p.server = unixUpstream(t)
+	return p
+}
+
+// TestUnixSplice: a TCP client spliced to a unix-socket server, both ways
+// at once, with read-ahead on both sides, sizes from nothing to several
+// MiB: byte-exact, read-ahead first, counted, nothing left behind.
+func TestUnixSplice(t *testing.T) {
+	sp := needSplicer(t, Options{})
+	h := newHarness(t)
+	fds0 := openFDs(t)
+	for _, size := range []int64{0, 1, 100, 70_000, 8<<20 + 5} {
+		t.Run(fmt.Sprint(size), func(t *testing.T) {
+			p := unixPair(t, h)
+			defer p.close()
+			onDone, done := doneChan(t)
+			raS, raC := []byte("read-ahead to server;"), []byte("read-ahead to client;")
+			if err := sp.Splice(p.pc, p.ps, raS, raC, onDone); err != nil {
+				t.Fatal(err)
+			}
+			// Both ways at once, but the server app half-closes only after
+			// it has read everything, as PostgreSQL does (it closes on the
+			// client's Terminate); see TestUnixServerCloses.
+			var wg sync.WaitGroup
+			c2sDone := make(chan struct{})
+			check := func(name string, from, to net.Conn, ra []byte, off int, after <-chan struct{}) {
+				defer wg.Done()
+				go sendStreamAfter(from, size, off, after)
+				to.SetReadDeadline(time.Now().Add(time.Minute))
+				head := make([]byte, len(ra))
+				if _, err := io.ReadFull(to, head); err != nil || !bytes.Equal(head, ra) {
+					t.Errorf("%s: read-ahead %q %v", name, head, err)
+					return
+				}
+				got, n, err := recvStream(to)
+				if err != nil || n != size || got != hashOf(nil, size, off) {
+					t.Errorf("%s: %d of %d bytes, exact %v, err %v", name, n, size, got == hashOf(nil, n, off), err)
+				}
+			}
+			wg.Add(2)
+			go func() { check("client->server", p.client, p.server, raS, 0, nil); close(c2sDone) }()
+			go check("server->client", p.server, p.client, raC, 7, c2sDone)
+			wg.Wait()
+			st := waitDone(t, done)
+			if st.ClientToServer != uint64(size)+uint64(len(raS)) || st.ServerToClient != uint64(size)+uint64(len(raC)) {
+				t.Errorf("stats %+v, want %d each way plus the read-ahead", st, size)
+			}
+		})
 	}
 	if n, err := sp.MapEntries(); n != 0 || err != nil {
-		t.Fatalf("map entries after refusal: %d %v", n, err)
+		t.Errorf("map entries left: %d %v", n, err)
 	}
-	// The fds are untouched: the user-space relay can still use them.
-	if _, err := unix.Write(ufd, []byte("ping")); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 4)
-	if _, err := io.ReadFull(uapp, buf); err != nil || string(buf) != "ping" {
-		t.Fatalf("unix upstream after refusal: %q %v", buf, err)
+	if n := openFDs(t); n != fds0 {
+		t.Errorf("fds: %d before, %d after", fds0, n)
 	}
 }
 
-// TestUnixEgressKernelBehaviour records why unix upstreams are refused: it
-// splices a TCP client with a unix upstream by hand (bypassing Splice's
-// check) and reports what each direction does. It asserts nothing about
-// the kernel; it logs, so that a future kernel that can do it is noticed
-// (run with -v).
-func TestUnixEgressKernelBehaviour(t *testing.T) {
+// splicedUnix returns a spliced TCP-client/unix-server pair on a fresh
+// Splicer.
+func splicedUnix(t *testing.T) (*Splicer, *pair, <-chan Stats) {
+	sp := needSplicer(t, Options{})
+	p := unixPair(t, newHarness(t))
+	onDone, done := doneChan(t)
+	if err := sp.Splice(p.pc, p.ps, nil, nil, onDone); err != nil {
+		p.close()
+		t.Fatal(err)
+	}
+	return sp, p, done
+}
+
+// readAllCheck reads c to EOF and fails unless it got exactly want.
+func readAllCheck(t *testing.T, c net.Conn, want []byte, what string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(time.Minute))
+	got, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("%s: %d of %d bytes, %v", what, len(got), len(want), err)
+	}
+}
+
+// TestUnixHalfClose: the client's FIN reaches the database only after
+// every byte before it (judged by the kernel's own queue length, read with
+// the sockmap iterator: a unix socket has no write_seq), and the database's
+// reply still flows back.
+func TestUnixHalfClose(t *testing.T) {
+	sp, p, done := splicedUnix(t)
+	defer p.close()
+	last := pattern[:3<<20]
+	go func() {
+		p.client.Write(last)
+		p.client.(interface{ CloseWrite() error }).CloseWrite()
+	}()
+	readAllCheck(t, p.server, last, "before the FIN")
+	back := pattern[5 : 5+2<<20]
+	go func() { p.server.Write(back); p.server.Close() }()
+	readAllCheck(t, p.client, back, "reply after the client's half-close")
+	if st := waitDone(t, done); st.Reason != "client closed" {
+		t.Errorf("reason %q, want client closed", st.Reason)
+	}
+	if n, err := sp.MapEntries(); n != 0 || err != nil {
+		t.Errorf("map entries left: %d %v", n, err)
+	}
+}
+
+// TestUnixServerCloses: the database closing first (as after a
+// pg_terminate_backend) ends the session once its last bytes reached the
+// client, who sees them and then EOF.
+func TestUnixServerCloses(t *testing.T) {
+	sp, p, done := splicedUnix(t)
+	defer p.close()
+	last := pattern[:3<<20]
+	go func() { p.server.Write(last); p.server.Close() }()
+	readAllCheck(t, p.client, last, "client")
+	if st := waitDone(t, done); st.Reason != "server closed" || st.ServerToClient != uint64(len(last)) {
+		t.Errorf("stats %+v, want server closed and %d bytes", st, len(last))
+	}
+	if n, err := sp.MapEntries(); n != 0 || err != nil {
+		t.Errorf("map entries left: %d %v", n, err)
+	}
+}
+
+// TestUnixTransfers: 200 unix-upstream sessions, 16 at a time, sizes
+// log-uniform from 1 B to 16 MiB each way, byte-exact.
+func TestUnixTransfers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("GB transfer; skipped with -short")
+	}
 	sp := needSplicer(t, Options{})
 	h := newHarness(t)
-	p := h.pair()
-	defer p.close()
-	unix.Close(p.ps)
-	ufd, uapp := unixUpstream(t)
-	defer uapp.Close()
-	cc, _ := cookieOf(p.pc)
-	uc, _ := cookieOf(ufd)
-	defer func() {
-		for _, c := range []uint64{cc, uc} {
-			sp.obj.VerdictSocks.Delete(c)
-			sp.obj.Targets.Delete(c)
-			sp.obj.Dirs.Delete(c)
-		}
-		unix.Close(p.pc)
-		unix.Close(ufd)
-	}()
-	for _, kv := range [][2]uint64{{cc, uint64(p.pc)}, {uc, uint64(ufd)}} {
-		if err := sp.obj.Targets.Update(kv[0], kv[1], ebpf.UpdateNoExist); err != nil {
-			t.Fatalf("unix socket into SOCKHASH: %v", err)
-		}
+	r := rand.New(rand.NewPCG(3, 3))
+	size := func() int64 { return int64(math.Exp(r.Float64() * math.Log(16<<20))) }
+	sem := make(chan struct{}, 16)
+	var wg sync.WaitGroup
+	var total int64
+	for i := range sessionsFromEnv(t, 200) {
+		c2s, s2c := size(), size()
+		total += c2s + s2c
+		p := unixPair(t, h)
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			defer p.close()
+			onDone, done := doneChan(t)
+			if err := sp.Splice(p.pc, p.ps, nil, nil, onDone); err != nil {
+				t.Errorf("session %d: %v", i, err)
+				return
+			}
+			var inner sync.WaitGroup
+			c2sDone := make(chan struct{})
+			run := func(from, to net.Conn, n int64, off int, name string, after <-chan struct{}) {
+				defer inner.Done()
+				go sendStreamAfter(from, n, off, after)
+				to.SetReadDeadline(time.Now().Add(2 * time.Minute))
+				got, m, err := recvStream(to)
+				if err != nil || m != n || got != hashOf(nil, n, off) {
+					t.Errorf("session %d %s: %d of %d bytes, err %v", i, name, m, n, err)
+				}
+			}
+			inner.Add(2)
+			go func() { run(p.client, p.server, c2s, i, "client->server", nil); close(c2sDone) }()
+			go run(p.server, p.client, s2c, 2*i+1, "server->client", c2sDone)
+			inner.Wait()
+			if st := waitDone(t, done); st.ClientToServer != uint64(c2s) || st.ServerToClient != uint64(s2c) {
+				t.Errorf("session %d: stats %+v, want %d/%d", i, st, c2s, s2c)
+			}
+		}()
 	}
-	sp.obj.Dirs.Update(cc, &spliceDir{Peer: uc, Limit: 1 << 30}, ebpf.UpdateNoExist)
-	sp.obj.Dirs.Update(uc, &spliceDir{Peer: cc, Limit: 1 << 30}, ebpf.UpdateNoExist)
-	for _, kv := range [][2]uint64{{cc, uint64(p.pc)}, {uc, uint64(ufd)}} {
-		if err := sp.obj.VerdictSocks.Update(kv[0], kv[1], ebpf.UpdateNoExist); err != nil {
-			t.Fatalf("verdict insert: %v", err)
-		}
+	wg.Wait()
+	t.Logf("%.2f GB through unix-upstream sessions; sessions ended at the backlog bound: %d", float64(total)/1e9, sp.BacklogLimitEnds())
+	if n, err := sp.MapEntries(); n != 0 || err != nil {
+		t.Errorf("map entries left: %d %v", n, err)
 	}
-	// unix -> TCP.
-	uapp.Write([]byte("from-unix"))
-	p.client.SetReadDeadline(time.Now().Add(2 * time.Second))
-	buf := make([]byte, 9)
-	_, err := io.ReadFull(p.client, buf)
-	t.Logf("unix -> tcp egress: got %q, err %v", buf, err)
-	// TCP -> unix.
-	p.client.Write([]byte("from-tcp"))
-	uapp.SetReadDeadline(time.Now().Add(2 * time.Second))
-	buf = make([]byte, 8)
-	_, err = io.ReadFull(uapp, buf)
-	t.Logf("tcp -> unix egress: got %q, err %v", buf, err)
-	e, _ := unix.GetsockoptInt(ufd, unix.SOL_SOCKET, unix.SO_ERROR)
-	t.Logf("unix socket SO_ERROR after the redirect: %v", unix.Errno(e))
-	var d spliceDir
-	sp.obj.Dirs.Lookup(cc, &d)
-	t.Logf("tcp->unix direction: redirected %d bytes", d.Redirected)
-	sp.obj.Dirs.Lookup(uc, &d)
-	t.Logf("unix->tcp direction: redirected %d bytes", d.Redirected)
-	unix.SetNonblock(ufd, true)
-	rb := make([]byte, 64)
-	n, err := unix.Read(ufd, rb)
-	t.Logf("read on the proxy's unix socket: %q %v", rb[:max(n, 0)], err)
+}
 
-	// The cause: for AF_UNIX the skb reaching the verdict is still owned
-	// by the sending socket, so bpf_get_socket_cookie(skb) is the cookie
-	// of the other process's end. Keying the direction by that cookie
-	// makes it flow.
-	rc, _ := uapp.(*net.UnixConn).SyscallConn()
-	var appCookie uint64
-	rc.Control(func(raw uintptr) { appCookie, _ = cookieOf(int(raw)) })
-	sp.obj.Dirs.Update(appCookie, &spliceDir{Peer: cc, Limit: 1 << 30}, ebpf.UpdateNoExist)
-	defer sp.obj.Dirs.Delete(appCookie)
-	uapp.Write([]byte("keyed-by-sender"))
-	buf = make([]byte, 15)
-	p.client.SetReadDeadline(time.Now().Add(2 * time.Second))
-	_, err = io.ReadFull(p.client, buf)
-	t.Logf("unix -> tcp with the direction keyed by the sender's cookie: got %q, err %v", buf, err)
-	_ = os.Stderr
+// sendStreamAfter is sendStream whose half-close waits for after (nil: no
+// wait).
+func sendStreamAfter(c net.Conn, n int64, off int, after <-chan struct{}) {
+	if after == nil {
+		sendStream(c, n, off)
+		return
+	}
+	sendStream(halfCloseAfter{c, after}, n, off)
+}
+
+// halfCloseAfter delays CloseWrite until after is closed.
+type halfCloseAfter struct {
+	net.Conn
+	after <-chan struct{}
+}
+
+func (h halfCloseAfter) CloseWrite() error {
+	<-h.after
+	return h.Conn.(interface{ CloseWrite() error }).CloseWrite()
+}
+
+// TestQueueLenIterator: the sockmap iterator sees a socket's redirect
+// queue (a socket in targets with nothing queued reads 0; one not in the
+// map is not found).
+func TestQueueLenIterator(t *testing.T) {
+	sp := needSplicer(t, Options{})
+	fd, app := unixUpstream(t)
+	defer app.Close()
+	defer unix.Close(fd)
+	c, err := cookieOf(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q, err := sp.obj.queueLen(c); err != nil || q != -1 {
+		t.Fatalf("before insertion: %d %v, want -1", q, err)
+	}
+	if err := sp.obj.Targets.Update(c, uint64(fd), 0); err != nil {
+		t.Fatal(err)
+	}
+	defer sp.obj.Targets.Delete(c)
+	if q, err := sp.obj.queueLen(c); err != nil || q != 0 {
+		t.Fatalf("in targets: %d %v, want 0", q, err)
+	}
+}
+
+// TestUnixStalledReader: a database that stops reading while the client
+// keeps sending. Towards a unix socket the backlog is estimated from the
+// queued skbs (64 KiB each at most); the session must end at the bound,
+// having stopped the client long before the end of its stream.
+func TestUnixStalledReader(t *testing.T) {
+	const maxBacklog = 4 << 20
+	sp := needSplicer(t, Options{MaxBacklog: maxBacklog})
+	h := newHarness(t)
+	p := unixPair(t, h)
+	defer p.close()
+	onDone, done := doneChan(t)
+	if err := sp.Splice(p.pc, p.ps, nil, nil, onDone); err != nil {
+		t.Fatal(err)
+	}
+	const total = 1 << 30
+	var written int64
+	go func() {
+		for written < total {
+			w, err := p.client.Write(pattern[:1<<20])
+			written += int64(w)
+			if err != nil {
+				return
+			}
+		}
+	}()
+	st := waitDone(t, done)
+	t.Logf("session ended: %+v; backlog at the bound %d", st, sp.lastOver.Load())
+	if st.Reason != ReasonBacklogLimit {
+		t.Fatalf("reason %q, want %q", st.Reason, ReasonBacklogLimit)
+	}
+	if st.ClientToServer >= total/2 {
+		t.Fatalf("%d bytes moved towards a database that reads nothing", st.ClientToServer)
+	}
 }

@@ -46,6 +46,35 @@ struct tcp_sock {
 	__u32 write_seq;
 } __attribute__((preserve_access_index));
 
+/*
+ * A unix socket's psock, reached through sk_user_data (whose low bits are
+ * flags: SK_USER_DATA_NOCOPY|BPF|PSOCK). Only the redirect queue's length
+ * is read, with bpf_probe_read_kernel.
+ */
+struct sock {
+	void *sk_user_data;
+} __attribute__((preserve_access_index));
+struct unix_sock {
+	struct sock sk;
+} __attribute__((preserve_access_index));
+struct sk_buff_head {
+	__u32 qlen;
+} __attribute__((preserve_access_index));
+struct sk_psock {
+	struct sk_buff_head ingress_skb;
+} __attribute__((preserve_access_index));
+#define SK_USER_DATA_PTRMASK (~7UL)
+
+/* The sockmap iterator's context. */
+struct bpf_iter_meta {
+	void *seq;
+} __attribute__((preserve_access_index));
+struct bpf_iter__sockmap {
+	struct bpf_iter_meta *meta;
+	void *key;
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+
 /* Helper prototypes (numbers from include/uapi/linux/bpf.h). */
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)46;
@@ -53,5 +82,8 @@ static long (*bpf_sk_redirect_hash)(struct __sk_buff *skb, void *map, void *key,
 static long (*bpf_sk_release)(void *sock) = (void *)86;
 static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 flags) = (void *)130;
 static struct tcp_sock *(*bpf_skc_to_tcp_sock)(void *sk) = (void *)137;
+static long (*bpf_probe_read_kernel)(void *dst, __u32 size, const void *unsafe_ptr) = (void *)113;
+static long (*bpf_seq_write)(void *seq, const void *data, __u32 len) = (void *)127;
+static struct unix_sock *(*bpf_skc_to_unix_sock)(void *sk) = (void *)178;
 
 #endif

@@ -5,7 +5,9 @@
 #   make bench    the benchmark suite (installs pgbouncer when missing)
 
 GO        ?= go
-BIN       := bin/pgmfa
+# The binary lives beside its package (ignored by git), so the top level
+# holds only the agreed layout.
+BIN       := cmd/pgmfa/bin/pgmfa
 PGBIN     ?= $(firstword $(wildcard /usr/lib/postgresql/15/bin) $(wildcard /usr/lib/postgresql/*/bin))
 TESTFLAGS ?=
 BENCHFLAGS ?=
@@ -67,4 +69,4 @@ deps-bench:
 	@command -v pgbouncer >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; }
 
 clean:
-	rm -rf bin
+	rm -rf cmd/pgmfa/bin

@@ -56,7 +56,7 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 		clients   = fs.String("clients", "1,16,64", "client counts for the pgbench -S workloads (one workload select-N each); -j is min(N, cores)")
 		bulkMB    = fs.Int("bulk-mb", 500, "size of the COPY TO STDOUT workload in MB; the bulk SELECT returns 3/5 of it")
 		sessions  = fs.Int("sessions", 1000, "sessions held open for the idle-rss and mfa-wait-rss workloads (PostgreSQL max_connections is raised to fit)")
-		pgmfa     = fs.String("pgmfa", "", "pgmfa binary (default: bin/pgmfa in the repository, built with go build when missing)")
+		pgmfa     = fs.String("pgmfa", "", "pgmfa binary (default: cmd/pgmfa/bin/pgmfa in the repository (make build), built with go build when missing)")
 		pgmfaFl   = fs.String("pgmfa-flags", "", "extra flags appended to every pgmfa serve command line, space-separated (e.g. '--loops 1 --socket-buffer 4194304'); later flags override the suite's")
 		out       = fs.String("out", "", "output directory (default bench/out/<UTC timestamp>)")
 		smoke     = fs.Bool("smoke", false, "tiny run (1 s runs, 1 round, scale 1, 20 MB bulk, 50 sessions) that fails when any selected path/workload produced no figure; flags given explicitly still win")

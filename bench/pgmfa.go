@@ -24,8 +24,8 @@ const (
 	benchDB       = "bench"
 )
 
-// findPgmfa returns the pgmfa binary: -pgmfa when given, else bin/pgmfa in
-// the repository, else one built now into tmp with go build.
+// findPgmfa returns the pgmfa binary: -pgmfa when given, else
+// cmd/pgmfa/bin/pgmfa (make build) in the repository, else one built now into tmp with go build.
 func findPgmfa(ctx context.Context, flagPath, repo, tmp string) (string, error) {
 	if flagPath != "" {
 		if _, err := os.Stat(flagPath); err != nil {
@@ -33,7 +33,7 @@ func findPgmfa(ctx context.Context, flagPath, repo, tmp string) (string, error) 
 		}
 		return filepath.Abs(flagPath)
 	}
-	def := filepath.Join(repo, "bin", "pgmfa")
+	def := filepath.Join(repo, "cmd", "pgmfa", "bin", "pgmfa")
 	if _, err := os.Stat(def); err == nil {
 		return def, nil
 	}

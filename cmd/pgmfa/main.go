@@ -5,6 +5,8 @@
 package main
 
 import (
+	"errors"
+	"flag"
 	"fmt"
 	"os"
 )
@@ -52,4 +54,13 @@ func usage() {
 		}
 	}
 	fmt.Fprintf(os.Stderr, "\nWith no subcommand pgmfa runs serve. `pgmfa SUBCOMMAND --help` lists its flags.\n")
+}
+
+// flagExit is the exit code for a flag-parsing error: 0 after --help (the
+// flag package printed the usage), 2 otherwise (it printed the problem).
+func flagExit(err error) int {
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	return 2
 }

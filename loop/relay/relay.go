@@ -299,29 +299,15 @@ func (w *worker) move(d *direction) string {
 	d.blocked = false
 	for {
 		// Drain what we hold first: order is preserved and memory stays bounded.
-		for len(d.pending) > 0 {
-			n, err := unix.Write(d.dst, d.pending)
-			if err == unix.EAGAIN {
-				d.blocked = true
-				return ""
-			}
-			if err != nil {
-				return w.side(d.dst) + " write failed: " + err.Error()
-			}
-			d.bytes += uint64(n)
-			d.pending = d.pending[n:]
+		n, why := w.writeOut(d, d.pending)
+		d.pending = d.pending[n:]
+		if why != "" || d.blocked {
+			return why
 		}
-		for d.off < d.end {
-			n, err := unix.Write(d.dst, d.buf[d.off:d.end])
-			if err == unix.EAGAIN {
-				d.blocked = true
-				return ""
-			}
-			if err != nil {
-				return w.side(d.dst) + " write failed: " + err.Error()
-			}
-			d.bytes += uint64(n)
-			d.off += n
+		n, why = w.writeOut(d, d.buf[d.off:d.end])
+		d.off += n
+		if why != "" || d.blocked {
+			return why
 		}
 		if d.buf != nil {
 			w.r.putBuf(d.buf)
@@ -351,6 +337,26 @@ func (w *worker) move(d *direction) string {
 			d.buf, d.off, d.end = buf, 0, n
 		}
 	}
+}
+
+// writeOut writes p to d's destination until it is all out or the
+// destination is full (d.blocked), counting the bytes; it returns how many
+// it wrote and a reason when the pair must end.
+func (w *worker) writeOut(d *direction, p []byte) (int, string) {
+	done := 0
+	for done < len(p) {
+		n, err := unix.Write(d.dst, p[done:])
+		if err == unix.EAGAIN {
+			d.blocked = true
+			return done, ""
+		}
+		if err != nil {
+			return done, w.side(d.dst) + " write failed: " + err.Error()
+		}
+		d.bytes += uint64(n)
+		done += n
+	}
+	return done, ""
 }
 
 func (w *worker) side(fd int) string {

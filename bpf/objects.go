@@ -15,26 +15,53 @@ import (
 )
 
 // loaded is the kernel side of a Splicer: the maps of splice.c and the
-// verdict program, attached to verdict_socks.
+// verdict program, attached to verdict_socks, and, where the kernel allows
+// it, the queue iterator.
 type loaded struct {
 	spliceObjects
 	attached bool
-	queues   *link.Iter // pgmfa_queues over targets
+	queues   *link.Iter // pgmfa_queues over targets; nil when noQueues != nil
+	noQueues error      // why the iterator is unavailable (unix upstreams are then not spliced)
 }
 
 // load loads splice.c and attaches the verdict program. On error nothing
 // is left behind, and the error is one sentence saying why.
+//
+// The iterator is loaded on its own, after the rest: it is a BTF tracing
+// program, which some kernels refuse to a process that may load sk_skb
+// programs (measured here: this sandbox's root shell lacks
+// CAP_SYS_RESOURCE in its bounding set, and every BPF_PROG_TYPE_TRACING
+// load, fentry or iterator, fails with EPERM before verification while
+// kprobe, socket-filter and sk_skb programs load). Only unix-socket
+// upstreams need it, so its absence turns their splicing off (they are
+// relayed) rather than all splicing.
 func load() (*loaded, error) {
 	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones
 	// use memcg and this is a no-op.
 	if err := rlimit.RemoveMemlock(); err != nil && !errors.Is(err, unix.EPERM) {
 		return nil, fmt.Errorf("cannot raise the locked-memory limit for BPF maps: %v", err)
 	}
-	l := &loaded{}
-	if err := loadSpliceObjects(&l.spliceObjects, nil); err != nil {
+	spec, err := loadSplice()
+	if err != nil {
 		return nil, explainLoadError(err)
 	}
-	err := link.RawAttachProgram(link.RawAttachProgramOptions{
+	l := &loaded{}
+	if err := spec.LoadAndAssign(&l.spliceMaps, nil); err != nil {
+		return nil, explainLoadError(err)
+	}
+	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+		"dirs": l.Dirs, "relayed": l.Relayed, "targets": l.Targets,
+		"verdict_socks": l.VerdictSocks, "events": l.Events,
+	}}
+	var verdict struct {
+		P *ebpf.Program `ebpf:"pgmfa_verdict"`
+	}
+	if err := spec.LoadAndAssign(&verdict, opts); err != nil {
+		l.spliceObjects.Close()
+		return nil, explainLoadError(err)
+	}
+	l.PgmfaVerdict = verdict.P
+	err = link.RawAttachProgram(link.RawAttachProgramOptions{
 		Target:  l.VerdictSocks.FD(),
 		Program: l.PgmfaVerdict,
 		Attach:  ebpf.AttachSkSKBStreamVerdict,
@@ -44,9 +71,16 @@ func load() (*loaded, error) {
 		return nil, fmt.Errorf("the kernel refused to attach the sk_skb stream verdict program to a SOCKHASH: %v", err)
 	}
 	l.attached = true
+	var queues struct {
+		P *ebpf.Program `ebpf:"pgmfa_queues"`
+	}
+	if err := spec.LoadAndAssign(&queues, opts); err != nil {
+		l.noQueues = fmt.Errorf("the kernel refused the sockmap iterator program (a BTF tracing program): %v", oneLine(err.Error()))
+		return l, nil
+	}
+	l.PgmfaQueues = queues.P
 	if l.queues, err = link.AttachIter(link.IterOptions{Program: l.PgmfaQueues, Map: l.Targets}); err != nil {
-		l.close()
-		return nil, fmt.Errorf("the kernel refused the sockmap iterator (needs BTF and Linux 5.10 or later): %v", err)
+		l.noQueues = fmt.Errorf("the kernel refused to attach the sockmap iterator (needs BTF and Linux 5.10 or later): %v", err)
 	}
 	return l, nil
 }
@@ -55,6 +89,9 @@ func load() (*loaded, error) {
 // of the socket with the given cookie (-1: the socket is not in targets
 // or has no psock).
 func (l *loaded) queueLen(cookie uint64) (int64, error) {
+	if l.queues == nil {
+		return 0, l.noQueues
+	}
 	r, err := l.queues.Open()
 	if err != nil {
 		return 0, fmt.Errorf("running the queue iterator: %w", err)

@@ -13,3 +13,7 @@ func Probe() error {
 	}
 	return l.close()
 }
+
+// UnixUpstreams reports whether sessions whose database side is a unix
+// socket can be spliced (nil) or why not; those sessions are relayed.
+func (s *Splicer) UnixUpstreams() error { return s.obj.noQueues }

@@ -3,8 +3,10 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -27,6 +29,7 @@ func (sd side) String() string {
 const (
 	dirBaseSet = 1
 	dirOver    = 2
+	dirPass    = 4
 )
 
 // ReasonBacklogLimit is the Stats.Reason of a session ended because one
@@ -36,12 +39,25 @@ const ReasonBacklogLimit = "backlog limit"
 // baseMask is what the watcher always wants to hear about.
 const baseMask = unix.EPOLLET | unix.EPOLLRDHUP
 
-// Recheck intervals for a condition the kernel signals no event for (the
-// redirect queue of a socket becoming empty after a FIN).
+// Recheck intervals for a condition the kernel signals no event for: the
+// redirect queue of a socket becoming empty, after a FIN (maxRecheck) or
+// before the first relayed write of a flow-control episode (maxRelayWait:
+// short, because the sender is held back meanwhile).
 const (
-	minRecheck = time.Millisecond
-	maxRecheck = 100 * time.Millisecond
+	minRecheck   = time.Millisecond
+	maxRecheck   = 100 * time.Millisecond
+	maxRelayWait = 4 * time.Millisecond
 )
+
+// Flow control moves a direction's bytes through a buffer of relayBufSize
+// bytes, and at most pumpBudget bytes per step before other sessions get a
+// turn.
+const (
+	relayBufSize = 128 << 10
+	pumpBudget   = 4 << 20
+)
+
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
 
 // session is one spliced pair. After registration only the watcher
 // goroutine touches it.
@@ -63,6 +79,7 @@ type session struct {
 	firstClose string    // the end reason once a side sent FIN
 	recheckAt  time.Time // zero: no timer
 	backoff    time.Duration
+	relayWait  bool // the recheck waits for a relayed write (maxRelayWait)
 }
 
 // direction is the watcher's view of the bytes flowing from src to dst.
@@ -73,7 +90,16 @@ type direction struct {
 
 	fin     bool // src received FIN
 	shut    bool // shutdown(dst, SHUT_WR) done: direction finished
-	waitOut bool // want EPOLLOUT on dst (its redirect queue is draining)
+	waitOut bool // want EPOLLOUT on dst (draining, or a relayed write blocked)
+
+	// Flow control: the program passes the direction's bytes to src, and
+	// the watcher moves them. buf is non-nil while it does (and EPOLLIN is
+	// wanted on src); out is the part of buf read and not yet written.
+	buf           *[]byte
+	out           []byte
+	uread, uwrite uint64 // passed bytes read from src, written to dst
+	published     spliceRelayed
+	cleared       uint64 // the episode whose earlier redirects were seen out
 }
 
 // dirState reads the program's view of a direction. A unix server's
@@ -90,6 +116,8 @@ func (s *Splicer) dirState(ss *session, d *direction) (spliceDir, error) {
 			return v, err
 		}
 		v.Redirected += w.Redirected
+		v.Passed += w.Passed
+		v.Episodes += w.Episodes
 		v.Flags |= w.Flags
 		v.OverBacklog = max(v.OverBacklog, w.OverBacklog)
 	}
@@ -98,7 +126,9 @@ func (s *Splicer) dirState(ss *session, d *direction) (spliceDir, error) {
 
 // queueEmpty reports whether every byte redirected to dst has entered
 // dst's send queue, that is, the kernel's redirect queue for dst is empty
-// and a FIN queued on dst now cannot overtake anything.
+// and a FIN or a relayed write queued on dst now cannot overtake anything.
+// Only the kworker (redirected bytes) and the watcher (uwrite) write to
+// dst, so the bytes that entered its send queue since the base are both.
 func (s *Splicer) queueEmpty(ss *session, d *direction, redirected uint64) (bool, error) {
 	if d.dst == sideServer && ss.unixServer {
 		// No write_seq on a unix socket: ask the kernel for the length
@@ -116,13 +146,14 @@ func (s *Splicer) queueEmpty(ss *session, d *direction, redirected uint64) (bool
 	if err != nil {
 		return false, &sideError{d.dst, err}
 	}
-	return p-d.base >= redirected, nil
+	return p-d.base-d.uwrite >= redirected, nil
 }
 
 // step advances both directions of a session after an event or a timer
 // and tears it down when both are finished or one failed.
 func (s *Splicer) step(ss *session) {
 	wait := false
+	ss.relayWait = false
 	for _, d := range ss.dirs {
 		w, err := s.stepDir(ss, d)
 		if errors.Is(err, errOver) {
@@ -151,10 +182,14 @@ func (s *Splicer) step(ss *session) {
 	}
 	s.updateMasks(ss)
 	if wait {
+		limit := maxRecheck
+		if ss.relayWait {
+			limit = maxRelayWait
+		}
 		if ss.backoff == 0 {
 			ss.backoff = minRecheck
-		} else if ss.backoff < maxRecheck {
-			ss.backoff *= 2
+		} else if ss.backoff < limit {
+			ss.backoff = min(2*ss.backoff, limit)
 		}
 		ss.recheckAt = time.Now().Add(ss.backoff)
 		s.timed[ss] = struct{}{}
@@ -192,10 +227,10 @@ func sockReason(sd side, err error) string {
 	return sd.String() + " error: " + err.Error()
 }
 
-// stepDir advances one direction: it ends the session at the backlog
-// bound and forwards a FIN once every byte before it is out. It reports
-// whether it waits for a condition that has no event (so the session needs
-// a timed recheck).
+// stepDir advances one direction: it ends the session at the hard bound,
+// moves the bytes the program passed under flow control, and forwards a
+// FIN once every byte before it is out. It reports whether it waits for a
+// condition that has no event (so the session needs a timed recheck).
 func (s *Splicer) stepDir(ss *session, d *direction) (bool, error) {
 	if d.shut {
 		return false, nil
@@ -207,20 +242,145 @@ func (s *Splicer) stepDir(ss *session, d *direction) (bool, error) {
 	if v.Flags&dirOver != 0 {
 		s.overs.Add(1)
 		s.lastOver.Store(v.OverBacklog)
-		s.log.Warn("spliced session ended: a direction reached the kernel backlog bound (its reader is too slow or stopped)",
-			"from", d.src.String(), "to", d.dst.String(), "backlog", v.OverBacklog, "max_backlog", s.maxBacklog,
-			"redirected", v.Redirected)
+		s.log.Warn("spliced session ended: a direction reached the kernel backlog bound (a peer that sends while it reads nothing, or flow control is off)",
+			"from", d.src.String(), "to", d.dst.String(), "held", v.OverBacklog, "max_backlog", s.maxBacklog,
+			"redirected", v.Redirected, "passed", v.Passed, "relayed", d.uwrite)
 		return false, errOver
 	}
-	if !d.fin {
-		return false, nil
+	wait := false
+	if d.buf != nil || v.Flags&dirPass != 0 || v.Passed > d.uread {
+		if wait, err = s.pump(ss, d, &v); err != nil {
+			return false, err
+		}
 	}
-	return s.flush(ss, d)
+	if !d.fin {
+		return wait, nil
+	}
+	w, err := s.flush(ss, d)
+	return wait || w, err
+}
+
+// pump moves the bytes the program passed (flow control) from src to dst
+// until src has nothing more to read, dst takes nothing more, or the
+// budget for one turn is spent. v is the direction's state, refreshed here
+// after every read. It reports whether a timed recheck is needed.
+//
+// The ordering rules, each needed (see doc.go for the kernel side):
+//   - src is read only with read(2) (recvmsg): it takes the psock's
+//     ingress_msg, where passed bytes are, and reopens TCP's window.
+//   - A byte read is written only once every byte redirected before its
+//     episode began is in dst's send path (queueEmpty). Which episode the
+//     byte belongs to is known after the read: the program counts the
+//     episode before it passes the episode's first byte, and it cannot end
+//     an episode while the watcher holds a byte it has not written
+//     (passed > written), so v.Redirected is final for it.
+//   - What was read and written is published (relayed map) only after the
+//     write returned, and only the program switches back to redirecting,
+//     at the first skb that finds everything passed written.
+func (s *Splicer) pump(ss *session, d *direction, v *spliceDir) (bool, error) {
+	src, dst := ss.fds[d.src], ss.fds[d.dst]
+	if d.buf == nil {
+		d.buf = relayBufs.Get().(*[]byte)
+	}
+	defer func() {
+		if err := s.publish(ss, d); err != nil {
+			s.log.Warn("sockmap watcher: publishing relayed bytes", "error", err)
+		}
+	}()
+	budget := pumpBudget
+	var err error
+	for budget > 0 {
+		if len(d.out) > 0 {
+			if d.cleared != v.Episodes {
+				empty, err := s.queueEmpty(ss, d, v.Redirected)
+				if err != nil {
+					return false, err
+				}
+				if !empty {
+					ss.relayWait = true
+					d.waitOut = true // dst's writability also moves its queue along
+					return true, nil
+				}
+				d.cleared = v.Episodes
+			}
+			n, err := unix.Write(dst, d.out)
+			if n > 0 {
+				d.out = d.out[n:]
+				d.uwrite += uint64(n)
+				budget -= n
+			}
+			switch {
+			case err == nil || err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				d.waitOut = true
+				return false, nil
+			default:
+				return false, &sideError{d.dst, err}
+			}
+		}
+		d.waitOut = false
+		n, rerr := unix.Read(src, *d.buf)
+		switch {
+		case n > 0:
+			d.uread += uint64(n)
+			d.out = (*d.buf)[:n]
+			if *v, err = s.dirState(ss, d); err != nil {
+				return false, fmt.Errorf("reading direction state: %w", err)
+			}
+			continue
+		case rerr == nil:
+			// EOF: src received FIN. Passed bytes may still wait in the
+			// kernel's queue behind it (flush checks the counts).
+			s.sawFIN(ss, d)
+		case rerr == unix.EINTR:
+			continue
+		case rerr != unix.EAGAIN:
+			return false, &sideError{d.src, rerr}
+		}
+		break
+	}
+	if budget <= 0 {
+		return true, nil
+	}
+	if v.Flags&dirPass == 0 && d.uread == v.Passed {
+		// Caught up, and the program redirects again (it said so on the
+		// ring buffer): nothing more will be passed until the next
+		// episode, which the ring buffer announces too.
+		relayBufs.Put(d.buf)
+		d.buf, d.out = nil, nil
+	}
+	return false, nil
+}
+
+// publish tells the program what the watcher has read and written of a
+// direction's passed bytes (only after the writes returned).
+func (s *Splicer) publish(ss *session, d *direction) error {
+	r := spliceRelayed{Read: d.uread, Written: d.uwrite}
+	if r == d.published {
+		return nil
+	}
+	if err := s.obj.Relayed.Update(ss.cookies[d.src], &r, ebpf.UpdateAny); err != nil {
+		return err
+	}
+	d.published = r
+	return nil
+}
+
+// sawFIN records that src sent FIN.
+func (s *Splicer) sawFIN(ss *session, d *direction) {
+	if !d.fin {
+		d.fin = true
+		if ss.firstClose == "" {
+			ss.firstClose = d.src.String() + " closed"
+		}
+	}
 }
 
 // flush passes a FIN from src on to dst once every byte before it is out:
 // shutdown(dst, SHUT_WR) while the redirect queue still held bytes would
-// make the kernel's later send of them fail (EPIPE) and lose them.
+// make the kernel's later send of them fail (EPIPE) and lose them, and
+// every byte the program passed must have been relayed.
 func (s *Splicer) flush(ss *session, d *direction) (bool, error) {
 	// The watcher learns of the FIN from tcp_fin's state change, which
 	// runs in the same softirq section as, but before, the sk_data_ready
@@ -237,6 +397,16 @@ func (s *Splicer) flush(ss *session, d *direction) (bool, error) {
 	if v.Flags&dirOver != 0 {
 		return false, errOver
 	}
+	if v.Passed != d.uwrite {
+		// Passed bytes not yet relayed: readable now (EPOLLIN), or still
+		// in src's psock queue behind bytes for src (the kworker wakes
+		// EPOLLIN when it moves them), or read and waiting for dst.
+		if d.buf == nil {
+			// Passed after the last pump looked: go read them.
+			return true, nil
+		}
+		return len(d.out) == 0, nil
+	}
 	empty, err := s.queueEmpty(ss, d, v.Redirected)
 	if err != nil {
 		return false, err
@@ -249,15 +419,25 @@ func (s *Splicer) flush(ss *session, d *direction) (bool, error) {
 		return false, &sideError{d.dst, err}
 	}
 	d.shut, d.waitOut = true, false
+	if d.buf != nil {
+		relayBufs.Put(d.buf)
+		d.buf, d.out = nil, nil
+	}
 	return false, nil
 }
 
-// updateMasks registers EPOLLOUT on a socket whose redirect queue the
-// watcher waits to see drained (it becomes writable as it drains; a timer
-// covers the rest).
+// updateMasks registers EPOLLIN on the source of a direction under flow
+// control (passed bytes to read) and EPOLLOUT on a socket whose redirect
+// queue the watcher waits to see drained (it becomes writable as it
+// drains; a timer covers the rest) or that refused a relayed write. Only
+// then: a socket in the verdict map signals readability for every skb the
+// program redirects, and each of those would wake the watcher.
 func (s *Splicer) updateMasks(ss *session) {
 	for i := range ss.fds {
 		m := uint32(baseMask)
+		if d := ss.dirs[i]; d.buf != nil && !d.shut {
+			m |= unix.EPOLLIN
+		}
 		if d := ss.dirs[1-i]; d.waitOut {
 			m |= unix.EPOLLOUT
 		}
@@ -297,8 +477,18 @@ func (s *Splicer) teardown(ss *session, reason string) {
 	delete(s.timed, ss)
 
 	st := Stats{Duration: time.Since(ss.start), Reason: reason}
-	moved := func(sd side) uint64 { return ss.dirs[sd].pending + counted[sd].Redirected }
+	moved := func(sd side) uint64 { return ss.dirs[sd].pending + counted[sd].Redirected + ss.dirs[sd].uwrite }
 	st.ClientToServer, st.ServerToClient = moved(sideClient), moved(sideServer)
+	for i, d := range ss.dirs {
+		st.FlowControl += counted[i].Episodes
+		st.Relayed += d.uwrite
+		if d.buf != nil {
+			relayBufs.Put(d.buf)
+			d.buf, d.out = nil, nil
+		}
+	}
+	s.episodes.Add(st.FlowControl)
+	s.relayed.Add(st.Relayed)
 	if ss.onDone != nil {
 		ss.onDone(st)
 	}

@@ -2,18 +2,34 @@
 
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
- * Stream verdict for spliced pgmfa sessions.
+ * Stream verdict for spliced pgmfa sessions, with flow control.
  *
  * Every byte a spliced socket receives runs through pgmfa_verdict, which
  * redirects it to the egress (send side) of the session's other socket. The
  * kernel queues redirected skbs on the destination's psock and a kworker
  * pushes them into the destination's send queue; that queue (psock
- * ingress_skb) is charged to no socket buffer, so a reader that stops
- * reading would let it grow without bound while the source keeps
- * acknowledging (measured: 1 GiB absorbed, invisible in TCP's memory
- * accounting). The program therefore accounts for it exactly and, at the
- * bound, stops redirecting and tells the watcher, which ends the session;
- * see struct dir and pgmfa_verdict.
+ * ingress_skb) is charged to no socket buffer, and TCP acknowledges the
+ * bytes as soon as they are redirected, so redirecting alone has no flow
+ * control: a reader slower than its sender lets the queue grow without
+ * bound (measured: 1 GiB absorbed, invisible in TCP's memory accounting).
+ *
+ * Flow control, per direction (struct dir, the state word of the direction):
+ *  - REDIRECT (normal): the program measures the redirect queue exactly on
+ *    every skb (backlog()). Past pause_at it switches the direction to PASS
+ *    itself, starting with the skb at hand, and tells the watcher.
+ *  - PASS: the bytes stay in the source socket (SK_PASS: charged to its
+ *    receive buffer, so TCP's window closes and the sender slows to the
+ *    pace at which they are read). The watcher reads them (recvmsg only) and
+ *    writes them to the destination itself, but only once every byte
+ *    redirected before the switch is in the destination's send path; it
+ *    publishes what it read and wrote in the relayed map.
+ *  - Back to REDIRECT: the program, never user space, switches back, at the
+ *    first skb that finds passed == written: every passed byte is already in
+ *    the destination's send path, so that skb cannot overtake one, and user
+ *    space holds nothing it has not written.
+ * The ordering argument, and the kernel behaviour it rests on, is in
+ * doc.go. The one bound that ends a session (DIR_OVER, at limit) is a
+ * safety net for a peer that defeats the mechanism (see pgmfa_verdict).
  */
 #include "include/pgmfa_bpf.h"
 
@@ -21,19 +37,24 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /* dir.flags */
 #define DIR_BASE_SET 1 /* base_seq holds the peer's write_seq at the first verdict */
-#define DIR_OVER 2     /* the backlog bound was reached: nothing is redirected any more */
+#define DIR_OVER 2     /* the hard bound was reached: the session is being ended */
+#define DIR_PASS 4     /* flow control: bytes stay in the source for user space */
 
 /*
  * One direction of a session, keyed by the cookie of the socket the bytes
- * arrive on. User space creates the entry (peer, limit; the rest zero) and
- * never writes it again: the program owns the other fields, so a user-space
- * update would clobber them.
+ * arrive on. User space creates the entry (peer, pause_at, limit; the rest
+ * zero) and never writes it again: the program owns the other fields, so a
+ * user-space update would clobber them. What user space owns is in
+ * struct relayed.
  */
 struct dir {
 	__u64 peer;          /* cookie of the socket these bytes go to */
-	__u64 limit;         /* bytes the peer's redirect queue may hold */
+	__u64 pause_at;      /* redirect backlog that starts flow control; 0: never */
+	__u64 limit;         /* hard bound on bytes held outside both sockets */
 	__u64 redirected;    /* bytes handed to the peer's redirect queue */
-	__u64 over_backlog;  /* the backlog seen when the bound was reached */
+	__u64 passed;        /* bytes left in the source socket for user space */
+	__u64 episodes;      /* times the direction switched to PASS */
+	__u64 over_backlog;  /* what was held when the hard bound was reached */
 	__u32 base_seq;      /* the peer's write_seq when this direction first ran */
 	__u32 flags;         /* DIR_* */
 };
@@ -44,6 +65,24 @@ struct {
 	__type(key, __u64);
 	__type(value, struct dir);
 } dirs SEC(".maps");
+
+/*
+ * What user space moved of a direction's passed bytes, keyed like dirs and
+ * written only by user space: read from the source, and written to the
+ * destination (published after the write returned, so every byte counted
+ * here is in the destination's send path). Missing means zero.
+ */
+struct relayed {
+	__u64 read;
+	__u64 written;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 131072);
+	__type(key, __u64);
+	__type(value, struct relayed);
+} relayed SEC(".maps");
 
 /*
  * Redirect targets, keyed by socket cookie. No program is attached to this
@@ -68,27 +107,20 @@ struct {
 	__type(value, __u64);
 } verdict_socks SEC(".maps");
 
-/* Cookies of directions that just reached the bound, for the watcher. */
+/*
+ * Cookies of directions that need the watcher: a switch to PASS, or the
+ * hard bound.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 64 * 1024);
-} over SEC(".maps");
+} events SEC(".maps");
 
-/*
- * backlog returns the bytes redirected to the peer that have not yet
- * entered the peer's send queue: the uncharged psock queue. write_seq only
- * moves when bytes enter the send queue, and nothing else writes to a
- * spliced socket, so
- *   backlog = redirected - (write_seq - base_seq).
- * base_seq is taken at the first verdict of the direction, before anything
- * was redirected (the read-ahead written by Splice precedes it). Sequence
- * numbers wrap, so the difference is taken in 32 bits. The peer's send
- * queue itself is not counted: it is charged to the peer and bounded by
- * its SO_SNDBUF. Returns -1 when the peer is not a TCP socket.
- */
 /*
  * psock_qlen returns how many skbs wait in sk's redirect queue (its psock's
  * ingress_skb, which the kworker sends from), or -1 when sk has no psock.
+ * The kworker peeks the head skb and unlinks it only once it is wholly
+ * sent (sk_psock_backlog), so 0 means every byte queued there has left.
  */
 static __always_inline __s64 psock_qlen(struct sock *sk)
 {
@@ -106,13 +138,29 @@ static __always_inline __s64 psock_qlen(struct sock *sk)
 /*
  * A unix socket has no write_seq, so towards one the backlog is estimated
  * from the number of skbs queued, each counted as a full loopback TCP
- * segment (GSO skbs carry up to 64 KiB): an upper bound, so the bound
- * ends a session no later than the TCP measure would, and earlier when the
- * client sends many small messages while the database is not reading.
+ * segment (GSO skbs carry up to 64 KiB): an upper bound, so flow control
+ * starts no later than the TCP measure would, and earlier when the client
+ * sends many small messages while the database is not reading.
  */
 #define UNIX_SKB_BYTES 65536
 
-static __always_inline __s64 backlog(struct dir *d)
+/*
+ * backlog returns the bytes redirected to the peer that have not yet
+ * entered the peer's send queue: the uncharged psock queue. write_seq only
+ * moves when bytes enter the send queue, and only two writers touch a
+ * spliced socket's send side: the kworker (redirected bytes) and the
+ * watcher (written, the passed bytes it relayed), so
+ *   backlog = redirected + written - (write_seq - base_seq).
+ * base_seq is taken at the first verdict of the direction, before anything
+ * was redirected (the read-ahead written by Splice precedes it). Sequence
+ * numbers wrap, so the difference is taken in 32 bits. written is
+ * published after the write, so while the watcher relays the result can
+ * be low by what it has written and not yet published; that only matters
+ * in PASS, where the backlog is not consulted. The peer's send queue
+ * itself is not counted: it is charged to the peer and bounded by its
+ * SO_SNDBUF. Returns -1 when the peer is gone.
+ */
+static __always_inline __s64 backlog(struct dir *d, __u64 written)
 {
 	struct tcp_sock *tp;
 	struct unix_sock *u;
@@ -131,7 +179,7 @@ static __always_inline __s64 backlog(struct dir *d)
 			d->base_seq = wseq;
 			d->flags |= DIR_BASE_SET;
 		}
-		b = (__s32)((__u32)d->redirected + d->base_seq - wseq);
+		b = (__s32)((__u32)d->redirected + (__u32)written + d->base_seq - wseq);
 		if (b < 0)
 			b = 0;
 	} else if ((u = bpf_skc_to_unix_sock(peer))) {
@@ -143,11 +191,26 @@ static __always_inline __s64 backlog(struct dir *d)
 	return b;
 }
 
+static __always_inline void notify(__u64 *cookie)
+{
+	bpf_ringbuf_output(&events, cookie, sizeof(*cookie), BPF_RB_FORCE_WAKEUP);
+}
+
+/* over marks the direction at the hard bound and tells the watcher. */
+static __always_inline int over(struct dir *d, __u64 *cookie, __u64 held)
+{
+	d->flags |= DIR_OVER;
+	d->over_backlog = held;
+	notify(cookie);
+	return SK_PASS;
+}
+
 SEC("sk_skb/stream_verdict")
 int pgmfa_verdict(struct __sk_buff *skb)
 {
 	__u32 len = skb->len;
-	__u64 cookie;
+	struct relayed *r = 0;
+	__u64 cookie, rd = 0, wr = 0;
 	struct dir *d;
 	__s64 b;
 
@@ -176,26 +239,63 @@ int pgmfa_verdict(struct __sk_buff *skb)
 		return SK_PASS;
 
 	/*
-	 * Verdicts for one socket run one at a time (under the socket lock,
-	 * from tcp_data_ready), so the plain updates of d below do not race
-	 * with each other; user space only reads them.
-	 *
-	 * At the bound the bytes are passed instead: they stay readable in
-	 * this socket, charged to its receive buffer, so TCP's window closes
-	 * and the sender stops; the watcher ends the session. (Resuming from
-	 * here was tried and dropped: moving the passed bytes in user space
-	 * and then redirecting again duplicated whole skbs on 6.18, rarely;
-	 * see doc.go.)
+	 * Verdicts for one socket run one at a time (under the socket lock:
+	 * from tcp_data_ready in softirq, or from the release_sock backlog of
+	 * the process that owns the socket), so the plain updates of d below
+	 * do not race with each other; user space only reads them.
 	 */
 	if (d->flags & DIR_OVER)
 		return SK_PASS;
-	b = backlog(d);
-	if (b > 0 && (__u64)b > d->limit) {
-		d->flags |= DIR_OVER;
-		d->over_backlog = b;
-		bpf_ringbuf_output(&over, &cookie, sizeof(cookie), BPF_RB_FORCE_WAKEUP);
+	if (d->episodes) {
+		r = bpf_map_lookup_elem(&relayed, &cookie);
+		if (r) {
+			rd = r->read;
+			wr = r->written;
+		}
+	}
+
+	if (d->flags & DIR_PASS) {
+		if (d->passed != wr) {
+			/*
+			 * Still relaying. Passed bytes that find this socket's
+			 * psock queue non-empty (it also carries the other
+			 * direction's bytes towards this socket) wait there,
+			 * charged to nobody until the kworker moves them to
+			 * the socket (sk_psock_verdict_apply, __SK_PASS), so a
+			 * peer that sends while it does not read could grow it:
+			 * passed - read counts them, with what sits readable.
+			 */
+			if (d->passed - rd > d->limit)
+				return over(d, &cookie, d->passed - rd);
+			d->passed += len;
+			return SK_PASS;
+		}
+		/*
+		 * Every passed byte has been written to the peer: redirecting
+		 * this skb cannot overtake any of them. Back to REDIRECT,
+		 * starting here; the backlog check below still applies.
+		 */
+		d->flags &= ~DIR_PASS;
+		notify(&cookie); /* the watcher stops listening for passed bytes */
+	}
+
+	b = backlog(d, wr);
+	if (b > 0 && d->pause_at && (__u64)b > d->pause_at) {
+		/*
+		 * Flow control: pass from this skb on. A verdict that read the
+		 * old state cannot exist (they are serialized), so every byte
+		 * redirected before is counted in redirected by now, before
+		 * user space can read any passed byte.
+		 */
+		d->flags |= DIR_PASS;
+		d->episodes++;
+		d->passed += len;
+		notify(&cookie);
 		return SK_PASS;
 	}
+	/* Without flow control (pause_at 0) the hard bound ends the session. */
+	if (b > 0 && (__u64)b > d->limit)
+		return over(d, &cookie, b);
 
 	/*
 	 * For sk_skb programs bpf_sk_redirect_hash does not redirect by itself:

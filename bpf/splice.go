@@ -31,7 +31,8 @@ import (
 //     Options.PendingWriteTimeout), then record each socket's send
 //     progress, against which the watcher later decides that everything
 //     redirected before a FIN is out.
-//  4. Create the per-direction entries (peer cookie, backlog limit).
+//  4. Create the per-direction entries (peer cookie, flow-control
+//     threshold, hard bound).
 //  5. Insert each socket into the verdict SOCKHASH, then set SO_RCVLOWAT
 //     to 1 on it so bytes queued before the insertion are run through the
 //     program now rather than stranded until the next segment.
@@ -45,7 +46,9 @@ import (
 // onDone is called exactly once, from the watcher goroutine, after the
 // map entries are removed and both fds closed. A FIN from one side is
 // passed on as shutdown(SHUT_WR) on the other once every byte before it
-// is out; a reset or error on either side closes both.
+// is out; a reset or error on either side closes both. A direction whose
+// reader falls behind is moved by the watcher until it catches up (flow
+// control, Options.FlowThreshold).
 func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone func(Stats)) error {
 	start := time.Now()
 	s.mu.Lock()
@@ -68,6 +71,9 @@ func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone f
 	unixUp := sk.unixStream()
 	if !sk.tcp() && !unixUp {
 		return errors.New("bpf: the server side is neither a TCP nor a unix stream socket; not spliced")
+	}
+	if unixUp && s.obj.noQueues != nil {
+		return fmt.Errorf("bpf: a unix-socket upstream is spliced only with the sockmap iterator, and %w; not spliced", s.obj.noQueues)
 	}
 	for _, fd := range []int{client, server} {
 		if err := unix.SetNonblock(fd, true); err != nil {
@@ -141,9 +147,18 @@ func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone f
 		}
 	}
 
-	// 4. Directions.
+	// 4. Directions. The bytes a unix socket receives are never put under
+	// flow control: they are still charged to the database's end while
+	// they wait in the redirect queue (a unix skb stays owned by its
+	// sender until the kworker has sent it), so the database's own send
+	// buffer already bounds that queue, and blocks the database as a
+	// direct connection would. Passing them would instead move the charge
+	// to the proxy's unix socket, which has no receive limit at all.
 	for _, d := range ss.dirs {
-		v := spliceDir{Peer: cookies[d.dst], Limit: s.maxBacklog}
+		v := spliceDir{Peer: cookies[d.dst], PauseAt: s.flowAt, Limit: s.maxBacklog}
+		if d.src == sideServer && unixUp {
+			v.PauseAt = 0
+		}
 		if err := s.obj.Dirs.Update(cookies[d.src], &v, ebpf.UpdateNoExist); err != nil {
 			return partial(fmt.Errorf("bpf: adding the session: %w", err))
 		}
@@ -215,6 +230,7 @@ func (s *Splicer) unmap(ss *session) {
 	for _, c := range ss.cookies {
 		_ = s.obj.Targets.Delete(c)
 		_ = s.obj.Dirs.Delete(c)
+		_ = s.obj.Relayed.Delete(c)
 	}
 	if ss.alt != 0 {
 		_ = s.obj.Dirs.Delete(ss.alt)

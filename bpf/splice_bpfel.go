@@ -16,11 +16,20 @@ import (
 type spliceDir struct {
 	_           structs.HostLayout
 	Peer        uint64
+	PauseAt     uint64
 	Limit       uint64
 	Redirected  uint64
+	Passed      uint64
+	Episodes    uint64
 	OverBacklog uint64
 	BaseSeq     uint32
 	Flags       uint32
+}
+
+type spliceRelayed struct {
+	_       structs.HostLayout
+	Read    uint64
+	Written uint64
 }
 
 // Names of all BPF objects in the ELF.
@@ -28,7 +37,8 @@ type spliceDir struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	spliceMapDirs          = "dirs"
-	spliceMapOver          = "over"
+	spliceMapEvents        = "events"
+	spliceMapRelayed       = "relayed"
 	spliceMapTargets       = "targets"
 	spliceMapVerdictSocks  = "verdict_socks"
 	spliceProgPgmfaQueues  = "pgmfa_queues"
@@ -86,7 +96,8 @@ type spliceProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type spliceMapSpecs struct {
 	Dirs         *ebpf.MapSpec `ebpf:"dirs"`
-	Over         *ebpf.MapSpec `ebpf:"over"`
+	Events       *ebpf.MapSpec `ebpf:"events"`
+	Relayed      *ebpf.MapSpec `ebpf:"relayed"`
 	Targets      *ebpf.MapSpec `ebpf:"targets"`
 	VerdictSocks *ebpf.MapSpec `ebpf:"verdict_socks"`
 }
@@ -118,7 +129,8 @@ func (o *spliceObjects) Close() error {
 // It can be passed to loadSpliceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type spliceMaps struct {
 	Dirs         *ebpf.Map `ebpf:"dirs"`
-	Over         *ebpf.Map `ebpf:"over"`
+	Events       *ebpf.Map `ebpf:"events"`
+	Relayed      *ebpf.Map `ebpf:"relayed"`
 	Targets      *ebpf.Map `ebpf:"targets"`
 	VerdictSocks *ebpf.Map `ebpf:"verdict_socks"`
 }
@@ -126,7 +138,8 @@ type spliceMaps struct {
 func (m *spliceMaps) Close() error {
 	return _SpliceClose(
 		m.Dirs,
-		m.Over,
+		m.Events,
+		m.Relayed,
 		m.Targets,
 		m.VerdictSocks,
 	)

@@ -13,13 +13,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// DefaultMaxBacklog is the backlog bound used when Options.MaxBacklog is 0.
-// Reaching it ends the session, so it is sized for healthy readers that lag:
-// measured on loopback (1,000 sessions, messages of 1 B to 64 MiB each way,
-// readers reading as fast as they can), a 4 MiB bound ended 215 sessions
-// and 16 MiB ended 96, while 64 MiB ended none. Per session and direction
-// it is the most kernel memory a stalled reader can pin before the session
-// ends.
+// DefaultFlowThreshold is the flow-control threshold used when
+// Options.FlowThreshold is 0: a few MiB, enough that a healthy reader on
+// loopback rarely leaves the kernel path (the kworker that sends
+// redirected bytes runs in bursts), small enough that a stalled reader
+// pins little kernel memory.
+const DefaultFlowThreshold = 4 << 20
+
+// DefaultMaxBacklog is the hard bound used when Options.MaxBacklog is 0.
+// With flow control on, no healthy session reaches it (see Options).
 const DefaultMaxBacklog = 64 << 20
 
 // DefaultPendingWriteTimeout bounds how long Splice waits for a peer to
@@ -28,26 +30,34 @@ const DefaultPendingWriteTimeout = 5 * time.Second
 
 // Options configure a Splicer.
 type Options struct {
-	// MaxBacklog bounds, per direction of each session, the bytes the
-	// kernel holds in the redirect queue between the two sockets: the
-	// queue is charged to neither socket's buffers, so without a bound a
-	// reader that stops reading lets it grow until memory runs out. The
-	// verdict program measures the queue exactly on every skb (bytes it
-	// redirected minus the destination's write_seq progress); at the bound
-	// it stops redirecting (the bytes stay in the source socket, charged to
-	// it, and TCP flow control stops the sender) and the watcher ends the
-	// session with Reason "backlog limit" and a warning. Pausing and
-	// resuming instead was built and dropped: it duplicated data on this
-	// kernel. So this is a kill bound, not flow control: size it above the
-	// largest lead a healthy sender may take over its reader (a whole
-	// large result on a slow link; a bulk COPY FROM, where the client sends
-	// far faster than the database ingests and the default ends the
-	// session within a fraction of a second). 0 means DefaultMaxBacklog.
+	// FlowThreshold is the flow-control threshold: the bytes one direction
+	// of a session may have in the kernel's redirect queue (redirected but
+	// not yet in the destination's send queue; that queue is charged to
+	// neither socket, so it is the memory a slow reader could otherwise
+	// grow without bound). Past it the program stops redirecting that
+	// direction: its bytes stay in the source socket, where TCP's window
+	// closes, and the watcher moves them to the destination in user space
+	// at the pace the destination takes them; once it has caught up, the
+	// program redirects again (see splice.c). So a slow reader or a bulk
+	// upload slows its sender as a direct connection would, and the
+	// kernel holds at most FlowThreshold plus one skb per direction
+	// outside the sockets' own buffers. 0 means DefaultFlowThreshold; a
+	// negative value turns flow control off (MaxBacklog then ends any
+	// session whose reader falls that far behind).
+	FlowThreshold int64
+	// MaxBacklog is the hard bound per direction: a session is ended
+	// (Reason "backlog limit") when the kernel holds more than this many
+	// of its bytes outside both sockets' buffers. With flow control on,
+	// only a peer that defeats it reaches the bound: one that keeps
+	// sending while it reads nothing of what it is sent, whose passed
+	// bytes then queue behind the bytes it does not read. Without flow
+	// control it is the lead a reader may fall behind its sender. 0 means
+	// DefaultMaxBacklog.
 	MaxBacklog int64
 	// PendingWriteTimeout bounds how long Splice waits for a peer to take
 	// the read-ahead. 0 means DefaultPendingWriteTimeout.
 	PendingWriteTimeout time.Duration
-	// Logger receives a warning for every session ended at the backlog
+	// Logger receives a warning for every session ended at the hard
 	// bound; nil discards.
 	Logger *slog.Logger
 }
@@ -58,6 +68,11 @@ type Stats struct {
 	// direction: redirected by the kernel plus the read-ahead written by
 	// Splice.
 	ClientToServer, ServerToClient uint64
+	// FlowControl counts the times a direction of the session entered
+	// flow control (reached the threshold and was moved in user space
+	// until it caught up); Relayed counts the bytes moved that way (they
+	// are included in ClientToServer and ServerToClient).
+	FlowControl, Relayed uint64
 	// Duration is the time from Splice to the teardown.
 	Duration time.Duration
 	// Reason says why the session ended: "client closed", "server closed",
@@ -68,16 +83,21 @@ type Stats struct {
 
 // Splicer owns the loaded BPF objects and one process-wide watcher
 // goroutine that follows every spliced pair (epoll on both fds for
-// EPOLLRDHUP|EPOLLHUP|EPOLLERR, plus the ring buffer on which the program
-// reports directions at the backlog bound).
+// EPOLLRDHUP|EPOLLHUP|EPOLLERR, and for EPOLLIN/EPOLLOUT while it moves a
+// direction under flow control, plus the ring buffer on which the program
+// reports directions that enter or leave flow control or reach the hard
+// bound).
 //
 // The maps, all keyed by socket cookie: targets (program-less SOCKHASH,
 // redirect destinations), verdict_socks (SOCKHASH with the verdict program
-// attached), dirs (per-direction peer, limit and byte counters, owned by
-// the program) and over (ring buffer of directions at the bound).
+// attached), dirs (per-direction peer, thresholds, state and byte
+// counters, owned by the program), relayed (what the watcher read and
+// wrote of each direction's passed bytes, owned by user space) and events
+// (ring buffer of directions that need the watcher).
 type Splicer struct {
 	log        *slog.Logger
 	maxBacklog uint64
+	flowAt     uint64 // 0: flow control off
 	pendingTO  time.Duration
 	obj        *loaded
 	rb         *ringbuf.Reader
@@ -95,6 +115,8 @@ type Splicer struct {
 
 	overs    atomic.Uint64 // sessions ended at the backlog bound, ever
 	lastOver atomic.Uint64 // the program's backlog when the bound was last reached
+	episodes atomic.Uint64 // flow-control episodes of ended sessions
+	relayed  atomic.Uint64 // bytes moved in user space by flow control, ended sessions
 
 	done chan struct{} // closed when the watcher has exited
 }
@@ -128,6 +150,12 @@ func NewSplicer(opts Options) (*Splicer, error) {
 	if opts.MaxBacklog <= 0 {
 		s.maxBacklog = DefaultMaxBacklog
 	}
+	switch {
+	case opts.FlowThreshold == 0:
+		s.flowAt = DefaultFlowThreshold
+	case opts.FlowThreshold > 0:
+		s.flowAt = uint64(opts.FlowThreshold)
+	}
 	if s.pendingTO <= 0 {
 		s.pendingTO = DefaultPendingWriteTimeout
 	}
@@ -139,7 +167,7 @@ func NewSplicer(opts Options) (*Splicer, error) {
 		s.release()
 		return nil, err
 	}
-	if s.rb, err = ringbuf.NewReader(s.obj.Over); err != nil {
+	if s.rb, err = ringbuf.NewReader(s.obj.Events); err != nil {
 		return fail(fmt.Errorf("bpf: ring buffer: %w", err))
 	}
 	if s.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
@@ -153,7 +181,7 @@ func NewSplicer(opts Options) (*Splicer, error) {
 	}
 	// The ring buffer map fd is pollable on its own; the Reader is only
 	// used to consume records, never to wait.
-	if err := s.epollAdd(s.obj.Over.FD(), idRing, 0, unix.EPOLLIN); err != nil {
+	if err := s.epollAdd(s.obj.Events.FD(), idRing, 0, unix.EPOLLIN); err != nil {
 		return fail(err)
 	}
 	go s.watch()
@@ -187,7 +215,7 @@ func (s *Splicer) Sessions() int {
 // and introspection: 0 when no session is live).
 func (s *Splicer) MapEntries() (int, error) {
 	n := 0
-	for _, m := range []*ebpf.Map{s.obj.Targets, s.obj.VerdictSocks, s.obj.Dirs} {
+	for _, m := range []*ebpf.Map{s.obj.Targets, s.obj.VerdictSocks, s.obj.Dirs, s.obj.Relayed} {
 		// Keys only (NextKey): a value lookup is not what is counted, and
 		// a socket-map entry can go away between the two calls.
 		var key, next uint64
@@ -211,6 +239,13 @@ func (s *Splicer) MapEntries() (int, error) {
 // BacklogLimitEnds returns how many sessions ended at the backlog bound
 // since NewSplicer.
 func (s *Splicer) BacklogLimitEnds() uint64 { return s.overs.Load() }
+
+// FlowControl returns, over the sessions that have ended since
+// NewSplicer, how many times a direction entered flow control and how many
+// bytes flow control moved in user space.
+func (s *Splicer) FlowControl() (episodes, relayed uint64) {
+	return s.episodes.Load(), s.relayed.Load()
+}
 
 // Close tears down every pair (Reason "proxy shutdown"), stops the
 // watcher, detaches the program and closes the maps. onDone runs for every

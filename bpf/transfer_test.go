@@ -203,7 +203,8 @@ func runTransfers(t *testing.T, opts Options, count, conc int, maxSize int64, se
 		}()
 	}
 	wg.Wait()
-	t.Logf("sessions ended at the backlog bound: %d", sp.BacklogLimitEnds())
+	ep, rel := sp.FlowControl()
+	t.Logf("sessions ended at the backlog bound: %d; flow control: %d episodes, %.1f MB moved in user space", sp.BacklogLimitEnds(), ep, float64(rel)/1e6)
 	if n := sp.Sessions(); n != 0 {
 		t.Errorf("%d sessions still live", n)
 	}

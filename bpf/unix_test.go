@@ -9,6 +9,7 @@ import (
 	"net"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -39,6 +40,16 @@ func unixUpstream(t testing.TB) (int, net.Conn) {
 
 // unixPair is a TCP client app and a unix server app with the proxy's two
 // fds between them (pc TCP, ps unix).
+// needUnixSplice skips when this kernel cannot splice unix-socket
+// upstreams (no sockmap iterator; see load), even under CI: it is a
+// property of the machine, and the skip says which.
+func needUnixSplice(t testing.TB, sp *Splicer) {
+	t.Helper()
+	if err := sp.UnixUpstreams(); err != nil {
+		t.Skipf("unix-socket upstreams are not spliced here: %v", err)
+	}
+}
+
 func unixPair(t testing.TB, h *harness) *pair {
 	p := h.pair()
 	unix.Close(p.ps)
@@ -52,6 +63,7 @@ func unixPair(t testing.TB, h *harness) *pair {
 // MiB: byte-exact, read-ahead first, counted, nothing left behind.
 func TestUnixSplice(t *testing.T) {
 	sp := needSplicer(t, Options{})
+	needUnixSplice(t, sp)
 	h := newHarness(t)
 	fds0 := openFDs(t)
 	for _, size := range []int64{0, 1, 100, 70_000, 8<<20 + 5} {
@@ -104,6 +116,7 @@ func TestUnixSplice(t *testing.T) {
 // Splicer.
 func splicedUnix(t *testing.T) (*Splicer, *pair, <-chan Stats) {
 	sp := needSplicer(t, Options{})
+	needUnixSplice(t, sp)
 	p := unixPair(t, newHarness(t))
 	onDone, done := doneChan(t)
 	if err := sp.Splice(p.pc, p.ps, nil, nil, onDone); err != nil {
@@ -171,6 +184,7 @@ func TestUnixTransfers(t *testing.T) {
 		t.Skip("GB transfer; skipped with -short")
 	}
 	sp := needSplicer(t, Options{})
+	needUnixSplice(t, sp)
 	h := newHarness(t)
 	r := rand.New(rand.NewPCG(3, 3))
 	size := func() int64 { return int64(math.Exp(r.Float64() * math.Log(16<<20))) }
@@ -244,6 +258,7 @@ func (h halfCloseAfter) CloseWrite() error {
 // map is not found).
 func TestQueueLenIterator(t *testing.T) {
 	sp := needSplicer(t, Options{})
+	needUnixSplice(t, sp)
 	fd, app := unixUpstream(t)
 	defer app.Close()
 	defer unix.Close(fd)
@@ -265,11 +280,12 @@ func TestQueueLenIterator(t *testing.T) {
 
 // TestUnixStalledReader: a database that stops reading while the client
 // keeps sending. Towards a unix socket the backlog is estimated from the
-// queued skbs (64 KiB each at most); the session must end at the bound,
-// having stopped the client long before the end of its stream.
+// queued skbs (64 KiB each at most); flow control must stop the client
+// long before the end of its stream, end nothing, and deliver the whole
+// stream exactly once the database reads.
 func TestUnixStalledReader(t *testing.T) {
-	const maxBacklog = 4 << 20
-	sp := needSplicer(t, Options{MaxBacklog: maxBacklog})
+	sp := needSplicer(t, Options{})
+	needUnixSplice(t, sp)
 	h := newHarness(t)
 	p := unixPair(t, h)
 	defer p.close()
@@ -278,22 +294,38 @@ func TestUnixStalledReader(t *testing.T) {
 		t.Fatal(err)
 	}
 	const total = 1 << 30
-	var written int64
+	var written atomic.Int64
+	wdone := make(chan struct{})
 	go func() {
-		for written < total {
-			w, err := p.client.Write(pattern[:1<<20])
-			written += int64(w)
-			if err != nil {
-				return
-			}
-		}
+		defer close(wdone)
+		sendStream(countingConn{p.client, &written}, total, 0)
 	}()
-	st := waitDone(t, done)
-	t.Logf("session ended: %+v; backlog at the bound %d", st, sp.lastOver.Load())
-	if st.Reason != ReasonBacklogLimit {
-		t.Fatalf("reason %q, want %q", st.Reason, ReasonBacklogLimit)
+	waitQuiet(&written, wdone)
+	if w := written.Load(); w >= total/2 {
+		t.Fatalf("%d bytes sent towards a database that reads nothing", w)
 	}
-	if st.ClientToServer >= total/2 {
-		t.Fatalf("%d bytes moved towards a database that reads nothing", st.ClientToServer)
+	t.Logf("client stopped after %.1f MiB", float64(written.Load())/(1<<20))
+	p.server.SetReadDeadline(time.Now().Add(5 * time.Minute))
+	got, n, err := recvStream(p.server)
+	if err != nil || n != total || got != hashOf(nil, total, 0) {
+		t.Fatalf("database received %d of %d bytes (%v)", n, total, err)
+	}
+	p.server.Close()
+	if st := waitDone(t, done); st.FlowControl == 0 || st.ClientToServer != total {
+		t.Errorf("stats %+v", st)
 	}
 }
+
+// countingConn counts what is written through it.
+type countingConn struct {
+	net.Conn
+	n *atomic.Int64
+}
+
+func (c countingConn) Write(p []byte) (int, error) {
+	w, err := c.Conn.Write(p)
+	c.n.Add(int64(w))
+	return w, err
+}
+
+func (c countingConn) CloseWrite() error { return c.Conn.(*net.TCPConn).CloseWrite() }

@@ -11,10 +11,11 @@ import (
 )
 
 // watch is the Splicer's one goroutine. It waits on a single epoll set for
-// the spliced sockets (state changes: FIN, reset, error; writability only
-// while it waits to forward a FIN), the ring buffer of directions at the
-// backlog bound and the wake eventfd, plus a timer for the rechecks no
-// event announces.
+// the spliced sockets (state changes: FIN, reset, error; readability and
+// writability only while it moves a direction under flow control or waits
+// to forward a FIN), the ring buffer of directions that enter or leave
+// flow control or reach the hard bound, and the wake eventfd, plus a timer
+// for the rechecks no event announces.
 func (s *Splicer) watch() {
 	defer close(s.done)
 	events := make([]unix.EpollEvent, 256)
@@ -100,12 +101,7 @@ func (s *Splicer) event(ss *session, sd side, ev uint32) {
 		}
 	}
 	if ev&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-		if d := ss.dirs[sd]; !d.fin {
-			d.fin = true
-			if ss.firstClose == "" {
-				ss.firstClose = sd.String() + " closed"
-			}
-		}
+		s.sawFIN(ss, ss.dirs[sd])
 	}
 	s.step(ss)
 }
@@ -134,7 +130,8 @@ func (s *Splicer) pollNew(ss *session) {
 }
 
 // readOver consumes the ring buffer: each record is the cookie of a socket
-// whose direction the program just stopped at the backlog bound.
+// whose direction the program just switched into or out of flow control,
+// or stopped at the hard bound.
 func (s *Splicer) readOver(rec *ringbuf.Record) {
 	// A deadline in the past makes the Reader return what is there and
 	// then os.ErrDeadlineExceeded instead of blocking; epoll already said

@@ -47,6 +47,11 @@ func workloadList(clients []int) []*workload {
 			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
 				return e.copyOut(ctx, ep)
 			}},
+		&workload{Name: "copy-in", Unit: "MB/s", HigherBetter: true, Applies: everyPath,
+			Desc: "COPY FROM STDIN of -bulk-mb MB of generated rows into an unlogged table (emptied before each run), bytes sent per second until CommandComplete; row count and checksum verified after",
+			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
+				return e.copyIn(ctx, ep)
+			}},
 		&workload{Name: "select-bulk", Unit: "MB/s", HigherBetter: true, Applies: everyPath,
 			Desc: "SELECT returning 3/5 of -bulk-mb MB of DataRows, bytes received per second",
 			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {

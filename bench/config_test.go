@@ -5,6 +5,7 @@ import (
 	"flag"
 	"io"
 	"reflect"
+	"slices"
 	"testing"
 	"time"
 )
@@ -35,5 +36,20 @@ func TestParseConfigErrors(t *testing.T) {
 	c, err := parseConfig([]string{"-clients", "2,8", "-workloads", "select-8,connect"}, io.Discard)
 	if err != nil || !reflect.DeepEqual(c.Workloads, []string{"select-8", "connect"}) {
 		t.Errorf("workloads = %v, %v", c.Workloads, err)
+	}
+}
+
+func TestCopyInWorkloadSelected(t *testing.T) {
+	c, err := parseConfig(nil, io.Discard)
+	if err != nil || !slices.Contains(c.Workloads, "copy-in") {
+		t.Fatalf("default workloads %v (%v) lack copy-in", c.Workloads, err)
+	}
+	c, err = parseConfig([]string{"-smoke", "-workloads", "copy-in,copy-out"}, io.Discard)
+	if err != nil || !reflect.DeepEqual(c.Workloads, []string{"copy-out", "copy-in"}) || c.BulkMB != 20 {
+		t.Errorf("smoke copy-in: workloads %v, -bulk-mb %d, %v", c.Workloads, c.BulkMB, err)
+	}
+	ws := selectedWorkloads(c)
+	if len(ws) != 2 || ws[1].Unit != "MB/s" || !ws[1].HigherBetter || !ws[1].Applies(pathSockmap) || !ws[1].Applies(pathPgbouncerTLS) {
+		t.Errorf("copy-in workload = %+v", ws)
 	}
 }

@@ -25,6 +25,8 @@ type env struct {
 	pgmfaBin  string
 	pki       *testpki.PKI // certificates of the TLS paths; nil without them
 	logf      func(format string, args ...any)
+	// copyInSums caches copyInChecksum by row count (computed once a run).
+	copyInSums map[int64]string
 }
 
 // setup starts PostgreSQL (loaded with pgbench -i) and every selected path.
@@ -117,7 +119,7 @@ func setup(ctx context.Context, cfg *config, repo string, logf func(string, ...a
 }
 
 // loadPgbench creates pgbench's tables as the superuser over the socket
-// and lets the bench user read them.
+// and lets the bench user read them; it also creates the copy-in table.
 func (e *env) loadPgbench(ctx context.Context) error {
 	bin := filepath.Join(e.cluster.BinDir, "pgbench")
 	if _, err := os.Stat(bin); err != nil {
@@ -129,7 +131,7 @@ func (e *env) loadPgbench(ctx context.Context) error {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("pgbench -i: %v\n%s", err, strings.TrimSpace(string(out)))
 	}
-	_, err := e.cluster.PsqlDB(benchDB, "GRANT SELECT ON ALL TABLES IN SCHEMA public TO "+benchUser+";")
+	_, err := e.cluster.PsqlDB(benchDB, "GRANT SELECT ON ALL TABLES IN SCHEMA public TO "+benchUser+";\n"+copyInDDL)
 	return err
 }
 

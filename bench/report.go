@@ -40,7 +40,7 @@ var reportNotes = map[string]string{
 	"ratio":           "value relative to direct measured in the same round; 1.0 = as good as direct, lower is worse (throughput: path/direct; latency: direct/path). Summaries are over rounds: median, min, max.",
 	"delta_to_direct": "for lower-is-better units: path minus direct in the same round (e.g. ms a login costs extra)",
 	"cpu_seconds":     "user+system CPU of the path's own process (pgmfa or pgbouncer) during the run, from /proc/<pid>/stat",
-	"MB":              "10^6 bytes received by the client socket, protocol framing included",
+	"MB":              "10^6 bytes received by the client socket (sent, for copy-in), protocol framing included",
 }
 
 // writeJSON writes the report as indented JSON.

@@ -45,12 +45,17 @@ func workloadList(clients []int) []*workload {
 		&workload{Name: "copy-out", Unit: "MB/s", HigherBetter: true, Applies: everyPath,
 			Desc: "COPY (generate_series) TO STDOUT, -bulk-mb MB, bytes received per second",
 			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
-				return e.bulk(ctx, ep, true)
+				return e.copyOut(ctx, ep)
+			}},
+		&workload{Name: "copy-in", Unit: "MB/s", HigherBetter: true, Applies: everyPath,
+			Desc: "COPY FROM STDIN of -bulk-mb MB of generated rows into an unlogged table (emptied before each run), bytes sent per second until CommandComplete; row count and checksum verified after",
+			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
+				return e.copyIn(ctx, ep)
 			}},
 		&workload{Name: "select-bulk", Unit: "MB/s", HigherBetter: true, Applies: everyPath,
 			Desc: "SELECT returning 3/5 of -bulk-mb MB of DataRows, bytes received per second",
 			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
-				return e.bulk(ctx, ep, false)
+				return e.selectBulk(ctx, ep)
 			}},
 		&workload{Name: "connect", Unit: "logins/s", HigherBetter: true, Applies: everyPath,
 			Desc: "pgbench -S -C: a new connection (SCRAM at the database, MFA code via PGOPTIONS) per transaction",

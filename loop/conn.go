@@ -39,6 +39,9 @@ type conn struct {
 	clientHeld []byte
 	clientOut  []byte // bytes for the half-closed client not yet written
 
+	uncancel   func()    // unregisters the session's cancel key (set at the handoff)
+	cancelConn gnet.Conn // a CancelRequest being forwarded for this client
+
 	logged    bool // the one audit line per login was written
 	closed    bool
 	handedOff bool
@@ -49,9 +52,14 @@ type conn struct {
 type (
 	clientSide   struct{ c *conn }
 	upstreamSide struct{ c *conn }
-	cancelSide   struct{ packet []byte }
 	refusedSide  struct{}
 )
+
+// cancelSide is the connection forwarding a client's CancelRequest.
+type cancelSide struct {
+	c      *conn
+	packet []byte
+}
 
 // OnOpen handles a new client, a dialed upstream, or a cancel forward.
 func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
@@ -76,8 +84,13 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		c.act(c.m.UpstreamConnected())
 		return nil, gnet.None
 	case *cancelSide:
-		// PostgreSQL reads the cancel packet and closes; so do we.
-		return ctx.packet, gnet.Close
+		// The database reads the cancel packet, signals the backend and
+		// closes; the client's connection is closed when it has (OnClose).
+		if ctx.c.closed {
+			return nil, gnet.Close
+		}
+		ctx.c.cancelConn = gc
+		return ctx.packet, gnet.None
 	}
 
 	s.stats.Accepted.Add(1)
@@ -181,6 +194,11 @@ func (s *Server) OnClose(gc gnet.Conn, err error) gnet.Action {
 			c.upstream = nil
 			c.act(c.m.UpstreamClosed(err))
 		}
+	case *cancelSide:
+		// The database processed the cancel (or the forward failed):
+		// now close the client, as PostgreSQL closes it after processing.
+		ctx.c.cancelConn = nil
+		ctx.c.close(nil)
 	}
 	return gnet.None
 }
@@ -204,8 +222,10 @@ func (c *conn) act(out session.Output) {
 	if out.Dial {
 		c.dial()
 	}
-	if out.Cancel != nil {
-		c.srv.forwardCancel(c.loop, out.Cancel)
+	if out.Cancel != nil && c.forwardCancel(out.Cancel) {
+		// The client's connection stays open until the database has
+		// closed the forwarded one (see forwardCancel).
+		return
 	}
 	if out.NeedMFA != nil {
 		c.askMFA(out.NeedMFA)
@@ -335,6 +355,10 @@ func (c *conn) close(err error) {
 	if c.upstream != nil {
 		_ = c.upstream.Close()
 	}
+	if c.cancelConn != nil {
+		_ = c.cancelConn.Close()
+		c.cancelConn = nil
+	}
 	c.finish()
 }
 
@@ -404,20 +428,35 @@ func (c *conn) exec(f func()) {
 	}))
 }
 
-// forwardCancel passes a client's CancelRequest to the database with the
-// database's own key, if the key is one this proxy issued. Unknown keys are
-// dropped silently, as PostgreSQL does.
-func (s *Server) forwardCancel(el gnet.EventLoop, req *pgproto3.CancelRequest) {
-	up, ok := s.cancels.lookup(req.ProcessID, req.SecretKey)
-	if !ok {
-		s.log.Debug("cancel request with an unknown key dropped")
-		return
+// forwardCancel forwards a client's CancelRequest to the database, byte
+// for byte, when routeCancel allows it (cancel.go), on a connection of this
+// loop. It reports whether a forward is under way: the client's connection
+// is then closed only once the database has closed the forwarded one, as
+// PostgreSQL closes a cancel connection only after it has signalled the
+// backend (libpq waits for that close so that a cancel cannot hit the
+// client's next query). cancelForwardTimeout bounds the wait.
+func (c *conn) forwardCancel(req *pgproto3.CancelRequest) bool {
+	if !c.srv.routeCancel(req, c.addr) {
+		return false
 	}
-	pkt := proto.Append(nil, &pgproto3.CancelRequest{ProcessID: up.ProcessID, SecretKey: up.SecretKey})
-	ctx := gnet.NewContext(context.Background(), &cancelSide{packet: pkt})
-	if _, err := el.Register(ctx, s.upAddr); err != nil {
-		s.log.Warn("cancel request not forwarded", "err", err)
+	pkt := proto.Append(nil, req)
+	ctx := gnet.NewContext(context.Background(), &cancelSide{c: c, packet: pkt})
+	ch, err := c.loop.Register(ctx, c.srv.upAddr)
+	if err != nil {
+		c.srv.log.Warn("cancel request not forwarded", "conn", c.id, "client", c.addr, "err", err)
+		return false
 	}
+	go func() {
+		if r := <-ch; r.Err != nil {
+			c.exec(func() {
+				c.srv.log.Warn("cancel request not forwarded", "conn", c.id, "client", c.addr, "err", r.Err)
+				c.close(nil)
+			})
+		}
+	}()
+	c.stopWaiting()
+	c.deadline = c.after(cancelForwardTimeout, func() { c.close(nil) })
+	return true
 }
 
 type chattyErr struct{}

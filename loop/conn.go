@@ -41,6 +41,7 @@ type conn struct {
 
 	uncancel   func()    // unregisters the session's cancel key (set at the handoff)
 	cancelConn gnet.Conn // a CancelRequest being forwarded for this client
+	cancelling bool      // this client sent a CancelRequest; it is being forwarded
 
 	logged    bool // the one audit line per login was written
 	closed    bool
@@ -133,6 +134,11 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 func (s *Server) OnTraffic(gc gnet.Conn) gnet.Action {
 	switch ctx := gc.Context().(type) {
 	case *clientSide:
+		if ctx.c.cancelling {
+			// PostgreSQL reads nothing after a CancelRequest either.
+			_, _ = gc.Discard(-1)
+			break
+		}
 		ctx.c.drain(gc, ctx.c.m.FromClient)
 	case *upstreamSide:
 		ctx.c.drain(gc, ctx.c.m.FromUpstream)
@@ -175,6 +181,11 @@ func (s *Server) OnClose(gc gnet.Conn, err error) gnet.Action {
 	case *clientSide:
 		c := ctx.c
 		if c.handedOff || c.closed {
+			return gnet.None
+		}
+		if c.cancelling {
+			// The forward goes on; its end closes what is left.
+			c.client = nil
 			return gnet.None
 		}
 		if isEOF(err) && !c.m.NeedsClient() {
@@ -454,6 +465,7 @@ func (c *conn) forwardCancel(req *pgproto3.CancelRequest) bool {
 			})
 		}
 	}()
+	c.cancelling = true
 	c.stopWaiting()
 	c.deadline = c.after(cancelForwardTimeout, func() { c.close(nil) })
 	return true

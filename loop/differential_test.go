@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -626,5 +627,97 @@ func TestDifferentialUpstreamTLS(t *testing.T) {
 	}
 	if st := px.srv.StatsSnapshot(); st["tls"] < 2 {
 		t.Fatalf("the sessions did not run in the TLS driver: %v", st)
+	}
+}
+
+// TestCancelForwardedVerbatim: a CancelRequest with a protocol 3.2 key (32
+// secret bytes, as PostgreSQL 18 issues) reaches the database byte for
+// byte, on the loop's path and through the TLS driver; and the client's
+// cancel connection stays open until the database has closed the forwarded
+// one (libpq waits for that close to know the cancel was processed).
+func TestCancelForwardedVerbatim(t *testing.T) {
+	cluster(t) // skips without PostgreSQL
+	pki := testPKI(t)
+	certs, err := tlsproxy.LoadCerts(pki.CertFile, pki.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A stand-in database that records a connection's first bytes and
+	// closes it when told.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	type accepted struct {
+		got   []byte
+		close func()
+	}
+	acc := make(chan accepted, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+				buf := make([]byte, 4)
+				if _, err := io.ReadFull(c, buf); err != nil {
+					c.Close()
+					return
+				}
+				rest := make([]byte, binary.BigEndian.Uint32(buf)-4)
+				_, _ = io.ReadFull(c, rest)
+				acc <- accepted{got: append(buf, rest...), close: func() { c.Close() }}
+			}()
+		}
+	}()
+	px := startProxy(t, mfa.Options{}, func(c *loop.Config) {
+		c.Upstream = ln.Addr().String()
+		c.TLSCerts, c.TLSMode = certs, session.TLSAllow
+	})
+	secret := bytes.Repeat([]byte{0xC3}, 32)
+	want := proto.Append(nil, &pgproto3.CancelRequest{ProcessID: 31337, SecretKey: secret})
+	for _, useTLS := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plaintext", true: "tls"}[useTLS], func(t *testing.T) {
+			c, err := net.DialTimeout("tcp", net.JoinHostPort(px.host, strconv.Itoa(px.port)), 10*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+			if useTLS {
+				_, _ = c.Write(proto.Append(nil, &pgproto3.SSLRequest{}))
+				var b [1]byte
+				if _, err := io.ReadFull(c, b[:]); err != nil || b[0] != 'S' {
+					t.Fatalf("SSLRequest: %q %v", b[0], err)
+				}
+				c = tls.Client(c, &tls.Config{InsecureSkipVerify: true})
+			}
+			if _, err := c.Write(want); err != nil {
+				t.Fatal(err)
+			}
+			var a accepted
+			select {
+			case a = <-acc:
+			case <-time.After(20 * time.Second):
+				t.Fatal("the cancel was not forwarded")
+			}
+			if !bytes.Equal(a.got, want) {
+				t.Fatalf("forwarded %x, client sent %x", a.got, want)
+			}
+			// Still open while the database holds the forwarded connection
+			// (a read that times out; a wrong close would show as EOF).
+			_ = c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			if _, err := c.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("the client's cancel connection ended before the database closed the forward: %v", err)
+			}
+			a.close()
+			_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+			if n, err := io.Copy(io.Discard, c); n != 0 || (err != nil && !isClosed(err)) {
+				t.Fatalf("after the database's close: %d bytes, %v", n, err)
+			}
+		})
 	}
 }

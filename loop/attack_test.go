@@ -267,8 +267,10 @@ func TestPipelinedQueryWaitsForMFA(t *testing.T) {
 	}
 }
 
-// TestCancelRequest: a CancelRequest through the proxy cancels a running
-// pg_sleep, using the key the proxy issued.
+// TestCancelRequest: the client holds its backend's own key; a
+// CancelRequest through the proxy with it cancels a running pg_sleep; keys
+// of no session here are forwarded (the database checks them) within a
+// rate limit per source address.
 func TestCancelRequest(t *testing.T) {
 	p := startProxy(t, mfa.Options{}, nil)
 	ctx := context.Background()
@@ -281,8 +283,8 @@ func TestCancelRequest(t *testing.T) {
 	if err := conn.QueryRow(ctx, "select pg_backend_pid()").Scan(&backendPID); err != nil {
 		t.Fatal(err)
 	}
-	if conn.PgConn().PID() == backendPID {
-		t.Fatal("the client sees the database's PID: the proxy did not issue its own cancel key")
+	if got := conn.PgConn().PID(); got != backendPID {
+		t.Fatalf("the client was given PID %d; pg_backend_pid() is %d", got, backendPID)
 	}
 	go func() {
 		time.Sleep(500 * time.Millisecond)
@@ -298,11 +300,29 @@ func TestCancelRequest(t *testing.T) {
 	if !errors.As(err, &pgErr) || pgErr.Code != "57014" {
 		t.Fatalf("want 57014 query_canceled, got %v after %v", err, time.Since(start))
 	}
-	// A made-up key cancels nothing and does not hurt.
+	// A made-up key cancels nothing and does not hurt; the proxy closes
+	// without answering, as PostgreSQL does.
 	raw := dialRaw(t, p)
 	raw.write(proto.Append(nil, &pgproto3.CancelRequest{ProcessID: 1234, SecretKey: []byte{1, 2, 3, 4}}))
 	if _, err := raw.next(); err == nil {
 		t.Fatal("the proxy answered a cancel request")
+	}
+	// Guessing from one address: past the burst the proxy stops
+	// forwarding (and says so once in its log).
+	for i := 0; i < 25; i++ {
+		raw := dialRaw(t, p)
+		raw.write(proto.Append(nil, &pgproto3.CancelRequest{ProcessID: backendPID, SecretKey: []byte{byte(i), 0, 0, 1}}))
+		if _, err := raw.next(); err == nil {
+			t.Fatal("the proxy answered a cancel request")
+		}
+	}
+	if !eventually(5*time.Second, func() bool { return strings.Contains(p.logs.String(), "rate limit per source address reached") }) {
+		t.Fatal("25 unknown keys from one address were all forwarded")
+	}
+	// The session is unharmed.
+	var one int
+	if err := conn.QueryRow(ctx, "select 1").Scan(&one); err != nil || one != 1 {
+		t.Fatalf("session after the guesses: %v", err)
 	}
 }
 

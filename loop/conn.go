@@ -39,6 +39,10 @@ type conn struct {
 	clientHeld []byte
 	clientOut  []byte // bytes for the half-closed client not yet written
 
+	uncancel   func()    // unregisters the session's cancel key (set at the handoff)
+	cancelConn gnet.Conn // a CancelRequest being forwarded for this client
+	cancelling bool      // this client sent a CancelRequest; it is being forwarded
+
 	logged    bool // the one audit line per login was written
 	closed    bool
 	handedOff bool
@@ -49,9 +53,14 @@ type conn struct {
 type (
 	clientSide   struct{ c *conn }
 	upstreamSide struct{ c *conn }
-	cancelSide   struct{ packet []byte }
 	refusedSide  struct{}
 )
+
+// cancelSide is the connection forwarding a client's CancelRequest.
+type cancelSide struct {
+	c      *conn
+	packet []byte
+}
 
 // OnOpen handles a new client, a dialed upstream, or a cancel forward.
 func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
@@ -76,8 +85,13 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		c.act(c.m.UpstreamConnected())
 		return nil, gnet.None
 	case *cancelSide:
-		// PostgreSQL reads the cancel packet and closes; so do we.
-		return ctx.packet, gnet.Close
+		// The database reads the cancel packet, signals the backend and
+		// closes; the client's connection is closed when it has (OnClose).
+		if ctx.c.closed {
+			return nil, gnet.Close
+		}
+		ctx.c.cancelConn = gc
+		return ctx.packet, gnet.None
 	}
 
 	s.stats.Accepted.Add(1)
@@ -120,6 +134,11 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 func (s *Server) OnTraffic(gc gnet.Conn) gnet.Action {
 	switch ctx := gc.Context().(type) {
 	case *clientSide:
+		if ctx.c.cancelling {
+			// PostgreSQL reads nothing after a CancelRequest either.
+			_, _ = gc.Discard(-1)
+			break
+		}
 		ctx.c.drain(gc, ctx.c.m.FromClient)
 	case *upstreamSide:
 		ctx.c.drain(gc, ctx.c.m.FromUpstream)
@@ -164,6 +183,11 @@ func (s *Server) OnClose(gc gnet.Conn, err error) gnet.Action {
 		if c.handedOff || c.closed {
 			return gnet.None
 		}
+		if c.cancelling {
+			// The forward goes on; its end closes what is left.
+			c.client = nil
+			return gnet.None
+		}
 		if isEOF(err) && !c.m.NeedsClient() {
 			if fd, derr := gc.Dup(); derr == nil {
 				c.clientFD = fd
@@ -181,6 +205,11 @@ func (s *Server) OnClose(gc gnet.Conn, err error) gnet.Action {
 			c.upstream = nil
 			c.act(c.m.UpstreamClosed(err))
 		}
+	case *cancelSide:
+		// The database processed the cancel (or the forward failed):
+		// now close the client, as PostgreSQL closes it after processing.
+		ctx.c.cancelConn = nil
+		ctx.c.close(nil)
 	}
 	return gnet.None
 }
@@ -204,8 +233,10 @@ func (c *conn) act(out session.Output) {
 	if out.Dial {
 		c.dial()
 	}
-	if out.Cancel != nil {
-		c.srv.forwardCancel(c.loop, out.Cancel)
+	if out.Cancel != nil && c.forwardCancel(out.Cancel) {
+		// The client's connection stays open until the database has
+		// closed the forwarded one (see forwardCancel).
+		return
 	}
 	if out.NeedMFA != nil {
 		c.askMFA(out.NeedMFA)
@@ -335,6 +366,10 @@ func (c *conn) close(err error) {
 	if c.upstream != nil {
 		_ = c.upstream.Close()
 	}
+	if c.cancelConn != nil {
+		_ = c.cancelConn.Close()
+		c.cancelConn = nil
+	}
 	c.finish()
 }
 
@@ -404,20 +439,36 @@ func (c *conn) exec(f func()) {
 	}))
 }
 
-// forwardCancel passes a client's CancelRequest to the database with the
-// database's own key, if the key is one this proxy issued. Unknown keys are
-// dropped silently, as PostgreSQL does.
-func (s *Server) forwardCancel(el gnet.EventLoop, req *pgproto3.CancelRequest) {
-	up, ok := s.cancels.lookup(req.ProcessID, req.SecretKey)
-	if !ok {
-		s.log.Debug("cancel request with an unknown key dropped")
-		return
+// forwardCancel forwards a client's CancelRequest to the database, byte
+// for byte, when routeCancel allows it (cancel.go), on a connection of this
+// loop. It reports whether a forward is under way: the client's connection
+// is then closed only once the database has closed the forwarded one, as
+// PostgreSQL closes a cancel connection only after it has signalled the
+// backend (libpq waits for that close so that a cancel cannot hit the
+// client's next query). cancelForwardTimeout bounds the wait.
+func (c *conn) forwardCancel(req *pgproto3.CancelRequest) bool {
+	if !c.srv.routeCancel(req, c.addr) {
+		return false
 	}
-	pkt := proto.Append(nil, &pgproto3.CancelRequest{ProcessID: up.ProcessID, SecretKey: up.SecretKey})
-	ctx := gnet.NewContext(context.Background(), &cancelSide{packet: pkt})
-	if _, err := el.Register(ctx, s.upAddr); err != nil {
-		s.log.Warn("cancel request not forwarded", "err", err)
+	pkt := proto.Append(nil, req)
+	ctx := gnet.NewContext(context.Background(), &cancelSide{c: c, packet: pkt})
+	ch, err := c.loop.Register(ctx, c.srv.upAddr)
+	if err != nil {
+		c.srv.log.Warn("cancel request not forwarded", "conn", c.id, "client", c.addr, "err", err)
+		return false
 	}
+	go func() {
+		if r := <-ch; r.Err != nil {
+			c.exec(func() {
+				c.srv.log.Warn("cancel request not forwarded", "conn", c.id, "client", c.addr, "err", r.Err)
+				c.close(nil)
+			})
+		}
+	}()
+	c.cancelling = true
+	c.stopWaiting()
+	c.deadline = c.after(cancelForwardTimeout, func() { c.close(nil) })
+	return true
 }
 
 type chattyErr struct{}

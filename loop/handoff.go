@@ -71,7 +71,7 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 	_ = c.loop.Close(c.upstream)
 	c.client, c.upstream = nil, nil
 
-	c.srv.cancels.add(est.ProxyKey, est.UpstreamKey)
+	c.uncancel = c.srv.cancels.add(est.Key, c.id)
 	c.audit(true, nil)
 	c.start = time.Now()
 
@@ -119,7 +119,7 @@ func takeAll(gc gnet.Conn) []byte {
 // ended logs the end of a handed-off session and frees what it held. It
 // runs on the splicer's or the relay's goroutine.
 func (c *conn) ended(mode string, c2s, s2c uint64, d time.Duration, reason string, est *session.Established) {
-	c.srv.cancels.remove(est.ProxyKey)
+	c.uncancel()
 	c.srv.log.Info("session end", "conn", c.id, "client", c.addr, "user", c.m.User(), "database", c.m.Database(),
 		"mode", mode, "bytes_client_to_server", c2s, "bytes_server_to_client", s2c,
 		"duration", d.Round(time.Millisecond), "reason", reason)

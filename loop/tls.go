@@ -1,14 +1,8 @@
 package loop
 
 import (
-	"net"
-	"time"
-
-	"github.com/jackc/pgx/v5/pgproto3"
-
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
-	"github.com/pgmfa/pgmfa/proto"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
 
@@ -45,11 +39,8 @@ func (s *Server) setUpTLS() error {
 				}
 				return cancel, true
 			},
-			RegisterCancel: func(proxy, upstream *pgproto3.BackendKeyData) func() {
-				s.cancels.add(proxy, upstream)
-				return func() { s.cancels.remove(proxy) }
-			},
-			ForwardCancel: s.forwardCancelAsync,
+			RegisterCancel: s.cancels.add,
+			RouteCancel:    s.routeCancel,
 			LoginDone: func(ok bool) {
 				if ok {
 					s.stats.LoginsOK.Add(1)
@@ -119,24 +110,6 @@ func (c *conn) handoffTLS(reply []byte, start, direct, atOpen bool) {
 		srv.conns.Add(-1)
 		srv.stats.Active.Add(-1)
 	})
-}
-
-// forwardCancelAsync forwards a CancelRequest that arrived on a TLS
-// connection (off the loop, so a plain blocking dial).
-func (s *Server) forwardCancelAsync(req *pgproto3.CancelRequest) {
-	up, ok := s.cancels.lookup(req.ProcessID, req.SecretKey)
-	if !ok {
-		return
-	}
-	go func() {
-		c, err := net.DialTimeout(s.upAddr.Network(), s.upAddr.String(), 5*time.Second)
-		if err != nil {
-			s.log.Warn("cancel request not forwarded", "err", err)
-			return
-		}
-		defer c.Close()
-		_, _ = c.Write(proto.Append(nil, &pgproto3.CancelRequest{ProcessID: up.ProcessID, SecretKey: up.SecretKey}))
-	}()
 }
 
 // tlsSide marks a gnet conn handed to the TLS driver at open.

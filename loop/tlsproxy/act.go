@@ -36,9 +36,7 @@ func (s *sess) act(out session.Output) {
 		s.dial()
 	}
 	if out.Cancel != nil {
-		if f := s.d.cfg.Hooks.ForwardCancel; f != nil {
-			f(out.Cancel)
-		}
+		s.forwardCancel(out.Cancel)
 	}
 	if out.NeedMFA != nil && !s.closed {
 		s.askMFA(out.NeedMFA)

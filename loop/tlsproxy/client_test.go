@@ -15,6 +15,8 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/proto"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
@@ -265,39 +267,67 @@ func TestLargeResultOverTLS(t *testing.T) {
 	}
 }
 
-// TestCancelOverTLS: pgx sends its CancelRequest on a new plaintext
-// connection with the key it got inside TLS; the driver forwards it.
+// TestCancelOverTLS: the client sees its backend's real PID; pgx sends its
+// CancelRequest with that key on a new connection (inside TLS, as libpq 17
+// does, since the session is encrypted); the driver forwards it over its
+// own upstream dialer, so with TLS when the database side uses TLS.
 func TestCancelOverTLS(t *testing.T) {
-	p := startProxy(t, setup{})
-	ctx := context.Background()
-	conn, err := pgx.ConnectConfig(ctx, p.pgxConfig(t, "sslmode=require"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	errc := make(chan error, 1)
-	go func() {
-		_, err := conn.Exec(ctx, "select pg_sleep(600)")
-		errc <- err
-	}()
-	pg := plain(t)
-	for i := 0; ; i++ {
-		out, _ := pg.Psql("select count(*) from pg_stat_activity where query = 'select pg_sleep(600)' and state = 'active'")
-		if out == "1" {
-			break
-		}
-		if i > 1000 {
-			t.Fatal("the query never started")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if err := conn.PgConn().CancelRequest(ctx); err != nil {
-		t.Fatal(err)
-	}
-	err = <-errc
-	var pe *pgconn.PgError
-	if !errors.As(err, &pe) || pe.Code != "57014" {
-		t.Fatalf("want 57014 (canceled), got %v", err)
+	for _, tc := range []struct {
+		name    string
+		pg      func(*testing.T) *pgcluster.Cluster
+		upTLS   tlsproxy.UpstreamTLS
+		sslmode string
+	}{
+		{"tls-client", plain, tlsproxy.UpstreamTLS{}, "sslmode=require"},
+		// A plaintext client (a TLS client would trip the SCRAM channel
+		// binding check over a TLS upstream) whose cancel pgmfa forwards
+		// over TLS.
+		{"tls-upstream", withSSL, tlsproxy.UpstreamTLS{SSLMode: tlsproxy.SSLRequire}, "sslmode=disable"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pg := tc.pg(t)
+			p := startProxy(t, setup{pg: pg, upTLS: tc.upTLS})
+			ctx := context.Background()
+			conn, err := pgx.ConnectConfig(ctx, p.pgxConfig(t, tc.sslmode))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close(ctx)
+			var pid uint32
+			if err := conn.QueryRow(ctx, "select pg_backend_pid()").Scan(&pid); err != nil {
+				t.Fatal(err)
+			}
+			if got := conn.PgConn().PID(); got != pid {
+				t.Fatalf("the client was given PID %d, its backend is %d", got, pid)
+			}
+			errc := make(chan error, 1)
+			go func() {
+				_, err := conn.Exec(ctx, "select pg_sleep(600)")
+				errc <- err
+			}()
+			for i := 0; ; i++ {
+				out, _ := pg.Psql(fmt.Sprintf("select count(*) from pg_stat_activity where pid = %d and state = 'active'", pid))
+				if out == "1" {
+					break
+				}
+				if i > 1000 {
+					t.Fatal("the query never started")
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			routed, dials := p.routed.Load(), p.dials.Load()
+			if err := conn.PgConn().CancelRequest(ctx); err != nil {
+				t.Fatal(err)
+			}
+			err = <-errc
+			var pe *pgconn.PgError
+			if !errors.As(err, &pe) || pe.Code != "57014" {
+				t.Fatalf("want 57014 (canceled), got %v", err)
+			}
+			if p.routed.Load() != routed+1 || p.dials.Load() != dials+1 {
+				t.Fatal("the cancel was not routed by the hook and forwarded over the upstream dialer")
+			}
+		})
 	}
 }
 

@@ -25,12 +25,15 @@ type Hooks struct {
 	// out-of-band approval; then waiting is true), unless cancel is called
 	// first.
 	MFA func(req *session.MFARequest, addr string, decide func(mfa.Path, mfa.Outcome)) (cancel func(), waiting bool)
-	// RegisterCancel maps the proxy-issued cancel key to the database's;
-	// remove is called at the end of the session.
-	RegisterCancel func(proxy, upstream *pgproto3.BackendKeyData) (remove func())
-	// ForwardCancel forwards a CancelRequest received on a connection run
-	// here (non-blocking).
-	ForwardCancel func(req *pgproto3.CancelRequest)
+	// RegisterCancel records the cancel key of a released session (the
+	// database's own key, which the client received unchanged; id is the
+	// Handoff's ID); remove is called at the end of the session.
+	RegisterCancel func(key *pgproto3.BackendKeyData, id uint64) (remove func())
+	// RouteCancel decides a CancelRequest received on a connection run here
+	// from the client at addr: true means forward it to the database (the
+	// driver does, over DialUpstream, so with TLS when the database side
+	// uses TLS). Nil forwards every CancelRequest.
+	RouteCancel func(req *pgproto3.CancelRequest, addr string) bool
 	// LoginDone and SessionDone feed the proxy's counters; may be nil.
 	// LoginDone is called once per login that got as far as a user name
 	// (the logins that get an audit line).

@@ -15,7 +15,7 @@ import (
 func (s *sess) establish(out session.Output) {
 	est := out.Established
 	if f := s.d.cfg.Hooks.RegisterCancel; f != nil {
-		s.removeCancel = f(est.ProxyKey, est.UpstreamKey)
+		s.removeCancel = f(est.Key, s.h.ID)
 	}
 	toClient := append(out.ToClient, s.ubuf...)
 	toServer := s.cbuf

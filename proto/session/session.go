@@ -76,7 +76,7 @@ type Config struct {
 	// AllowCleartext lets AuthPassword ask for a cleartext password over a
 	// connection that is not encrypted (loopback-only setups).
 	AllowCleartext bool
-	// Rand issues the proxy's cancel keys and SCRAM nonces. Nil means
+	// Rand makes the SCRAM nonces of AuthPassword logins. Nil means
 	// crypto/rand.
 	Rand io.Reader
 	// MaxSCRAMIterations bounds the upstream's SCRAM iteration count in
@@ -126,11 +126,13 @@ type Decision struct {
 
 // Established describes a released session for the caller's handoff.
 type Established struct {
-	// ProxyKey is the BackendKeyData the client received; the caller maps it
-	// to UpstreamKey for cancel requests.
-	ProxyKey    *pgproto3.BackendKeyData
-	UpstreamKey *pgproto3.BackendKeyData
-	Result      *proto.LoginResult
+	// Key is the database's own BackendKeyData, which the client received
+	// unchanged (nil if the database sent none): the PID the client knows
+	// is its backend's, and a CancelRequest carrying it is valid at the
+	// database whichever proxy (or none) forwards it. The caller registers
+	// it to route the client's cancels.
+	Key    *pgproto3.BackendKeyData
+	Result *proto.LoginResult
 }
 
 // Output is what one step asks the caller to do, in this order: write
@@ -149,8 +151,9 @@ type Output struct {
 	// buffer are the ClientHello.
 	StartTLS  bool
 	DirectTLS bool
-	// Cancel: the client sent a CancelRequest. Forward it if the key is
-	// one the proxy issued, then close without answering (as PostgreSQL does).
+	// Cancel: the client sent a CancelRequest. The caller forwards it to
+	// the database (the key is the database's own; see Established.Key) and
+	// closes without answering, as PostgreSQL does.
 	Cancel *pgproto3.CancelRequest
 	// NeedMFA: ask for an MFA decision.
 	NeedMFA *MFARequest
@@ -623,40 +626,12 @@ func (m *Machine) maybeRelease(out Output) Output {
 		out.Close, out.Err = true, m.heldErr
 		return out
 	}
-	key, err := m.newKey()
-	if err != nil {
-		return m.fail(err)
-	}
+	// The database's own key, unchanged (protocol 3.0 and 3.2 lengths
+	// alike): a client must see its real backend PID (DESIGN.md, step 5).
 	m.phase = PhaseReady
-	out.ToClient = m.result.AppendReady(out.ToClient, key)
-	out.Established = &Established{ProxyKey: key, UpstreamKey: m.result.Key, Result: m.result}
+	out.ToClient = m.result.AppendReady(out.ToClient, m.result.Key)
+	out.Established = &Established{Key: m.result.Key, Result: m.result}
 	return out
-}
-
-// newKey issues the proxy's own BackendKeyData: 4 secret bytes for
-// protocol 3.0, 32 for 3.2 (as PostgreSQL 18 does).
-func (m *Machine) newKey() (*pgproto3.BackendKeyData, error) {
-	n := 4
-	if m.negotiatedVersion() >= pgproto3.ProtocolVersion32 {
-		n = 32
-	}
-	b := make([]byte, 4+n)
-	if _, err := io.ReadFull(m.cfg.Rand, b); err != nil {
-		return nil, fmt.Errorf("issue cancel key: %w", err)
-	}
-	pid := binary.BigEndian.Uint32(b) &^ (1 << 31) // positive, as a PID would be
-	if pid == 0 {
-		pid = 1
-	}
-	return &pgproto3.BackendKeyData{ProcessID: pid, SecretKey: b[4:]}, nil
-}
-
-func (m *Machine) negotiatedVersion() uint32 {
-	v := m.startup.ProtocolVersion
-	if m.result != nil && m.result.Negotiate != nil {
-		v = 3<<16 | m.result.Negotiate.NewestMinorProtocol
-	}
-	return v
 }
 
 // Timeout ends a login that took too long. mfaWait tells whether the

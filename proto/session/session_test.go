@@ -2,7 +2,6 @@ package session
 
 import (
 	"bytes"
-	"encoding/binary"
 	"errors"
 	"io"
 	"testing"
@@ -18,7 +17,7 @@ func startupBytes(params map[string]string) []byte {
 	return enc(&pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: params})
 }
 
-// fixedRand makes cancel keys deterministic.
+// fixedRand makes SCRAM nonces deterministic.
 type fixedRand byte
 
 func (f fixedRand) Read(p []byte) (int, error) {
@@ -107,8 +106,8 @@ func TestPassthroughReleaseAfterMFA(t *testing.T) {
 	if out.Established == nil {
 		t.Fatal("not released")
 	}
-	if out.Established.UpstreamKey.ProcessID != 77 || out.Established.ProxyKey.ProcessID == 77 {
-		t.Fatalf("keys: %+v", out.Established)
+	if k := out.Established.Key; k == nil || k.ProcessID != 77 || !bytes.Equal(k.SecretKey, []byte{9, 9, 9, 9}) {
+		t.Fatalf("key: %+v", out.Established.Key)
 	}
 	msgs := decodeAll(t, out.ToClient)
 	want := []byte{'R', 'S', 'K', 'Z'}
@@ -120,8 +119,9 @@ func TestPassthroughReleaseAfterMFA(t *testing.T) {
 			t.Fatalf("release message %d = %q, want %q", i, m.Type, want[i])
 		}
 	}
-	if binary.BigEndian.Uint32(msgs[2].Body) == 77 {
-		t.Fatal("the client got the database's cancel key")
+	// The client gets the database's own key, byte for byte.
+	if !bytes.Equal(msgs[2].Body, []byte{0, 0, 0, 77, 9, 9, 9, 9}) {
+		t.Fatalf("BackendKeyData body %x: want the database's key (pid 77, secret 09090909)", msgs[2].Body)
 	}
 }
 
@@ -349,5 +349,80 @@ func TestTLSNegotiation(t *testing.T) {
 	_, out = m.FromClient(startupBytes(map[string]string{"user": "x"}))
 	if out.Close {
 		t.Fatalf("password mode inside TLS refused: %v", out.Err)
+	}
+}
+
+// TestReleaseCarriesDatabaseKey: whatever protocol version the client asked
+// for and whatever key length the database chose (4 secret bytes for 3.0,
+// up to 256 for 3.2; PostgreSQL 18 sends 32), the client receives the
+// database's BackendKeyData unchanged, after the held NegotiateProtocolVersion
+// when the database sent one.
+func TestReleaseCarriesDatabaseKey(t *testing.T) {
+	secret32 := bytes.Repeat([]byte{0xA5}, 32)
+	secret256 := bytes.Repeat([]byte{0x5A}, 256)
+	for _, tc := range []struct {
+		name      string
+		version   uint32
+		negotiate *pgproto3.NegotiateProtocolVersion
+		key       *pgproto3.BackendKeyData
+	}{
+		{"3.0", pgproto3.ProtocolVersion30, nil, &pgproto3.BackendKeyData{ProcessID: 4321, SecretKey: []byte{1, 2, 3, 4}}},
+		{"3.2", pgproto3.ProtocolVersion32, nil, &pgproto3.BackendKeyData{ProcessID: 4322, SecretKey: secret32}},
+		{"3.2 longest", pgproto3.ProtocolVersion32, nil, &pgproto3.BackendKeyData{ProcessID: 4323, SecretKey: secret256}},
+		{"3.2 negotiated down to 3.0", pgproto3.ProtocolVersion32,
+			&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0}, &pgproto3.BackendKeyData{ProcessID: 4324, SecretKey: []byte{4, 3, 2, 1}}},
+		{"no key", pgproto3.ProtocolVersion30, nil, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := New(Config{})
+			_, outs := feed(t, m.FromClient, enc(&pgproto3.StartupMessage{ProtocolVersion: tc.version,
+				Parameters: map[string]string{"user": "alice", "options": "-c pgmfa.code=123456"}}))
+			if _, _, l := collect(outs); !l.Dial {
+				t.Fatal("no dial")
+			}
+			m.UpstreamConnected()
+			var server []pgproto3.BackendMessage
+			if tc.negotiate != nil {
+				server = append(server, tc.negotiate)
+			}
+			server = append(server, &pgproto3.AuthenticationOk{}, &pgproto3.ParameterStatus{Name: "server_version", Value: "18.0"})
+			if tc.key != nil {
+				server = append(server, tc.key)
+			}
+			server = append(server, &pgproto3.ReadyForQuery{TxStatus: 'I'})
+			var raw []byte
+			for _, msg := range server {
+				raw = append(raw, enc(msg)...)
+			}
+			feed(t, m.FromUpstream, raw)
+			out := m.MFADecided(Decision{OK: true})
+			if out.Established == nil {
+				t.Fatal("not released")
+			}
+			var got *pgproto3.BackendKeyData
+			for _, msg := range decodeAll(t, out.ToClient) {
+				if msg.Type == 'K' {
+					if got != nil {
+						t.Fatal("two BackendKeyData messages")
+					}
+					got = &pgproto3.BackendKeyData{}
+					if err := got.Decode(msg.Body); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			if tc.key == nil {
+				if got != nil || out.Established.Key != nil {
+					t.Fatalf("a key appeared from nowhere: %+v %+v", got, out.Established.Key)
+				}
+				return
+			}
+			if got == nil || got.ProcessID != tc.key.ProcessID || !bytes.Equal(got.SecretKey, tc.key.SecretKey) {
+				t.Fatalf("client got %+v, database sent %+v", got, tc.key)
+			}
+			if k := out.Established.Key; k == nil || k.ProcessID != tc.key.ProcessID || !bytes.Equal(k.SecretKey, tc.key.SecretKey) {
+				t.Fatalf("Established.Key %+v, database sent %+v", k, tc.key)
+			}
+		})
 	}
 }

@@ -77,7 +77,8 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 
 	if sp := c.srv.splicer; sp != nil {
 		err := sp.Splice(cfd, ufd, toServer, toClient, func(st bpf.Stats) {
-			c.ended("sockmap", st.ClientToServer, st.ServerToClient, st.Duration, st.Reason, est)
+			c.ended(sessionEnd{mode: "sockmap", c2s: st.ClientToServer, s2c: st.ServerToClient, dur: st.Duration,
+				reason: st.Reason, flowControl: st.FlowControl, relayed: st.Relayed})
 		})
 		if err == nil {
 			c.srv.stats.Spliced.Add(1)
@@ -89,18 +90,18 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 			// continue this byte stream faithfully.
 			unix.Close(cfd)
 			unix.Close(ufd)
-			c.ended("sockmap", 0, 0, 0, "handoff failed: "+err.Error(), est)
+			c.ended(sessionEnd{mode: "sockmap", reason: "handoff failed: " + err.Error()})
 			return
 		}
 		c.srv.log.Info("session not spliced; using the user-space relay", "conn", c.id, "reason", err.Error())
 	}
 	err = c.srv.relay.Add(cfd, ufd, toServer, toClient, func(st relay.Stats) {
-		c.ended("relay", st.ClientToServer, st.ServerToClient, st.Duration, st.Reason, est)
+		c.ended(sessionEnd{mode: "relay", c2s: st.ClientToServer, s2c: st.ServerToClient, dur: st.Duration, reason: st.Reason})
 	})
 	if err != nil {
 		unix.Close(cfd)
 		unix.Close(ufd)
-		c.ended("relay", 0, 0, 0, "handoff failed: "+err.Error(), est)
+		c.ended(sessionEnd{mode: "relay", reason: "handoff failed: " + err.Error()})
 		return
 	}
 	c.srv.stats.Relayed.Add(1)
@@ -116,13 +117,24 @@ func takeAll(gc gnet.Conn) []byte {
 	return append([]byte(nil), b...)
 }
 
+// sessionEnd is what the session-end line reports.
+type sessionEnd struct {
+	mode        string
+	c2s, s2c    uint64
+	dur         time.Duration
+	reason      string
+	flowControl uint64 // sockmap: flow-control episodes
+	relayed     uint64 // sockmap: bytes flow control moved in user space
+}
+
 // ended logs the end of a handed-off session and frees what it held. It
 // runs on the splicer's or the relay's goroutine.
-func (c *conn) ended(mode string, c2s, s2c uint64, d time.Duration, reason string, est *session.Established) {
+func (c *conn) ended(e sessionEnd) {
 	c.uncancel()
 	c.srv.log.Info("session end", "conn", c.id, "client", c.addr, "user", c.m.User(), "database", c.m.Database(),
-		"mode", mode, "bytes_client_to_server", c2s, "bytes_server_to_client", s2c,
-		"duration", d.Round(time.Millisecond), "reason", reason)
+		"mode", e.mode, "bytes_client_to_server", e.c2s, "bytes_server_to_client", e.s2c,
+		"flow_control", e.flowControl, "relayed_bytes", e.relayed,
+		"duration", e.dur.Round(time.Millisecond), "reason", e.reason)
 	c.srv.conns.Add(-1)
 	c.srv.stats.Active.Add(-1)
 }

@@ -69,10 +69,11 @@ type Config struct {
 	Guard       *mfa.Guard
 	Approvals   *mfa.Approvals
 
-	Splice      string // auto | sockmap | off
-	MaxBacklog  int64  // sockmap: bytes in flight per session (0: bpf default)
-	RelayBuffer int    // relay: bytes per direction (0: 64 KiB)
-	SocketBuf   int    // SO_SNDBUF/SO_RCVBUF for both sockets; 0 = kernel default
+	Splice        string // auto | sockmap | off
+	FlowThreshold int64  // sockmap: redirect queue per direction that starts flow control (0: bpf default; <0: off)
+	MaxBacklog    int64  // sockmap: hard bound per direction, ends the session (0: bpf default)
+	RelayBuffer   int    // relay: bytes per direction (0: 64 KiB)
+	SocketBuf     int    // SO_SNDBUF/SO_RCVBUF for both sockets; 0 = kernel default
 
 	// TLS (package tlsproxy): the client-facing certificate (nil: no TLS
 	// for clients), the client policy, and TLS towards the database.
@@ -167,7 +168,7 @@ func (s *Server) setUpHandoff() error {
 	case "", SpliceAuto, SpliceSockmap:
 		err := bpf.Probe()
 		if err == nil {
-			s.splicer, err = bpf.NewSplicer(bpf.Options{MaxBacklog: s.cfg.MaxBacklog, Logger: s.log})
+			s.splicer, err = bpf.NewSplicer(bpf.Options{FlowThreshold: s.cfg.FlowThreshold, MaxBacklog: s.cfg.MaxBacklog, Logger: s.log})
 		}
 		if err != nil {
 			if s.cfg.Splice == SpliceSockmap {

@@ -36,6 +36,7 @@ type serveFlags struct {
 	maxConns             int
 	maxMessage           int
 	splice               string
+	flowThreshold        int64
 	maxBacklog           int64
 	relayBuffer, sockBuf int
 	store, adminAddr     string
@@ -64,7 +65,8 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.maxConns, "max-conns", 0, "most client connections at once, logins and sessions alike; more get SQLSTATE 53300 (0: unlimited)")
 	fs.IntVar(&f.maxMessage, "max-message-len", 1<<20, "largest protocol message accepted during login, bytes")
 	fs.StringVar(&f.splice, "splice", "auto", "after login: auto (kernel sockmap when available, else the user-space relay), sockmap (or refuse to start), off (always the relay)")
-	fs.Int64Var(&f.maxBacklog, "max-backlog", 0, "sockmap: bytes the kernel may hold in flight towards one side of a session (a reader slower than its sender: a stalled client, a bulk COPY FROM); past it the session is ended with reason \"backlog limit\" (0: the default, 64 MiB). Spliced sessions have no flow control: use --splice off for upload-heavy workloads")
+	fs.Int64Var(&f.flowThreshold, "flow-threshold", 0, "sockmap flow control: bytes the kernel may queue between the two sockets of one direction of a session before that direction is moved through user space until its reader catches up (a slow reader, a bulk COPY FROM); the sender is slowed by TCP as on a direct connection, nothing is ended (0: the default, 4 MiB; -1: off, then --max-backlog ends such sessions)")
+	fs.Int64Var(&f.maxBacklog, "max-backlog", 0, "sockmap hard bound: a session is ended (reason \"backlog limit\") when the kernel holds more than this many bytes of one direction outside both sockets' buffers; with flow control on only a peer that keeps sending while it reads nothing reaches it (0: the default, 64 MiB)")
 	fs.IntVar(&f.relayBuffer, "relay-buffer", 64<<10, "user-space relay: bytes buffered per direction of a session")
 	fs.IntVar(&f.sockBuf, "socket-buffer", 0, "SO_SNDBUF/SO_RCVBUF for client and database sockets (0: kernel default, autotuned)")
 	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll (env PGMFA_STORE)")
@@ -190,6 +192,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		Guard:                  guard,
 		Approvals:              approvals,
 		Splice:                 f.splice,
+		FlowThreshold:          f.flowThreshold,
 		MaxBacklog:             f.maxBacklog,
 		RelayBuffer:            f.relayBuffer,
 		SocketBuf:              f.sockBuf,

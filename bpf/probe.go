@@ -17,3 +17,14 @@ func Probe() error {
 // UnixUpstreams reports whether sessions whose database side is a unix
 // socket can be spliced (nil) or why not; those sessions are relayed.
 func (s *Splicer) UnixUpstreams() error { return s.obj.noQueues }
+
+// ProbeUnixUpstreams reports whether sessions whose database side is a
+// unix socket can be spliced here (nil) or why not (they are relayed).
+func ProbeUnixUpstreams() error {
+	l, err := load()
+	if err != nil {
+		return err
+	}
+	defer l.close()
+	return l.noQueues
+}

@@ -292,7 +292,19 @@ func TestUnixSockets(t *testing.T) {
 				t.Fatalf("pgbench through %s to a unix upstream: %v\n%s", mode, err, out)
 			}
 			st := p.srv.StatsSnapshot()
-			if mode == loop.SpliceSockmap && (st["spliced"] < 9 || st["relayed"] != 0) {
+			if mode != loop.SpliceSockmap {
+				return
+			}
+			if err := bpf.ProbeUnixUpstreams(); err != nil {
+				// A property of the kernel (see bpf.load): such sessions
+				// must then all be relayed, and work.
+				t.Logf("unix upstreams are relayed here: %v", err)
+				if st["relayed"] < 9 || st["spliced"] != 0 {
+					t.Fatalf("sessions to a unix upstream were not all relayed: %v\n%s", st, p.logs.String())
+				}
+				return
+			}
+			if st["spliced"] < 9 || st["relayed"] != 0 {
 				t.Fatalf("sessions to a unix upstream were not all spliced: %v\n%s", st, p.logs.String())
 			}
 		})

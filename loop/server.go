@@ -177,6 +177,9 @@ func (s *Server) setUpHandoff() error {
 			s.log.Warn("kernel splicing unavailable; sessions use the user-space relay", "reason", err.Error())
 		} else {
 			s.log.Info("kernel splicing enabled (sockmap)")
+			if err := s.splicer.UnixUpstreams(); err != nil && s.upAddr.Network() == "unix" {
+				s.log.Warn("the database is on a unix socket, which this kernel cannot splice; sessions use the user-space relay", "reason", err.Error())
+			}
 			// Loading parses the kernel's BTF: megabytes of garbage the
 			// runtime would otherwise keep mapped for a while. Hand it back
 			// now, once, so the proxy's RSS reflects its sessions.

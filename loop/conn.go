@@ -292,7 +292,16 @@ func (c *conn) dial() {
 // askMFA answers the machine's MFA request through the server's gate,
 // bringing a late (out-of-band) answer back onto this connection's loop.
 func (c *conn) askMFA(req *session.MFARequest) {
-	path, o, waitID, cancel, waiting := c.srv.ResolveMFA(req, c.addr, func(path mfa.Path, o mfa.Outcome) {
+	if req.Code != "" {
+		// Verifying a code claims its time step in the store (a file lock,
+		// a read and a synced write): never on the loop.
+		go func() {
+			path, o, _, _, _ := c.srv.ResolveMFA(req, c.id, c.addr, nil)
+			c.exec(func() { c.decide(path, o) })
+		}()
+		return
+	}
+	path, o, _, cancel, waiting := c.srv.ResolveMFA(req, c.id, c.addr, func(path mfa.Path, o mfa.Outcome) {
 		c.exec(func() { c.decide(path, o) })
 	})
 	if !waiting {
@@ -305,17 +314,20 @@ func (c *conn) askMFA(req *session.MFARequest) {
 		c.mfaReason = "timeout"
 		c.act(c.m.Timeout(true))
 	})
-	c.srv.log.Info("login waiting for MFA approval", "conn", c.id, "approval_id", waitID, "client", c.addr,
+	c.srv.log.Info("login waiting for MFA approval", "conn", c.id, "client", c.addr,
 		"user", req.User, "approve_with", "pgmfa approve "+req.User+" CODE")
 }
 
 // ResolveMFA decides an MFA request: exempt, remembered, a code verified
 // now, or a wait for `pgmfa approve`. When it can decide now it returns the
 // decision; otherwise waiting is true and later is called exactly once from
-// another goroutine, unless cancel is called first. Safe for concurrent use.
+// another goroutine, unless cancel is called first. A request with a code
+// is always decided now, but verifying it does store I/O: callers on an
+// event loop run it elsewhere. Safe for concurrent use.
 //
-// waitID is the approval id (`pgmfa approve --conn ID`).
-func (s *Server) ResolveMFA(req *session.MFARequest, addr string, later func(mfa.Path, mfa.Outcome)) (path mfa.Path, o mfa.Outcome, waitID uint64, cancel func(), waiting bool) {
+// connID is the connection's id in the log; it is also the approval id
+// (`pgmfa approve --conn ID`) when the login waits.
+func (s *Server) ResolveMFA(req *session.MFARequest, connID uint64, addr string, later func(mfa.Path, mfa.Outcome)) (path mfa.Path, o mfa.Outcome, waitID uint64, cancel func(), waiting bool) {
 	cfg := s.cfg
 	switch {
 	case !cfg.MFARequired || cfg.MFAExempt[req.User]:
@@ -335,8 +347,16 @@ func (s *Server) ResolveMFA(req *session.MFARequest, addr string, later func(mfa
 	case !cfg.Guard.Enrolled(req.User):
 		return mfa.PathCode, mfa.NotEnrolled(req.User), 0, nil, false
 	}
-	waitID, cancel = cfg.Approvals.Wait(req.User, addr, func(o mfa.Outcome) { later(mfa.PathApproval, o) })
-	return mfa.PathApproval, mfa.Outcome{}, waitID, cancel, true
+	p, others, cancel := cfg.Approvals.Wait(mfa.Login{ConnID: connID, User: req.User, Addr: addr, Database: req.Database, AppName: req.AppName},
+		func(o mfa.Outcome) { later(mfa.PathApproval, o) })
+	for _, w := range others {
+		// Whoever has the password may be racing the real user for the
+		// approval: say so, with both addresses.
+		s.log.Warn("another login of the user is already waiting for MFA approval", "user", req.User,
+			"conn", p.ID, "client", addr, "waiting_conn", w.ID, "waiting_client", w.Addr,
+			"waiting_since", w.Since.Format(time.RFC3339))
+	}
+	return mfa.PathApproval, mfa.Outcome{}, p.ID, cancel, true
 }
 
 func (c *conn) decide(path mfa.Path, o mfa.Outcome) {

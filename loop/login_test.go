@@ -99,13 +99,13 @@ func TestApproveOutOfBand(t *testing.T) {
 		t.Fatalf("login finished before approval: %+v", r)
 	default:
 	}
-	released, o := p.appr.Approve(alice, p.code(alice), 0)
-	if !o.OK || len(released) != 1 {
-		t.Fatalf("approve: %+v, released %d", o, len(released))
+	r := p.appr.Approve(mfa.Approval{User: alice, Code: p.code(alice)})
+	if !r.OK || len(r.Released) != 1 {
+		t.Fatalf("approve: %+v", r)
 	}
-	r := <-done
-	if r.err != nil || r.out != "approved" {
-		t.Fatalf("after approval: %q %v\n%s", r.out, r.err, r.stderr)
+	res := <-done
+	if res.err != nil || res.out != "approved" {
+		t.Fatalf("after approval: %q %v\n%s", res.out, res.err, res.stderr)
 	}
 	if !strings.Contains(p.logs.String(), "mfa=approval") {
 		t.Fatal("audit line does not say the login was approved out of band")

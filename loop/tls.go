@@ -31,8 +31,8 @@ func (s *Server) setUpTLS() error {
 		MFATimeout:       s.cfg.MFATimeout,
 		Logger:           s.log,
 		Hooks: tlsproxy.Hooks{
-			MFA: func(req *session.MFARequest, addr string, decide func(mfa.Path, mfa.Outcome)) (func(), bool) {
-				path, o, _, cancel, waiting := s.ResolveMFA(req, addr, decide)
+			MFA: func(req *session.MFARequest, id uint64, addr string, decide func(mfa.Path, mfa.Outcome)) (func(), bool) {
+				path, o, _, cancel, waiting := s.ResolveMFA(req, id, addr, decide)
 				if !waiting {
 					decide(path, o)
 					return func() {}, false

@@ -3,16 +3,18 @@ package mfa
 import (
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 )
 
-// ApproverAddr is the client address approvals are verified (and throttled)
-// under: every approver shares one budget.
+// ApproverAddr is the approver an Approval without one is charged to.
 const ApproverAddr = "admin"
 
 // Approvals releases logins that arrived without a code when an operator (or
-// the user) runs `pgmfa approve USER CODE`. Safe for concurrent use.
+// the user) runs `pgmfa approve USER CODE`. An approval releases one login:
+// the only one of the user that waits, or the one it names; releasing every
+// waiting login of the user takes an explicit All. Safe for concurrent use.
 type Approvals struct {
 	g *Guard
 
@@ -21,12 +23,55 @@ type Approvals struct {
 	waiting map[uint64]*waiter
 }
 
+// Login is a login about to wait for approval: what an approver needs to
+// tell it from another one.
+type Login struct {
+	// ConnID is the proxy's connection id (conn= in its log lines); it
+	// becomes the Pending's ID. 0 (or an id already waiting) gets one
+	// assigned.
+	ConnID   uint64
+	User     string
+	Addr     string // client address, ip:port
+	Database string
+	AppName  string // application_name, as the client sent it
+}
+
 // Pending is a login waiting for approval.
 type Pending struct {
-	ID    uint64    `json:"id"`
-	User  string    `json:"user"`
-	Addr  string    `json:"addr"`
-	Since time.Time `json:"since"`
+	ID       uint64    `json:"id"`
+	User     string    `json:"user"`
+	Addr     string    `json:"addr"`
+	Database string    `json:"database,omitempty"`
+	AppName  string    `json:"application_name,omitempty"`
+	Since    time.Time `json:"since"`
+}
+
+// Approval is one `pgmfa approve`.
+type Approval struct {
+	User, Code string
+	// ConnID releases only this login (a Pending's ID).
+	ConnID uint64
+	// All releases every waiting login of User — including any started by
+	// someone else who has User's password — and opens no remember window.
+	// Without ConnID or All, an approval releases the login of User only
+	// when exactly one waits.
+	All bool
+	// Approver is who approves ("uid:1000", "token"). An approval is
+	// throttled by its approver's budget alone (Options.MaxFailures per
+	// FailureWindow): failures are charged to it, never to the user's or an
+	// address's budget. Empty: ApproverAddr.
+	Approver string
+}
+
+// ApproveResult is the answer to an Approval. Outcome.OK: the code was
+// accepted and Released are the logins released (possibly none, if they
+// ended meanwhile). Reason ReasonSeveral: several logins of the user wait,
+// none was released, the code was not checked (nor spent), and Waiting
+// lists them.
+type ApproveResult struct {
+	Outcome
+	Released []Pending
+	Waiting  []Pending
 }
 
 type waiter struct {
@@ -40,28 +85,49 @@ func NewApprovals(g *Guard) *Approvals {
 	return &Approvals{g: g, waiting: map[uint64]*waiter{}}
 }
 
-// Wait registers a waiting login. release is called at most once, from the
-// goroutine that calls Approve. cancel withdraws the login: after cancel
-// returns, release either was never called and never will be, or has
-// already returned. release must therefore not call cancel itself (it would
-// wait for itself); cancel may be called any number of times.
-func (a *Approvals) Wait(user, addr string, release func(Outcome)) (id uint64, cancel func()) {
+// Wait registers a waiting login and returns it with the other logins of the
+// same user already waiting (oldest first: a second login while one waits
+// is worth a warning — it may be whoever has the user's password). release
+// is called at most once, from the goroutine that calls Approve. cancel
+// withdraws the login: after cancel returns, release either was never
+// called and never will be, or has already returned. release must therefore
+// not call cancel itself (it would wait for itself); cancel may be called
+// any number of times.
+func (a *Approvals) Wait(l Login, release func(Outcome)) (p Pending, others []Pending, cancel func()) {
 	a.mu.Lock()
-	a.next++
+	id := l.ConnID
+	if _, taken := a.waiting[id]; id == 0 || taken {
+		for {
+			a.next++
+			if _, taken := a.waiting[a.next]; !taken {
+				break
+			}
+		}
+		id = a.next
+	}
+	for _, w := range a.waiting {
+		if w.User == l.User {
+			others = append(others, w.Pending)
+		}
+	}
 	w := &waiter{
-		Pending: Pending{ID: a.next, User: user, Addr: addr, Since: a.g.opts.Now()},
+		Pending: Pending{ID: id, User: l.User, Addr: l.Addr, Database: clip(l.Database), AppName: clip(l.AppName), Since: a.g.opts.Now()},
 		release: release,
 		done:    make(chan struct{}),
 	}
-	a.waiting[w.ID] = w
+	a.waiting[id] = w
 	a.mu.Unlock()
-	return w.ID, func() { a.cancel(w) }
+	sortPending(others)
+	return w.Pending, others, func() { a.cancel(w) }
 }
 
 func (a *Approvals) cancel(w *waiter) {
 	a.mu.Lock()
-	_, still := a.waiting[w.ID]
-	delete(a.waiting, w.ID)
+	cur, still := a.waiting[w.ID]
+	still = still && cur == w
+	if still {
+		delete(a.waiting, w.ID)
+	}
 	a.mu.Unlock()
 	if still {
 		// Ours to finish: release will never run.
@@ -73,58 +139,86 @@ func (a *Approvals) cancel(w *waiter) {
 	<-w.done
 }
 
-// Approve verifies code once for user (Guard.Verify from ApproverAddr) and on
-// success releases every login waiting for user, or only the one with
-// connID when connID != 0, with an OK outcome. It returns the released
-// logins. A wrong code releases nobody and counts as a failure; when nobody
-// is waiting the code is not checked (nor spent) and the outcome's Reason is
-// ReasonNotWaiting.
-func (a *Approvals) Approve(user, code string, connID uint64) ([]Pending, Outcome) {
-	if !a.anyWaiting(user, connID) {
-		return nil, notWaiting(user, connID)
+// Approve verifies r.Code once for r.User (charged to r.Approver) and on
+// success releases the login it names (see Approval) with an OK outcome.
+// When the login it names does not wait — nobody waits, r.ConnID is not a
+// waiting login of r.User, or several wait and neither ConnID nor All says
+// which — the code is not checked (nor spent) and nothing counts as a
+// failure. A wrong code releases nobody.
+func (a *Approvals) Approve(r Approval) ApproveResult {
+	if r.Approver == "" {
+		r.Approver = ApproverAddr
 	}
-	o := a.g.verify(user, ApproverAddr, code, false)
+	if r.ConnID != 0 {
+		r.All = false // a named login is the narrower reading
+	}
+	named, waiting := a.target(r)
+	switch {
+	case len(waiting) == 0:
+		return ApproveResult{Outcome: notWaiting(r.User, r.ConnID)}
+	case len(named) == 0:
+		return ApproveResult{Outcome: several(r.User, len(waiting)), Waiting: waiting}
+	}
+	o := a.g.verify(attempt{user: r.User, code: r.Code, approver: r.Approver})
 	if !o.OK {
-		return nil, o
+		return ApproveResult{Outcome: o}
 	}
+	// Release only the logins named when the approval was asked for: one
+	// arriving while the code was checked is not released with them, not
+	// even by All.
 	a.mu.Lock()
 	var taken []*waiter
-	for id, w := range a.waiting {
-		if w.User == user && (connID == 0 || id == connID) {
+	for _, w := range named {
+		if a.waiting[w.ID] == w {
 			taken = append(taken, w)
-			delete(a.waiting, id)
+			delete(a.waiting, w.ID)
 		}
 	}
 	a.mu.Unlock()
-	sort.Slice(taken, func(i, j int) bool { return taken[i].ID < taken[j].ID })
 	out := make([]Pending, 0, len(taken))
 	for _, w := range taken {
-		a.g.rememberApproved(w.User, w.Addr)
+		if !r.All {
+			// The remember window covers the approved login's address
+			// only; All opens none.
+			a.g.rememberApproved(w.User, w.Addr)
+		}
 		w.run(Outcome{OK: true})
 		out = append(out, w.Pending)
 	}
-	return out, Outcome{OK: true}
+	return ApproveResult{Outcome: Outcome{OK: true}, Released: out}
+}
+
+// target resolves the logins r names (none when it names none of several)
+// and the waiting logins of r's user it chose from (none: nobody waits).
+func (a *Approvals) target(r Approval) (named []*waiter, waiting []Pending) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if r.ConnID != 0 {
+		if w, ok := a.waiting[r.ConnID]; ok && w.User == r.User {
+			return []*waiter{w}, []Pending{w.Pending}
+		}
+		return nil, nil
+	}
+	var ws []*waiter
+	for _, w := range a.waiting {
+		if w.User == r.User {
+			ws = append(ws, w)
+		}
+	}
+	sort.Slice(ws, func(i, j int) bool { return less(ws[i].Pending, ws[j].Pending) })
+	for _, w := range ws {
+		waiting = append(waiting, w.Pending)
+	}
+	if r.All || len(ws) == 1 {
+		return ws, waiting
+	}
+	return nil, waiting
 }
 
 // run calls release and then lets cancel return, even if release panics.
 func (w *waiter) run(o Outcome) {
 	defer close(w.done)
 	w.release(o)
-}
-
-func (a *Approvals) anyWaiting(user string, connID uint64) bool {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if connID != 0 {
-		w, ok := a.waiting[connID]
-		return ok && w.User == user
-	}
-	for _, w := range a.waiting {
-		if w.User == user {
-			return true
-		}
-	}
-	return false
 }
 
 // List returns the waiting logins, oldest first.
@@ -135,8 +229,31 @@ func (a *Approvals) List() []Pending {
 		out = append(out, w.Pending)
 	}
 	a.mu.Unlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	sortPending(out)
 	return out
+}
+
+// clip bounds a client-chosen name the way PostgreSQL does (NAMEDATALEN-1
+// bytes), at a rune boundary: it is listed to approvers.
+func clip(s string) string {
+	const max = 63
+	if len(s) <= max {
+		return s
+	}
+	// A rune cut in two becomes invalid: drop it.
+	return strings.ToValidUTF8(s[:max], "")
+}
+
+func sortPending(ps []Pending) {
+	sort.Slice(ps, func(i, j int) bool { return less(ps[i], ps[j]) })
+}
+
+// less orders logins oldest first.
+func less(a, b Pending) bool {
+	if !a.Since.Equal(b.Since) {
+		return a.Since.Before(b.Since)
+	}
+	return a.ID < b.ID
 }
 
 func notWaiting(user string, connID uint64) Outcome {
@@ -146,4 +263,10 @@ func notWaiting(user string, connID uint64) Outcome {
 	}
 	return refuse(ReasonNotWaiting, fmt.Sprintf("no login of user %q is waiting for approval", user),
 		"start the login first (without a code it waits), then approve it; list the waiting logins with: pgmfa approve --list")
+}
+
+func several(user string, n int) Outcome {
+	return refuse(ReasonSeveral,
+		fmt.Sprintf("%d logins of user %q are waiting for approval; none was released and the code was not used", n, user),
+		fmt.Sprintf("approve the one you started: pgmfa approve --conn ID %s CODE (the ids are listed); one you do not recognise may be someone else who has the password", user))
 }

@@ -27,16 +27,16 @@ type Options struct {
 	Period          time.Duration // 30s; whole seconds
 	Skew            uint          // 1 step either side (the zero value means 1; there is no way to ask for 0)
 	Algorithm       string        // "SHA1" | "SHA256" | "SHA512"
-	MaxFailures     int           // per user within FailureWindow: 5; negative: no per-user limit
+	MaxFailures     int           // per user, and per approver (Approvals), within FailureWindow: 5; negative: no limit
 	FailureWindow   time.Duration // 5m
 	MaxAddrFailures int           // per client address (IP without port) within FailureWindow: 20; negative: no limit
 	// Remember: 0 = off. After a success, the same user from the same client
 	// address passes without a code until it expires.
 	Remember time.Duration
 	Now      func() time.Time // time.Now when nil
-	// OnRecordError is told when a StepRecorder could not record an
-	// accepted step (the code then stays single-use for this process only).
-	OnRecordError func(user string, err error)
+	// OnStoreError is told when a StepClaimer failed to claim an accepted
+	// code's step (the login is then refused: ReasonStore).
+	OnStoreError func(user string, err error)
 }
 
 // Validate reports the first unusable field, in words an operator can act

@@ -23,15 +23,17 @@ const SQLState = "28000"
 
 // Reasons in Outcome.Reason: short machine words for logs.
 const (
-	ReasonRemembered  = "remembered"   // OK: the pool rule (the code just accepted for this user and address)
-	ReasonBadCode     = "bad_code"     // the code matches no step in the window
-	ReasonReplayed    = "replayed"     // the code's step was already used
-	ReasonThrottled   = "throttled"    // too many recent failures; the code was not checked
-	ReasonNotEnrolled = "not_enrolled" // the user has no secret
-	ReasonMalformed   = "malformed"    // not the account's number of digits
-	ReasonTimeout     = "timeout"      // nobody approved the waiting login in time
-	ReasonNotWaiting  = "not_waiting"  // Approvals.Approve: no such login is waiting
-	ReasonBadAccount  = "bad_account"  // the stored enrollment is unusable (hand-edited store)
+	ReasonRemembered  = "remembered"      // OK: the pool rule (the code just accepted for this user and address)
+	ReasonBadCode     = "bad_code"        // the code matches no step in the window
+	ReasonReplayed    = "replayed"        // the code's step was already used
+	ReasonThrottled   = "throttled"       // too many recent failures; the code was not checked
+	ReasonNotEnrolled = "not_enrolled"    // the user has no secret
+	ReasonMalformed   = "malformed"       // not the account's number of digits
+	ReasonTimeout     = "timeout"         // nobody approved the waiting login in time
+	ReasonNotWaiting  = "not_waiting"     // Approvals.Approve: no such login is waiting
+	ReasonBadAccount  = "bad_account"     // the stored enrollment is unusable (hand-edited store)
+	ReasonStore       = "store_error"     // the store could not record the accepted code; refused (fail closed)
+	ReasonSeveral     = "several_waiting" // Approvals.Approve: several logins of the user wait; none released
 )
 
 // Outcome of a verification. When !OK, Code is the SQLSTATE (28000), Message
@@ -113,4 +115,25 @@ func badAccount(user string) Outcome {
 	return refuse(ReasonBadAccount,
 		fmt.Sprintf("the MFA enrollment of user %q is unusable", user),
 		"ask an administrator to re-enroll: pgmfa enroll --force "+user)
+}
+
+// storeFailed is the refusal when the store could not take the code's step:
+// the code may not be accepted without recording it (single use), so the
+// login fails closed.
+func storeFailed(user string) Outcome {
+	return refuse(ReasonStore,
+		fmt.Sprintf("pgmfa could not record the MFA code of user %q in its store; the login was refused", user),
+		"try again with the next code; if it keeps failing, an administrator should check pgmfa's log and its --store")
+}
+
+// approverThrottled is the refusal of an approval once its approver used up
+// its failure budget.
+func approverThrottled(until, now time.Time) Outcome {
+	wait := until.Sub(now).Round(time.Second)
+	if wait < time.Second {
+		wait = time.Second
+	}
+	return refuse(ReasonThrottled,
+		"too many failed approvals from this approver; the code was not checked",
+		fmt.Sprintf("try again after %s (in %v) with a fresh code; the user's own logins are not affected", until.UTC().Format("15:04:05 UTC"), wait))
 }

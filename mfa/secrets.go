@@ -16,16 +16,25 @@ type Account struct {
 	Period    time.Duration // whole seconds
 	Algorithm string        // SHA1, SHA256 or SHA512
 	// LastStep is the unix second at which the last accepted code's time
-	// step began, as recorded by a StepRecorder (0: none). A restarted
-	// proxy refuses that step and any before it (RFC 6238 §5.2).
+	// step began, as recorded by a StepClaimer (0: none). A Guard refuses
+	// that step and any before it (RFC 6238 §5.2).
 	LastStep int64
 }
 
-// StepRecorder is implemented by secret sources that keep the last accepted
-// time step durably (FileStore does), so a code stays single-use across a
-// restart of the proxy.
-type StepRecorder interface {
-	RecordStep(user string, stepStart int64) error
+// StepClaimer is implemented by stores that keep the last accepted time
+// step per user where every proxy sharing the store sees it (FileStore
+// does). ClaimStep is the single-use check and the write in one atomic step
+// against the store — a compare-and-set, never a read then a write: it
+// records stepStart as user's last accepted step and returns true only if
+// the stored one was before it. false means the step (or a later one) was
+// already accepted, by this process or another. secret is the secret the
+// code was checked against; a store that holds another one now refuses
+// with ErrSecretChanged.
+//
+// With Secrets that are not a StepClaimer, a code is single-use within one
+// Guard only.
+type StepClaimer interface {
+	ClaimStep(user string, stepStart int64, secret string) (claimed bool, err error)
 }
 
 // Accounts is implemented by secret sources that record the TOTP parameters

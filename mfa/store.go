@@ -7,7 +7,6 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 	"unicode"
 )
@@ -16,31 +15,27 @@ import (
 var (
 	ErrAlreadyEnrolled = errors.New("already enrolled; use --force to rotate the secret")
 	ErrNotEnrolled     = errors.New("not enrolled")
+	// ErrSecretChanged: ClaimStep found another secret in the file than the
+	// one the code was checked against (the user was re-enrolled).
+	ErrSecretChanged = errors.New("the secret was changed (re-enrolled) since it was loaded")
 )
 
 // FileStore keeps per-user secrets and their TOTP parameters in a JSON file.
 // Loading refuses a file that group or others can read or write; writes are
-// atomic with mode 0600. It implements Secrets and Accounts and is safe for
-// concurrent use.
+// atomic with mode 0600. It implements Secrets, Accounts and StepClaimer and
+// is safe for concurrent use.
 //
-// The running proxy only reads the file (OpenFileStore, Reload on SIGHUP);
-// `pgmfa enroll` writes it. Writers take an flock on the directory and
-// re-read the file first, so concurrent enrolls do not lose each other's
-// users.
+// Every write — `pgmfa enroll`, and the proxy claiming a code's time step
+// (ClaimStep) — takes an flock on the store's directory and re-reads the
+// file first, so concurrent writers, in one process or several, neither lose
+// each other's changes nor accept one code twice. The directory is locked,
+// not the file: a write replaces the file (rename), so a lock on the file
+// would be on an inode the next writer no longer opens.
 type FileStore struct {
 	path string
 
-	mu    sync.RWMutex
+	mu    sync.RWMutex // guards users; never held across file I/O
 	users map[string]storedUser
-
-	// Accepted steps waiting for the writer (see SetAsyncSteps).
-	asyncSteps   atomic.Bool
-	stepMu       sync.Mutex
-	pendingSteps map[string]int64
-	stepKick     chan struct{}
-	stepIdle     *sync.Cond
-	stepWriting  bool
-	stepErr      error
 }
 
 // OpenFileStore loads the store at path. A missing file is an empty store;
@@ -112,79 +107,35 @@ func (s *FileStore) Code(user string, t time.Time) (string, error) {
 	return accountCode(acct, Options{}.withDefaults(), t)
 }
 
-// RecordStep records that a code of user's step starting at stepStart was
-// accepted (only ever moving forward), so that a restarted proxy does not
-// accept it again. After SetAsyncSteps it does not block (see there).
-func (s *FileStore) RecordStep(user string, stepStart int64) error {
-	if !s.asyncSteps.Load() {
-		return s.writeSteps(map[string]int64{user: stepStart})
-	}
-	s.stepMu.Lock()
-	if s.pendingSteps == nil {
-		s.pendingSteps = map[string]int64{}
-		s.stepKick = make(chan struct{}, 1)
-		s.stepIdle = sync.NewCond(&s.stepMu)
-		go s.stepWriter()
-	}
-	if stepStart > s.pendingSteps[user] {
-		s.pendingSteps[user] = stepStart
-	}
-	s.stepMu.Unlock()
-	select {
-	case s.stepKick <- struct{}{}:
-	default:
-	}
-	return nil
-}
-
-func (s *FileStore) stepWriter() {
-	for range s.stepKick {
-		s.stepMu.Lock()
-		batch := s.pendingSteps
-		if len(batch) == 0 {
-			s.stepMu.Unlock()
-			continue
+// ClaimStep implements StepClaimer: under the store's lock it re-reads
+// user's last accepted step from the file and, only if stepStart is after
+// it, writes stepStart as the new one (synced before it returns). It
+// returns false when this step or a later one was already accepted, by
+// this process or another sharing the file. secret is the secret the code
+// was checked against: if the file now holds another one (re-enrolled
+// since this process loaded it), the claim fails with ErrSecretChanged and
+// the store adopts the file's content. A user no longer in the file fails
+// with ErrNotEnrolled.
+//
+// It does file I/O under an flock; callers keep it off event loops.
+func (s *FileStore) ClaimStep(user string, stepStart int64, secret string) (bool, error) {
+	var claimed bool
+	err := s.update(func(users map[string]storedUser) error {
+		u, ok := users[user]
+		switch {
+		case !ok:
+			return fmt.Errorf("user %q: %w", user, ErrNotEnrolled)
+		case u.Secret != secret:
+			return fmt.Errorf("user %q: %w", user, ErrSecretChanged)
+		case u.LastStep >= stepStart:
+			return errUnchanged
 		}
-		s.pendingSteps = map[string]int64{}
-		s.stepWriting = true
-		s.stepMu.Unlock()
-		err := s.writeSteps(batch)
-		s.stepMu.Lock()
-		s.stepWriting = false
-		s.stepErr = err
-		s.stepIdle.Broadcast()
-		s.stepMu.Unlock()
-	}
-}
-
-// SetAsyncSteps makes RecordStep hand steps to one writer goroutine that
-// writes them, coalesced, instead of writing the file itself. The proxy
-// verifies codes on its event loop, where a file write with fsync does not
-// belong; the price is that a crash can lose the last few milliseconds of
-// used steps. Flush waits for the writer.
-func (s *FileStore) SetAsyncSteps(on bool) { s.asyncSteps.Store(on) }
-
-func (s *FileStore) writeSteps(steps map[string]int64) error {
-	return s.update(func(users map[string]storedUser) error {
-		for user, step := range steps {
-			if u, ok := users[user]; ok && u.LastStep < step {
-				u.LastStep = step
-				users[user] = u
-			}
-		}
+		u.LastStep = stepStart
+		users[user] = u
+		claimed = true
 		return nil
 	})
-}
-
-// Flush waits until every step recorded so far is written, and returns the
-// last write error.
-func (s *FileStore) Flush() error {
-	s.stepMu.Lock()
-	defer s.stepMu.Unlock()
-	for s.stepIdle != nil && (len(s.pendingSteps) > 0 || s.stepWriting) {
-		s.stepIdle.Wait()
-	}
-	return s.stepErr
+	return claimed, err
 }
 
 // Remove deletes user's enrollment from the file.
@@ -198,11 +149,16 @@ func (s *FileStore) Remove(user string) error {
 	})
 }
 
+// errUnchanged, returned by an update's change, means: write nothing, but
+// adopt the content just read.
+var errUnchanged = errors.New("unchanged")
+
 // update applies change to the file's current content under the directory
-// lock, writes it, and makes it this store's content.
+// lock, writes it, and makes it this store's content. When change fails
+// with ErrNotEnrolled, ErrSecretChanged or errUnchanged, nothing is written
+// and the content read is adopted (it is newer than ours); the error is
+// returned, except errUnchanged.
 func (s *FileStore) update(change func(map[string]storedUser) error) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	unlock, err := lockDir(s.path)
 	if err != nil {
 		return err
@@ -213,13 +169,27 @@ func (s *FileStore) update(change func(map[string]storedUser) error) error {
 		return err
 	}
 	if err := change(users); err != nil {
+		if errors.Is(err, errUnchanged) || errors.Is(err, ErrNotEnrolled) || errors.Is(err, ErrSecretChanged) {
+			s.adopt(users)
+		}
+		if errors.Is(err, errUnchanged) {
+			return nil
+		}
 		return err
 	}
 	if err := writeStore(s.path, users); err != nil {
 		return err
 	}
-	s.users = users
+	// Still under the flock, so stores adopt contents in the order the
+	// file had them.
+	s.adopt(users)
 	return nil
+}
+
+func (s *FileStore) adopt(users map[string]storedUser) {
+	s.mu.Lock()
+	s.users = users
+	s.mu.Unlock()
 }
 
 // validUser accepts what PostgreSQL accepts as a role name, less control

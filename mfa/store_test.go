@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -259,9 +261,6 @@ func TestUsedStepSurvivesRestart(t *testing.T) {
 	if o := NewGuard(Options{Now: clock}, store).Verify("alice", "10.0.0.1:5", code); !o.OK {
 		t.Fatalf("first use refused: %+v", o)
 	}
-	if err := store.Flush(); err != nil {
-		t.Fatal(err)
-	}
 	// A new process: a fresh store handle and guard.
 	store2, err := OpenFileStore(path)
 	if err != nil {
@@ -275,36 +274,202 @@ func TestUsedStepSurvivesRestart(t *testing.T) {
 	if o := NewGuard(Options{Now: func() time.Time { return now.Add(30 * time.Second) }}, store2).Verify("alice", "10.0.0.1:5", next); !o.OK {
 		t.Fatalf("next code refused: %+v", o)
 	}
-	if err := store2.Flush(); err != nil {
-		t.Fatal(err)
-	}
 }
 
-// TestAsyncStepsAreWritten: with SetAsyncSteps (the proxy's mode) the step
-// reaches the file once Flush returns.
-func TestAsyncStepsAreWritten(t *testing.T) {
+// TestClaimStep: the compare-and-set on the file.
+func TestClaimStep(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "totp.json")
-	store, err := OpenFileStore(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	store, _ := OpenFileStore(path)
 	if _, err := store.Enroll("bob", EnrollOptions{}, false); err != nil {
 		t.Fatal(err)
 	}
-	store.SetAsyncSteps(true)
-	for _, step := range []int64{1_800_000_000, 1_800_000_060, 1_800_000_030} {
-		if err := store.RecordStep("bob", step); err != nil {
-			t.Fatal(err)
+	secret, _ := store.Secret("bob")
+	other, _ := OpenFileStore(path) // another process's handle
+	for _, c := range []struct {
+		s     *FileStore
+		step  int64
+		claim bool
+	}{
+		{store, 1_800_000_030, true},
+		{other, 1_800_000_030, false}, // the same step, through another handle
+		{other, 1_800_000_000, false}, // an older one
+		{other, 1_800_000_060, true},
+		{store, 1_800_000_060, false},
+	} {
+		got, err := c.s.ClaimStep("bob", c.step, secret)
+		if err != nil || got != c.claim {
+			t.Fatalf("claim %d: %v %v, want %v", c.step, got, err, c.claim)
 		}
 	}
-	if err := store.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	again, err := OpenFileStore(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	again, _ := OpenFileStore(path)
 	if a, _ := again.Account("bob"); a.LastStep != 1_800_000_060 {
-		t.Fatalf("LastStep = %d, want the newest, 1800000060", a.LastStep)
+		t.Fatalf("LastStep = %d, want 1800000060", a.LastStep)
+	}
+	// A failed claim adopts the file: store now knows the newest step.
+	if a, _ := store.Account("bob"); a.LastStep != 1_800_000_060 {
+		t.Fatalf("the store did not adopt the file's step: %d", a.LastStep)
+	}
+	if _, err := store.ClaimStep("bob", 1_800_000_090, "AAAAAAAA"); !errors.Is(err, ErrSecretChanged) {
+		t.Fatalf("another secret: %v", err)
+	}
+	if _, err := store.ClaimStep("carol", 1_800_000_090, secret); !errors.Is(err, ErrNotEnrolled) {
+		t.Fatalf("unknown user: %v", err)
+	}
+}
+
+// TestSingleUseAcrossGuards: two Guards, each over its own handle of one
+// store file (two proxy processes: an HA pair, a TLS and a plaintext
+// listener), receive 50 concurrent logins with one code: exactly one is
+// admitted. Each Guard alone kept single use; the store did not.
+func TestSingleUseAcrossGuards(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "totp.json")
+	s0, _ := OpenFileStore(path)
+	if _, err := s0.Enroll("alice", EnrollOptions{}, false); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { return now }
+	c, _ := s0.Code("alice", now)
+	var guards []*Guard
+	for i := 0; i < 2; i++ {
+		s, err := OpenFileStore(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		guards = append(guards, NewGuard(Options{Now: clock}, s))
+	}
+	var admitted, replayed atomic.Int32
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := 0; i < 50; i++ {
+		wg.Add(1)
+		go func(g *Guard, i int) {
+			defer wg.Done()
+			<-start
+			switch o := g.Verify("alice", fmt.Sprintf("192.0.2.%d:5000", i), c); {
+			case o.OK:
+				admitted.Add(1)
+			case o.Reason == ReasonReplayed:
+				replayed.Add(1)
+			default:
+				t.Errorf("login %d: %+v", i, o)
+			}
+		}(guards[i%2], i)
+	}
+	close(start)
+	wg.Wait()
+	if admitted.Load() != 1 || replayed.Load() != 49 {
+		t.Fatalf("%d admitted, %d replayed; want exactly 1 admitted", admitted.Load(), replayed.Load())
+	}
+}
+
+// TestSingleUseAcrossProcesses is TestSingleUseAcrossGuards with two real
+// processes (this test binary re-executed) sharing the file.
+func TestSingleUseAcrossProcesses(t *testing.T) {
+	if path := os.Getenv("PGMFA_TEST_CLAIM_STORE"); path != "" {
+		claimHelper(path)
+		return
+	}
+	path := filepath.Join(t.TempDir(), "totp.json")
+	s0, _ := OpenFileStore(path)
+	if _, err := s0.Enroll("alice", EnrollOptions{}, false); err != nil {
+		t.Fatal(err)
+	}
+	var outs [2]bytes.Buffer
+	var cmds [2]*exec.Cmd
+	for i := range cmds {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestSingleUseAcrossProcesses$", "-test.count=1")
+		cmd.Env = append(os.Environ(), "PGMFA_TEST_CLAIM_STORE="+path)
+		cmd.Stdout, cmd.Stderr = &outs[i], &outs[i]
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds[i] = cmd
+	}
+	admitted := 0
+	for i, cmd := range cmds {
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("helper %d: %v\n%s", i, err, outs[i].String())
+		}
+		var n int
+		if _, err := fmt.Sscanf(outs[i].String()[strings.Index(outs[i].String(), "admitted="):], "admitted=%d", &n); err != nil {
+			t.Fatalf("helper %d: %s", i, outs[i].String())
+		}
+		admitted += n
+	}
+	if admitted != 1 {
+		t.Fatalf("two processes admitted %d logins with one code, want 1", admitted)
+	}
+}
+
+// claimHelper is one process of TestSingleUseAcrossProcesses: 25
+// concurrent logins with the code of a fixed instant.
+func claimHelper(path string) {
+	store, err := OpenFileStore(path)
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+	now := time.Unix(1_800_000_000, 0)
+	c, _ := store.Code("alice", now)
+	g := NewGuard(Options{Now: func() time.Time { return now }}, store)
+	var admitted atomic.Int32
+	var wg sync.WaitGroup
+	for i := 0; i < 25; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if o := g.Verify("alice", "192.0.2.1:1", c); o.OK {
+				admitted.Add(1)
+			} else if o.Reason != ReasonReplayed {
+				fmt.Println("error:", o.Reason)
+			}
+		}()
+	}
+	wg.Wait()
+	fmt.Printf("admitted=%d\n", admitted.Load())
+}
+
+// failingClaimer is a store that cannot record anything.
+type failingClaimer struct{ accounts }
+
+func (failingClaimer) ClaimStep(string, int64, string) (bool, error) {
+	return false, errors.New("disk full")
+}
+
+// TestStoreFailureFailsClosed: a code the store could not claim is refused
+// (it could be replayed elsewhere), and the operator is told.
+func TestStoreFailureFailsClosed(t *testing.T) {
+	var told error
+	fc := failingClaimer{accounts{"alice": {Secret: secretA}}}
+	g := NewGuard(Options{Now: func() time.Time { return t0 }, OnStoreError: func(_ string, err error) { told = err }}, fc)
+	o := g.Verify("alice", "192.0.2.1:1", code(t, g, "alice", t0))
+	if o.OK || o.Reason != ReasonStore || o.Hint == "" || told == nil {
+		t.Fatalf("%+v, told %v", o, told)
+	}
+}
+
+// TestClaimSeesReEnrollment: another process re-enrolls alice (a lost
+// phone); this process, still holding the old secret, refuses the old
+// secret's codes at the claim and accepts the new secret's.
+func TestClaimSeesReEnrollment(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "totp.json")
+	mine, _ := OpenFileStore(path)
+	if _, err := mine.Enroll("alice", EnrollOptions{}, false); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1_800_000_000, 0)
+	g := NewGuard(Options{Now: func() time.Time { return now }}, mine)
+	old, _ := mine.Code("alice", now)
+	other, _ := OpenFileStore(path)
+	if _, err := other.Enroll("alice", EnrollOptions{}, true); err != nil {
+		t.Fatal(err)
+	}
+	if o := g.Verify("alice", "192.0.2.1:1", old); o.OK || o.Reason != ReasonBadCode {
+		t.Fatalf("the old secret's code after re-enrollment: %+v", o)
+	}
+	fresh, _ := other.Code("alice", now)
+	if o := g.Verify("alice", "192.0.2.1:1", fresh); !o.OK {
+		t.Fatalf("the new secret's code: %+v", o)
 	}
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"net/http"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -17,6 +16,8 @@ import (
 // dir, over a store enrolled by `pgmfa enroll`.
 type approveFixture struct {
 	sock  string
+	tcp   string // the same API on loopback TCP
+	token string // its token file
 	store *mfa.FileStore
 	appr  *mfa.Approvals
 	now   time.Time
@@ -36,13 +37,24 @@ func newApproveFixture(t *testing.T) *approveFixture {
 	f := &approveFixture{sock: filepath.Join(dir, "run", "admin.sock"), store: store, now: time.Now()}
 	guard := mfa.NewGuard(mfa.Options{Now: func() time.Time { return f.now }}, store)
 	f.appr = mfa.NewApprovals(guard)
-	ln, err := admin.Listen(f.sock)
+	f.token = filepath.Join(dir, "run", "admin.token")
+	tok, err := admin.LoadOrCreateToken(f.token)
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := &http.Server{Handler: admin.NewServer(f.appr, nil)}
-	go hs.Serve(ln)
-	t.Cleanup(func() { hs.Close() })
+	srv := admin.NewServer(f.appr, nil, tok)
+	for _, addr := range []string{f.sock, "127.0.0.1:0"} {
+		ln, err := admin.Listen(addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs := srv.HTTPServer()
+		go hs.Serve(ln)
+		t.Cleanup(func() { hs.Close() })
+		if !admin.IsUnix(addr) {
+			f.tcp = ln.Addr().String()
+		}
+	}
 	return f
 }
 
@@ -64,13 +76,28 @@ func runApproveT(t *testing.T, stdin string, args ...string) (int, string, strin
 func TestApproveCommand(t *testing.T) {
 	f := newApproveFixture(t)
 	released := make(chan mfa.Outcome, 3)
-	id1, _ := f.appr.Wait("alice", "192.0.2.1:5000", func(o mfa.Outcome) { released <- o })
-	f.appr.Wait("alice", "192.0.2.2:5001", func(o mfa.Outcome) { released <- o })
+	p1, _, _ := f.appr.Wait(mfa.Login{ConnID: 7, User: "alice", Addr: "192.0.2.1:5000", Database: "app", AppName: "psql"}, func(o mfa.Outcome) { released <- o })
+	id1 := p1.ID
+	f.appr.Wait(mfa.Login{ConnID: 8, User: "alice", Addr: "192.0.2.2:5001", Database: "prod", AppName: "x\x1b[2Jy"}, func(o mfa.Outcome) { released <- o })
 
 	// --list.
 	code, out, stderr := runApproveT(t, "", "--admin", f.sock, "--list")
-	if code != 0 || !strings.Contains(out, "192.0.2.1:5000") || !strings.Contains(out, "192.0.2.2:5001") || !strings.Contains(out, "CONN") {
+	if code != 0 || !strings.Contains(out, "192.0.2.1:5000") || !strings.Contains(out, "192.0.2.2:5001") || !strings.Contains(out, "CONN") ||
+		!strings.Contains(out, "DATABASE") || !strings.Contains(out, "APPLICATION") || !strings.Contains(out, "prod") || !strings.Contains(out, "x?[2Jy") {
 		t.Fatalf("--list: %d\n%s%s", code, out, stderr)
+	}
+
+	// Two wait and the approval names neither: none released, both listed.
+	code, out, stderr = runApproveT(t, "", "--admin", f.sock, "alice", f.code(t))
+	if code != 1 || out != "" || !strings.Contains(stderr, "2 logins of alice are waiting; none was released") ||
+		!strings.Contains(stderr, "--conn") || !strings.Contains(stderr, "192.0.2.1:5000") || !strings.Contains(stderr, "192.0.2.2:5001") || !strings.Contains(stderr, "psql") {
+		t.Fatalf("ambiguous approve: %d\n%s%s", code, out, stderr)
+	}
+	if len(released) != 0 {
+		t.Fatal("a login was released by an approval that named none of two")
+	}
+	if code, _, stderr = runApproveT(t, "", "--admin", f.sock, "--conn", "7", "--all", "alice", f.code(t)); code != 2 {
+		t.Fatalf("--conn with --all: %d %s", code, stderr)
 	}
 
 	// A wrong code: exit 1, the message and the hint.
@@ -78,7 +105,7 @@ func TestApproveCommand(t *testing.T) {
 	if wrong == f.code(t) {
 		wrong = "111111"
 	}
-	code, _, stderr = runApproveT(t, "", "--admin", f.sock, "alice", wrong)
+	code, _, stderr = runApproveT(t, "", "--admin", f.sock, "--conn", "7", "alice", wrong)
 	if code != 1 || !strings.Contains(stderr, "not valid") || !strings.Contains(stderr, "HINT:") {
 		t.Fatalf("wrong code: %d %s", code, stderr)
 	}
@@ -92,9 +119,9 @@ func TestApproveCommand(t *testing.T) {
 		t.Fatal(o)
 	}
 
-	// The other one, the code read from stdin.
+	// The only one left, the code read from stdin, over TCP with the token.
 	f.now = f.now.Add(30 * time.Second)
-	code, out, stderr = runApproveT(t, f.code(t)+"\n", "--admin", f.sock, "alice")
+	code, out, stderr = runApproveT(t, f.code(t)+"\n", "--admin", f.tcp, "--admin-token-file", f.token, "alice")
 	if code != 0 || !strings.Contains(out, "192.0.2.2:5001") {
 		t.Fatalf("code on stdin: %d\n%s%s", code, out, stderr)
 	}
@@ -108,6 +135,23 @@ func TestApproveCommand(t *testing.T) {
 	code, _, stderr = runApproveT(t, "", "--admin", f.sock, "alice", f.code(t))
 	if code != 1 || !strings.Contains(stderr, "no login of user \"alice\" is waiting") {
 		t.Fatalf("nobody waiting: %d %s", code, stderr)
+	}
+	// TCP without the token file.
+	code, _, stderr = runApproveT(t, "", "--admin", f.tcp, "--admin-token-file", filepath.Join(t.TempDir(), "none"), "--list")
+	if code != 1 || !strings.Contains(stderr, "admin token") {
+		t.Fatalf("TCP without a token: %d %s", code, stderr)
+	}
+}
+
+// TestApproveAllCommand: --all releases every waiting login of the user.
+func TestApproveAllCommand(t *testing.T) {
+	f := newApproveFixture(t)
+	released := make(chan mfa.Outcome, 2)
+	f.appr.Wait(mfa.Login{ConnID: 1, User: "alice", Addr: "192.0.2.1:5000"}, func(o mfa.Outcome) { released <- o })
+	f.appr.Wait(mfa.Login{ConnID: 2, User: "alice", Addr: "192.0.2.2:5000"}, func(o mfa.Outcome) { released <- o })
+	code, out, stderr := runApproveT(t, "", "--admin", f.sock, "--all", "alice", f.code(t))
+	if code != 0 || !strings.Contains(out, "released 2 login(s) of alice") || len(released) != 2 {
+		t.Fatalf("--all: %d\n%s%s", code, out, stderr)
 	}
 }
 
@@ -130,7 +174,7 @@ func TestApproveCommandErrors(t *testing.T) {
 	if code != 0 {
 		t.Fatal("--help")
 	}
-	for _, f := range []string{"-admin", "-conn", "-list", "-timeout", "usage: pgmfa approve"} {
+	for _, f := range []string{"-admin", "-admin-token-file", "-conn", "-all", "RISK", "-list", "-timeout", "usage: pgmfa approve"} {
 		if !strings.Contains(stderr, f) {
 			t.Errorf("--help does not mention %s", f)
 		}

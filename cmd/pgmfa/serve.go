@@ -40,6 +40,7 @@ type serveFlags struct {
 	maxBacklog           int64
 	relayBuffer, sockBuf int
 	store, adminAddr     string
+	adminToken           string
 	digits               int
 	period               time.Duration
 	skew                 uint
@@ -70,7 +71,8 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.relayBuffer, "relay-buffer", 64<<10, "user-space relay: bytes buffered per direction of a session")
 	fs.IntVar(&f.sockBuf, "socket-buffer", 0, "SO_SNDBUF/SO_RCVBUF for client and database sockets (0: kernel default, autotuned)")
 	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll (env PGMFA_STORE)")
-	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for pgmfa approve: a unix-socket path or a loopback host:port; empty disables it (env PGMFA_ADMIN)")
+	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for pgmfa approve: a unix-socket path (access: file permissions) or a loopback host:port (access: the --admin-token-file token); empty disables it (env PGMFA_ADMIN)")
+	fs.StringVar(&f.adminToken, "admin-token-file", defaultTokenFile(), "with a TCP --admin: the file holding the token every admin request must carry; created (0600, random) when missing; must not be readable by group or others (env PGMFA_ADMIN_TOKEN_FILE)")
 	fs.IntVar(&f.digits, "totp-digits", 6, "TOTP code length for users enrolled without their own (6 or 8)")
 	fs.DurationVar(&f.period, "totp-period", 30*time.Second, "TOTP time step")
 	fs.UintVar(&f.skew, "totp-skew", 1, "TOTP steps accepted either side of now (clock drift)")
@@ -158,8 +160,6 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Codes are verified on the event loop: record used steps off it.
-	store.SetAsyncSteps(true)
 	if required && len(store.Users()) == 0 {
 		logger.Warn("the secret store has no enrolled users; logins will be refused until `pgmfa enroll USER`", "store", f.store)
 	}
@@ -167,8 +167,8 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		Digits: f.digits, Period: f.period, Skew: f.skew, Algorithm: f.algorithm,
 		MaxFailures: f.maxFailures, FailureWindow: f.failureWindow, MaxAddrFailures: f.maxAddrFailures,
 		Remember: f.remember,
-		OnRecordError: func(user string, err error) {
-			logger.Error("could not record a used MFA code in the store; it stays single-use only until a restart", "user", user, "err", err)
+		OnStoreError: func(user string, err error) {
+			logger.Error("could not record an MFA code as used in the store; the login was refused", "user", user, "err", err)
 		},
 	}
 	if err := mopts.Validate(); err != nil {
@@ -206,19 +206,29 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	}
 	p := &proxy{srv: srv, store: store, certs: certs, log: logger}
 	if f.adminAddr != "" {
+		var token string
+		if !admin.IsUnix(f.adminAddr) {
+			if token, err = admin.LoadOrCreateToken(f.adminToken); err != nil {
+				return nil, fmt.Errorf("--admin %s: %w", f.adminAddr, err)
+			}
+		}
 		ln, err := admin.Listen(f.adminAddr)
 		if err != nil {
 			return nil, fmt.Errorf("--admin %s: %w", f.adminAddr, err)
 		}
-		h := admin.NewServer(approvals, logger)
+		h := admin.NewServer(approvals, logger, token)
 		h.SetStats(func() any { return srv.StatsSnapshot() })
-		p.admin = &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ConnContext: h.ConnContext}
+		p.admin = h.HTTPServer()
 		go func() {
 			if err := p.admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				logger.Error("admin API stopped", "err", err)
 			}
 		}()
-		logger.Info("admin API listening", "admin", f.adminAddr)
+		if token != "" {
+			logger.Info("admin API listening", "admin", f.adminAddr, "token_file", f.adminToken)
+		} else {
+			logger.Info("admin API listening", "admin", f.adminAddr)
+		}
 	}
 	return p, nil
 }
@@ -264,9 +274,6 @@ func (p *proxy) runUntilSignal() int {
 }
 
 func (p *proxy) shutdown() {
-	if err := p.store.Flush(); err != nil {
-		p.log.Error("could not record used MFA codes in the store", "err", err)
-	}
 	if p.admin != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_ = p.admin.Shutdown(ctx)

@@ -26,6 +26,8 @@ type fixture struct {
 	appr  *mfa.Approvals
 	srv   *Server
 	addr  string
+	token string
+	cl    Client
 	logs  *syncBuffer
 	now   time.Time
 }
@@ -46,18 +48,23 @@ func start(t *testing.T, addr string) *fixture {
 	f.store = store
 	f.guard = mfa.NewGuard(mfa.Options{Now: func() time.Time { return f.now }}, store)
 	f.appr = mfa.NewApprovals(f.guard)
-	f.srv = NewServer(f.appr, slog.New(slog.NewTextHandler(f.logs, nil)))
+	f.token, err = LoadOrCreateToken(filepath.Join(t.TempDir(), "run", "admin.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.srv = NewServer(f.appr, slog.New(slog.NewTextHandler(f.logs, nil)), f.token)
 	ln, err := Listen(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := &http.Server{Handler: f.srv, ConnContext: f.srv.ConnContext}
+	hs := f.srv.HTTPServer()
 	go hs.Serve(ln)
 	t.Cleanup(func() { hs.Close() })
 	f.addr = addr
-	if !isUnix(addr) {
+	if !IsUnix(addr) {
 		f.addr = ln.Addr().String()
 	}
+	f.cl = Client{Addr: f.addr, Token: f.token}
 	return f
 }
 
@@ -101,30 +108,31 @@ func TestUnixSocketEndToEnd(t *testing.T) {
 	if entries, _ := os.ReadDir(dir); len(entries) != 1 {
 		t.Fatalf("the directory holds %d entries", len(entries))
 	}
-	if err := Health(ctx, sock); err != nil {
+	if err := f.cl.Health(ctx); err != nil {
 		t.Fatal(err)
 	}
 
 	// Two logins wait.
 	released := make(chan uint64, 2)
-	id1, _ := f.appr.Wait("alice", "192.0.2.1:5000", func(o mfa.Outcome) {
+	p1, _, _ := f.appr.Wait(mfa.Login{ConnID: 11, User: "alice", Addr: "192.0.2.1:5000", Database: "app", AppName: "psql"}, func(o mfa.Outcome) {
 		if o.OK {
-			released <- 1
+			released <- 11
 		}
 	})
-	f.appr.Wait("alice", "192.0.2.2:5000", func(o mfa.Outcome) {
+	f.appr.Wait(mfa.Login{ConnID: 12, User: "alice", Addr: "192.0.2.2:5000", Database: "app"}, func(o mfa.Outcome) {
 		if o.OK {
-			released <- 2
+			released <- 12
 		}
 	})
-	pending, err := List(ctx, sock)
-	if err != nil || len(pending) != 2 || pending[0].ID != id1 || pending[0].User != "alice" || pending[0].Addr != "192.0.2.1:5000" || !pending[0].Since.Equal(f.now) {
+	pending, err := f.cl.List(ctx)
+	if err != nil || len(pending) != 2 || pending[0].ID != p1.ID || pending[0].User != "alice" || pending[0].Addr != "192.0.2.1:5000" ||
+		pending[0].Database != "app" || pending[0].AppName != "psql" || !pending[0].Since.Equal(f.now) {
 		t.Fatalf("List: %+v %v", pending, err)
 	}
 
 	// A wrong code: an *Error with the message and hint, nobody released.
 	wrong := f.wrongCode(t)
-	_, err = Approve(ctx, sock, "alice", wrong, 0)
+	_, err = f.cl.Approve(ctx, "alice", wrong, ApproveOptions{ConnID: 11})
 	var e *Error
 	if !errors.As(err, &e) || e.Reason != mfa.ReasonBadCode || e.Status != http.StatusForbidden || e.Hint == "" || !strings.Contains(e.Message, "not valid") {
 		t.Fatalf("wrong code: %#v", err)
@@ -133,22 +141,31 @@ func TestUnixSocketEndToEnd(t *testing.T) {
 		t.Fatal("released with a wrong code")
 	}
 
+	// Neither named: 409, none released, both listed.
+	_, err = f.cl.Approve(ctx, "alice", f.code(t), ApproveOptions{})
+	if !errors.As(err, &e) || e.Status != http.StatusConflict || e.Reason != mfa.ReasonSeveral || len(e.Waiting) != 2 || e.Waiting[1].ID != 12 {
+		t.Fatalf("ambiguous: %#v", err)
+	}
+	if len(released) != 0 {
+		t.Fatal("released by an approval that named none of two")
+	}
+
 	// Only one connection.
-	got, err := Approve(ctx, sock, "alice", f.code(t), id1)
-	if err != nil || len(got) != 1 || got[0].ID != id1 {
+	got, err := f.cl.Approve(ctx, "alice", f.code(t), ApproveOptions{ConnID: 11})
+	if err != nil || len(got) != 1 || got[0].ID != 11 {
 		t.Fatalf("approve one: %+v %v", got, err)
 	}
-	if <-released != 1 {
+	if <-released != 11 {
 		t.Fatal("wrong login released")
 	}
-	// The rest, with the next code.
+	// The only one left, with the next code.
 	f.now = f.now.Add(30 * time.Second)
-	got, err = Approve(ctx, sock, "alice", f.code(t), 0)
+	got, err = f.cl.Approve(ctx, "alice", f.code(t), ApproveOptions{})
 	if err != nil || len(got) != 1 || got[0].Addr != "192.0.2.2:5000" {
 		t.Fatalf("approve rest: %+v %v", got, err)
 	}
 	// Nobody waits now.
-	_, err = Approve(ctx, sock, "alice", f.code(t), 0)
+	_, err = f.cl.Approve(ctx, "alice", f.code(t), ApproveOptions{})
 	if !errors.As(err, &e) || e.Reason != mfa.ReasonNotWaiting || e.Status != http.StatusNotFound {
 		t.Fatalf("nobody waiting: %v", err)
 	}
@@ -166,11 +183,11 @@ func TestUnixSocketEndToEnd(t *testing.T) {
 	}
 
 	// Stats: absent until set.
-	if _, err := Stats(ctx, sock); !errors.As(err, &e) || e.Status != http.StatusNotFound {
+	if _, err := f.cl.Stats(ctx); !errors.As(err, &e) || e.Status != http.StatusNotFound {
 		t.Fatalf("stats unset: %v", err)
 	}
 	f.srv.SetStats(func() any { return map[string]int{"active": 3} })
-	raw, err := Stats(ctx, sock)
+	raw, err := f.cl.Stats(ctx)
 	if err != nil || !strings.Contains(string(raw), `"active": 3`) {
 		t.Fatalf("stats: %s %v", raw, err)
 	}
@@ -203,10 +220,13 @@ func TestBadRequests(t *testing.T) {
 
 func TestLoopbackTCP(t *testing.T) {
 	f := start(t, "127.0.0.1:0")
-	f.appr.Wait("alice", "192.0.2.1:1", func(mfa.Outcome) {})
-	got, err := Approve(context.Background(), f.addr, "alice", f.code(t), 0)
+	f.appr.Wait(mfa.Login{User: "alice", Addr: "192.0.2.1:1"}, func(mfa.Outcome) {})
+	got, err := f.cl.Approve(context.Background(), "alice", f.code(t), ApproveOptions{})
 	if err != nil || len(got) != 1 {
 		t.Fatalf("%+v %v", got, err)
+	}
+	if !strings.Contains(f.logs.String(), "approver=token") {
+		t.Fatalf("approval not logged with its approver:\n%s", f.logs.String())
 	}
 }
 
@@ -262,7 +282,7 @@ func TestListenSocketLifecycle(t *testing.T) {
 }
 
 func TestClientUnreachable(t *testing.T) {
-	_, err := List(context.Background(), filepath.Join(t.TempDir(), "none.sock"))
+	_, err := Client{Addr: filepath.Join(t.TempDir(), "none.sock")}.List(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "is `pgmfa serve` running") {
 		t.Fatalf("%v", err)
 	}

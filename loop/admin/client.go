@@ -17,9 +17,12 @@ import (
 // Error is a refusal from the admin API.
 type Error struct {
 	Status  int    // HTTP status
-	Reason  string // mfa.Reason* or bad_request
+	Reason  string // mfa.Reason* or bad_request, unauthorized, browser, ...
 	Message string
 	Hint    string
+	// Waiting lists the waiting logins when an approval named none of
+	// several (Reason mfa.ReasonSeveral).
+	Waiting []mfa.Pending
 }
 
 func (e *Error) Error() string {
@@ -29,37 +32,53 @@ func (e *Error) Error() string {
 	return e.Message + " (" + e.Hint + ")"
 }
 
-// Approve asks the pgmfa at addr to release the logins of user waiting for
-// approval (only connID's when it is not 0) with code, and returns the
-// released logins. A refusal is an *Error.
-func Approve(ctx context.Context, addr, user, code string, connID uint64) ([]mfa.Pending, error) {
+// Client calls the admin API of one pgmfa.
+type Client struct {
+	// Addr is a unix-socket path or a loopback host:port.
+	Addr string
+	// Token is sent on TCP (ReadToken); unused on the unix socket.
+	Token string
+}
+
+// ApproveOptions say which waiting login an approval releases: ConnID's, or
+// with All every login of the user; neither: the user's only waiting login.
+type ApproveOptions struct {
+	ConnID uint64
+	All    bool
+}
+
+// Approve asks pgmfa to release the waiting login of user that opts name
+// with code, and returns the released logins. A refusal is an *Error; when
+// several logins of user wait and opts name none, its Waiting lists them.
+func (c Client) Approve(ctx context.Context, user, code string, opts ApproveOptions) ([]mfa.Pending, error) {
 	var resp approveResponse
-	err := call(ctx, addr, http.MethodPost, "/v1/approve", approveRequest{User: user, Code: code, ConnID: connID}, &resp)
+	err := c.call(ctx, http.MethodPost, "/v1/approve", approveRequest{User: user, Code: code, ConnID: opts.ConnID, All: opts.All}, &resp)
 	return resp.Released, err
 }
 
-// List returns the logins waiting for approval at addr, oldest first.
-func List(ctx context.Context, addr string) ([]mfa.Pending, error) {
+// List returns the logins waiting for approval, oldest first.
+func (c Client) List(ctx context.Context) ([]mfa.Pending, error) {
 	var resp pendingResponse
-	err := call(ctx, addr, http.MethodGet, "/v1/pending", nil, &resp)
+	err := c.call(ctx, http.MethodGet, "/v1/pending", nil, &resp)
 	return resp.Pending, err
 }
 
 // Stats returns the raw JSON of GET /v1/stats.
-func Stats(ctx context.Context, addr string) (json.RawMessage, error) {
+func (c Client) Stats(ctx context.Context) (json.RawMessage, error) {
 	var raw json.RawMessage
-	err := call(ctx, addr, http.MethodGet, "/v1/stats", nil, &raw)
+	err := c.call(ctx, http.MethodGet, "/v1/stats", nil, &raw)
 	return raw, err
 }
 
-// Health reports whether the admin API at addr answers.
-func Health(ctx context.Context, addr string) error {
-	return call(ctx, addr, http.MethodGet, "/v1/healthz", nil, nil)
+// Health reports whether the admin API answers.
+func (c Client) Health(ctx context.Context) error {
+	return c.call(ctx, http.MethodGet, "/v1/healthz", nil, nil)
 }
 
 // call does one request; every call gets its own transport, as the CLI
 // makes one or two calls per run.
-func call(ctx context.Context, addr, method, path string, in, out any) error {
+func (c Client) call(ctx context.Context, method, path string, in, out any) error {
+	addr := c.Addr
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -69,8 +88,9 @@ func call(ctx context.Context, addr, method, path string, in, out any) error {
 		body = bytes.NewReader(b)
 	}
 	base := "http://" + addr
+	// Proxy unset: never through $HTTP_PROXY, which would see the token.
 	tr := &http.Transport{DisableKeepAlives: true}
-	if isUnix(addr) {
+	if IsUnix(addr) {
 		base = "http://pgmfa"
 		tr.DialContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
@@ -85,7 +105,10 @@ func call(ctx context.Context, addr, method, path string, in, out any) error {
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if !IsUnix(addr) && c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
+	}
+	resp, err := (&http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}).Do(req)
 	if err != nil {
 		return unreachable(addr, err)
 	}
@@ -99,7 +122,7 @@ func call(ctx context.Context, addr, method, path string, in, out any) error {
 		if json.Unmarshal(data, &e) != nil || e.Error == "" {
 			return &Error{Status: resp.StatusCode, Message: fmt.Sprintf("admin API at %s answered %s", addr, resp.Status)}
 		}
-		return &Error{Status: resp.StatusCode, Reason: e.Reason, Message: e.Error, Hint: e.Hint}
+		return &Error{Status: resp.StatusCode, Reason: e.Reason, Message: e.Error, Hint: e.Hint, Waiting: e.Pending}
 	}
 	if out == nil {
 		return nil

@@ -18,10 +18,10 @@ import (
 // DefaultSocket is where the admin API listens unless told otherwise.
 const DefaultSocket = "/run/pgmfa/admin.sock"
 
-// isUnix reports whether addr names a unix socket rather than host:port.
+// IsUnix reports whether addr names a unix socket rather than host:port.
 // A path has a slash; anything else that does not parse as host:port with a
 // numeric port is taken as a path relative to the working directory.
-func isUnix(addr string) bool {
+func IsUnix(addr string) bool {
 	if strings.Contains(addr, "/") {
 		return true
 	}
@@ -37,7 +37,7 @@ func isUnix(addr string) bool {
 // directory created 0700 when missing and the socket 0600; a stale socket
 // left by a crashed process is replaced, a live one is an error. A TCP
 // address must be loopback: the API releases logins, and the network must
-// not reach it.
+// not reach it; its requests need the token (NewServer).
 func Listen(addr string) (net.Listener, error) {
 	if addr == "" {
 		return nil, errors.New("admin: empty address")
@@ -45,7 +45,7 @@ func Listen(addr string) (net.Listener, error) {
 	if strings.HasPrefix(addr, "@") {
 		return nil, fmt.Errorf("admin: %s is an abstract unix socket, which has no file permissions to protect it; use a path", addr)
 	}
-	if isUnix(addr) {
+	if IsUnix(addr) {
 		return listenUnix(addr)
 	}
 	return listenLoopback(addr)

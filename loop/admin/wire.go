@@ -7,6 +7,7 @@ type approveRequest struct {
 	User   string `json:"user"`
 	Code   string `json:"code"`
 	ConnID uint64 `json:"conn_id,omitempty"`
+	All    bool   `json:"all,omitempty"`
 }
 
 // approveResponse is the answer to a successful approval.
@@ -19,11 +20,13 @@ type pendingResponse struct {
 	Pending []mfa.Pending `json:"pending"`
 }
 
-// errorResponse is every failure's body.
+// errorResponse is every failure's body. Pending lists the waiting logins
+// to choose from when an approval named none of several (409).
 type errorResponse struct {
-	Error  string `json:"error"`
-	Hint   string `json:"hint,omitempty"`
-	Reason string `json:"reason,omitempty"`
+	Error   string        `json:"error"`
+	Hint    string        `json:"hint,omitempty"`
+	Reason  string        `json:"reason,omitempty"`
+	Pending []mfa.Pending `json:"pending,omitempty"`
 }
 
 // maxBody bounds request bodies: an approval is a few dozen bytes.

@@ -23,8 +23,8 @@ type Hooks struct {
 	// MFA decides an MFA request. decide is called exactly once, possibly
 	// before MFA returns, possibly later from another goroutine (an
 	// out-of-band approval; then waiting is true), unless cancel is called
-	// first.
-	MFA func(req *session.MFARequest, addr string, decide func(mfa.Path, mfa.Outcome)) (cancel func(), waiting bool)
+	// first. id is the connection's (Handoff.ID).
+	MFA func(req *session.MFARequest, id uint64, addr string, decide func(mfa.Path, mfa.Outcome)) (cancel func(), waiting bool)
 	// RegisterCancel records the cancel key of a released session (the
 	// database's own key, which the client received unchanged; id is the
 	// Handoff's ID); remove is called at the end of the session.

@@ -192,7 +192,7 @@ func startProxy(t *testing.T, s setup) *proxy {
 		HandshakeTimeout: s.handshakeTimeout,
 		Logger:           slog.New(slog.NewTextHandler(p.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Hooks: tlsproxy.Hooks{
-			MFA: func(req *session.MFARequest, addr string, decide func(mfa.Path, mfa.Outcome)) (func(), bool) {
+			MFA: func(req *session.MFARequest, _ uint64, addr string, decide func(mfa.Path, mfa.Outcome)) (func(), bool) {
 				if req.Code == "" {
 					// Out-of-band approval that never comes: the MFA timeout ends it.
 					return func() {}, true

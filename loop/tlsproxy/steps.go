@@ -73,7 +73,7 @@ func (s *sess) askMFA(req *session.MFARequest) {
 		return
 	}
 	ch := s.decisions
-	cancel, waiting := f(req, s.h.Addr, func(p mfa.Path, o mfa.Outcome) {
+	cancel, waiting := f(req, s.h.ID, s.h.Addr, func(p mfa.Path, o mfa.Outcome) {
 		select {
 		case ch <- decision{p, o}:
 		default: // a second call breaks the hook's contract; ignore it

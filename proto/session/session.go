@@ -114,6 +114,9 @@ type MFARequest struct {
 	User   string
 	Code   string // empty when the client sent none
 	Source MFASource
+	// Database and AppName (application_name) tell an approver which login
+	// waits.
+	Database, AppName string
 }
 
 // Decision is the caller's MFA verdict.
@@ -580,7 +583,8 @@ func (m *Machine) upstreamLogin(msg proto.Message) Output {
 
 func (m *Machine) mfaRequest() *MFARequest {
 	m.asked = true
-	return &MFARequest{User: m.user, Code: m.code, Source: m.source}
+	return &MFARequest{User: m.user, Code: m.code, Source: m.source,
+		Database: m.db, AppName: m.startup.Parameters["application_name"]}
 }
 
 // holdError keeps an upstream error that arrived after its

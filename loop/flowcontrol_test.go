@@ -138,6 +138,14 @@ func startFCProxy(t *testing.T, upstream string) *fcProxy {
 	if !eventually(10*time.Second, func() bool { return p.srv.StatsSnapshot()["active"] == 0 }) {
 		t.Fatalf("the warm-up session did not end: %v", p.srv.StatsSnapshot())
 	}
+	if mode == "sockmap" && strings.HasPrefix(upstream, "/") {
+		if err := bpf.ProbeUnixUpstreams(); err != nil {
+			// A property of the kernel (see bpf.load): sessions to a
+			// unix upstream are relayed, and must still be exact.
+			t.Logf("unix upstreams are relayed here: %v", err)
+			mode = "relay"
+		}
+	}
 	fp := &fcProxy{proxy: p, mode: mode}
 	fp.fds, fp.goroutines, fp.heap = openFDs(t), runtime.NumGoroutine(), heapAfterGC()
 	return fp
@@ -287,11 +295,15 @@ func assertEndedWithReason(t *testing.T, e sessionEnd) {
 }
 
 // assertFlowControl is the one place that says how a session-end line shows
-// that the session went through flow control: flow_control (how many
-// directions entered it, 0–2) is at least 1; relayed_bytes (bytes moved in
-// user space) is logged. Adjust here when the fields change.
+// that a spliced session went through flow control: flow_control (how many
+// times a direction entered it) is at least 1; relayed_bytes (bytes moved
+// in user space) is logged. A relayed session (a unix upstream on a kernel
+// without the sockmap iterator) has no kernel queue to control.
 func assertFlowControl(t *testing.T, e sessionEnd) {
 	t.Helper()
+	if e["mode"] == "relay" && os.Getenv("PGMFA_FC_HARNESS") == "" {
+		return
+	}
 	n, err := strconv.Atoi(e["flow_control"])
 	if err != nil || n < 1 {
 		t.Errorf("the session did not go through flow control (want flow_control>=1): %s", e["_line"])

@@ -3,10 +3,11 @@
 // Once a session has passed MFA, its client socket and database socket are
 // put into an eBPF SOCKHASH whose sk_skb stream verdict program (splice.c)
 // redirects every received byte to the other socket's send side, so the
-// proxy never touches the traffic again. A single watcher goroutine per
-// Splicer follows the sockets for half-closes, resets and directions at
-// the backlog bound; see Splicer for the life of a spliced pair and splice.c for
-// the program and its backlog bound.
+// proxy never touches the traffic of a healthy session again. A single
+// watcher goroutine per Splicer follows the sockets for half-closes and
+// resets, and moves in user space the bytes of a direction whose reader
+// fell behind (flow control) until it has caught up; see Splicer for the
+// life of a spliced pair and splice.c for the program.
 //
 // The kernel behaviour this package relies on was measured on Linux 6.18;
 // every quirk it works around is explained where it is handled. In short:
@@ -16,15 +17,63 @@
 //     the program drops it and the watcher forwards the FIN as
 //     shutdown(SHUT_WR) once the redirect queue before it has drained.
 //   - Redirected bytes wait in the destination's psock queue, charged to no
-//     socket: a stalled reader let 1 GiB pile up there while TCP's memory
-//     counters showed 5 MiB. The program measures that queue per skb and
-//     the session ends at Options.MaxBacklog ("backlog limit").
-//   - A pause/resume bound (pass the bytes at the bound, move them to the
-//     destination in user space, redirect again) was built and dropped: on
-//     this kernel it duplicated one to three whole skbs (65,483 bytes
-//     each) in 3 of 6 runs of the multi-GB tests, probably because reading a
-//     sockmap socket can fall back to tcp_recvmsg on skbs that
-//     tcp_read_skb later hands to the verdict again in full.
+//     socket, and TCP acknowledges them as soon as they are redirected
+//     (sk_psock_verdict_apply: tcp_eat_skb, then sk_psock_skb_redirect's
+//     skb_queue_tail with no limit): a stalled reader let 1 GiB pile up
+//     there while TCP's memory counters showed 5 MiB. This is why spliced
+//     sessions need flow control of their own (next items).
+//   - Flow control (splice.c, Splicer.pump). SK_PASS is the only verdict
+//     that leaves bytes charged to the source: sk_psock_skb_ingress_self
+//     calls skb_set_owner_r, so they count in sk_rmem_alloc until read and
+//     TCP's advertised window (tcp_space) closes; tcp_bpf_recvmsg_parser,
+//     the recvmsg of a socket in a verdict map, reads them from
+//     ingress_msg and reopens the window (__tcp_cleanup_rbuf). Measured on
+//     6.18 (TestStalledReaders): 100 sessions streaming to clients that
+//     read nothing stop after 20.7 MiB each on average, with every redirect
+//     queue at most 4,257,558 bytes (threshold 4 MiB + one skb) and 19.7–21.9
+//     MiB of memory per session, all of it in socket buffers (TCP mem rose
+//     by 1.7 GB for the 100); without flow control the same queue took 1 GiB
+//     per session.
+//   - The ordering rules that make it lossless, each with its reason:
+//     verdicts for one socket are serialized (softirq under the socket
+//     spinlock, or process context owning the socket; a softirq finding it
+//     owned queues to the backlog, run at release_sock), so the program's
+//     switch to PASS is a point in the byte stream; user space writes a
+//     passed byte only once the destination's send progress (bytes_acked +
+//     SIOCOUTQ) shows every byte redirected before the switch; the kworker
+//     unlinks an skb from the psock queue only once it is wholly sent
+//     (sk_psock_backlog: skb_peek, then skb_dequeue after the loop), so a
+//     queue length of 0 means nothing is in flight; only the program
+//     switches back, when passed == written (published after the write),
+//     so no passed byte can be overtaken. Stress (TestFlowControlStress,
+//     TestTransferExact): thousands of sessions, hundreds of episodes per
+//     run, byte-exact.
+//   - A passed skb that finds the source's own psock queue non-empty (it
+//     also carries the other direction's bytes towards that socket) is
+//     queued there, uncharged, until the kworker moves it (__SK_PASS in
+//     sk_psock_verdict_apply). So a peer that keeps sending while it reads
+//     nothing of what it is sent keeps its window open: TestHardBound's
+//     client got 32 MiB ahead before the hard bound (MaxBacklog, counted
+//     as passed - read) ended the session. That is the one case flow
+//     control cannot bound, and the one the hard bound is for.
+//   - A unix skb stays charged to its sender (unix_stream_sendmsg's
+//     skb_set_owner_w; unix_stream_read_skb and the redirect do not orphan
+//     it) until the kworker has sent and freed it, so bytes from a unix
+//     database wait in the redirect queue charged to the database's send
+//     buffer, which blocks the database: that direction needs no flow
+//     control, and is never passed (passing would move the charge to the
+//     proxy's unix socket, whose receive side has no limit). Read in the
+//     6.12 source; not measured here, see the next item.
+//   - BTF tracing programs (the sockmap iterator) are refused with EPERM in
+//     some sandboxes whose root may load sk_skb programs (this machine's
+//     shell lacks CAP_SYS_RESOURCE in its bounding set; fentry and iter
+//     loads fail before verification, kprobe and sk_skb loads succeed).
+//     The iterator is loaded last and is optional: without it unix-socket
+//     upstreams are relayed, TCP is spliced as before.
+//   - The "duplicated skbs" of the pause/resume attempt of stop 2 were an
+//     ordering problem of that design (user space flipping back to redirect
+//     while a passed skb was still unread), not a kernel bug; see the
+//     research brief in shared/notes and the rules above.
 //   - Inserting a TCP socket that already received FIN fails (EOPNOTSUPP:
 //     only ESTABLISHED sockets are accepted); Splice checks first.
 //   - For an AF_UNIX upstream the verdict sees the database's end as the

@@ -42,11 +42,12 @@ const baseMask = unix.EPOLLET | unix.EPOLLRDHUP
 // Recheck intervals for a condition the kernel signals no event for: the
 // redirect queue of a socket becoming empty, after a FIN (maxRecheck) or
 // before the first relayed write of a flow-control episode (maxRelayWait:
-// short, because the sender is held back meanwhile).
+// shorter, because the sender is held back meanwhile; the destination
+// becoming writable, which its draining queue brings, also wakes it).
 const (
 	minRecheck   = time.Millisecond
 	maxRecheck   = 100 * time.Millisecond
-	maxRelayWait = 4 * time.Millisecond
+	maxRelayWait = 16 * time.Millisecond
 )
 
 // Flow control moves a direction's bytes through a buffer of relayBufSize
@@ -357,10 +358,11 @@ func (s *Splicer) pump(ss *session, d *direction, v *spliceDir) (bool, error) {
 // direction's passed bytes (only after the writes returned).
 func (s *Splicer) publish(ss *session, d *direction) error {
 	r := spliceRelayed{Read: d.uread, Written: d.uwrite}
-	if r == d.published {
+	if r.Read == d.published.Read && r.Written == d.published.Written {
 		return nil
 	}
-	if err := s.obj.Relayed.Update(ss.cookies[d.src], &r, ebpf.UpdateAny); err != nil {
+	// In place, under the entry's lock (see struct relayed in splice.c).
+	if err := s.obj.Relayed.Update(ss.cookies[d.src], &r, ebpf.UpdateLock); err != nil {
 		return err
 	}
 	d.published = r
@@ -451,12 +453,31 @@ func (s *Splicer) updateMasks(ss *session) {
 	}
 }
 
+// quiesce waits for any verdict still running on a session's sockets once
+// they are out of the verdict map. A verdict holds a pointer to its
+// direction's entry and writes through it; deleting the entry under it
+// would let the next session's entry reuse the element and receive that
+// write. Verdicts run under the socket lock and setsockopt takes it, so
+// after rcvlowatKick no verdict of that socket is running, and none can
+// start (the socket is out of the verdict map). A unix socket's verdict
+// runs under its iolock instead, which nothing here can take: for a unix
+// upstream this leaves the window it closes for TCP.
+func (s *Splicer) quiesce(ss *session) {
+	for i, fd := range ss.fds {
+		if side(i) == sideServer && ss.unixServer {
+			continue
+		}
+		_ = rcvlowatKick(fd)
+	}
+}
+
 // teardown ends a session: map entries out, fds closed, onDone called.
 func (s *Splicer) teardown(ss *session, reason string) {
 	var counted [2]spliceDir
 	for _, c := range ss.cookies {
 		_ = s.obj.VerdictSocks.Delete(c)
 	}
+	s.quiesce(ss)
 	for i, d := range ss.dirs {
 		if d != nil {
 			counted[i], _ = s.dirState(ss, d)

@@ -71,8 +71,19 @@ struct {
  * written only by user space: read from the source, and written to the
  * destination (published after the write returned, so every byte counted
  * here is in the destination's send path). Missing means zero.
+ *
+ * User space creates the entry with the session and then only updates it
+ * in place, under the lock (BPF_F_LOCK), and the program reads it under
+ * the lock. Both matter: a plain update of a hash map replaces the element
+ * and frees the old one, which the next update of another key may reuse at
+ * once (kernel/bpf/hashtab.c free_htab_elem: pcpu_freelist_push, or
+ * bpf_mem_cache_free onto the CPU's free list), so a verdict holding the
+ * old pointer would read another session's counts; and an in-place copy
+ * (rep movsb on this CPU) could be read torn.
  */
 struct relayed {
+	struct bpf_spin_lock lock;
+	__u32 pad;
 	__u64 read;
 	__u64 written;
 };
@@ -249,8 +260,10 @@ int pgmfa_verdict(struct __sk_buff *skb)
 	if (d->episodes) {
 		r = bpf_map_lookup_elem(&relayed, &cookie);
 		if (r) {
+			bpf_spin_lock(&r->lock);
 			rd = r->read;
 			wr = r->written;
+			bpf_spin_unlock(&r->lock);
 		}
 	}
 

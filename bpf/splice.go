@@ -162,6 +162,10 @@ func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone f
 		if err := s.obj.Dirs.Update(cookies[d.src], &v, ebpf.UpdateNoExist); err != nil {
 			return partial(fmt.Errorf("bpf: adding the session: %w", err))
 		}
+		// Created now, only ever updated in place afterwards.
+		if err := s.obj.Relayed.Update(cookies[d.src], &spliceRelayed{}, ebpf.UpdateNoExist); err != nil {
+			return partial(fmt.Errorf("bpf: adding the session: %w", err))
+		}
 	}
 	if unixUp {
 		// Also under the database end's cookie (where this kernel looks).

@@ -27,7 +27,12 @@ type spliceDir struct {
 }
 
 type spliceRelayed struct {
-	_       structs.HostLayout
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad     uint32
 	Read    uint64
 	Written uint64
 }

@@ -75,6 +75,11 @@ struct bpf_iter__sockmap {
 	struct sock *sk;
 } __attribute__((preserve_access_index));
 
+/* UAPI: a spin lock in a map value (the map needs BTF, which bpf2go keeps). */
+struct bpf_spin_lock {
+	__u32 val;
+};
+
 /* Helper prototypes (numbers from include/uapi/linux/bpf.h). */
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)46;
@@ -85,5 +90,7 @@ static struct tcp_sock *(*bpf_skc_to_tcp_sock)(void *sk) = (void *)137;
 static long (*bpf_probe_read_kernel)(void *dst, __u32 size, const void *unsafe_ptr) = (void *)113;
 static long (*bpf_seq_write)(void *seq, const void *data, __u32 len) = (void *)127;
 static struct unix_sock *(*bpf_skc_to_unix_sock)(void *sk) = (void *)178;
+static long (*bpf_spin_lock)(struct bpf_spin_lock *lock) = (void *)93;
+static long (*bpf_spin_unlock)(struct bpf_spin_lock *lock) = (void *)94;
 
 #endif

@@ -206,12 +206,20 @@ func (s *Server) Splicing() bool { return s.splicer != nil }
 
 // StatsSnapshot returns the counters as plain numbers.
 func (s *Server) StatsSnapshot() map[string]int64 {
-	return map[string]int64{
+	m := map[string]int64{
 		"accepted": s.stats.Accepted.Load(), "refused": s.stats.Refused.Load(),
 		"logins_ok": s.stats.LoginsOK.Load(), "logins_failed": s.stats.LoginsFailed.Load(),
 		"spliced": s.stats.Spliced.Load(), "relayed": s.stats.Relayed.Load(), "tls": s.stats.TLS.Load(),
 		"active": s.stats.Active.Load(),
 	}
+	if s.splicer != nil {
+		// Over ended spliced sessions: flow-control episodes, the bytes
+		// they moved in user space, and sessions ended at the hard bound.
+		ep, rel := s.splicer.FlowControl()
+		m["flow_control_episodes"], m["flow_control_relayed_bytes"] = int64(ep), int64(rel)
+		m["backlog_limit_ends"] = int64(s.splicer.BacklogLimitEnds())
+	}
+	return m
 }
 
 // Run serves until Stop. It returns once the engine has stopped.

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // soak reports whether the long versions of the flow-control tests run
@@ -442,4 +444,51 @@ func placeOf(b []byte, off int, pos, n int64) string {
 		}
 	}
 	return "not found nearby"
+}
+
+// TestAuditCatchesMismatch: the end-of-session audit compares the
+// program's counts with TCP's own; a count off by one skb must be reported
+// (so a clean run of the stress tests means something).
+func TestAuditCatchesMismatch(t *testing.T) {
+	sp := needSplicer(t, Options{})
+	h := newHarness(t)
+	p := h.pair()
+	defer p.close()
+	defer unix.Close(p.pc)
+	defer unix.Close(p.ps)
+	base, err := receiveBase(p.pc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.SetNonblock(p.pc, false)
+	const n = 1 << 20
+	go func() { p.client.Write(pattern[:n]); p.client.(*net.TCPConn).CloseWrite() }()
+	buf := make([]byte, 64<<10)
+	for got := 0; got < n; {
+		r, err := unix.Read(p.pc, buf)
+		if r <= 0 {
+			t.Fatalf("read: %d %v", r, err)
+		}
+		got += r
+	}
+	// Wait for the FIN, which TCP counts as one more sequence number.
+	for {
+		if r, _ := unix.Read(p.pc, buf); r == 0 {
+			break
+		}
+	}
+	ss := &session{fds: [2]int{p.pc, p.ps}}
+	ss.dirs[sideClient] = &direction{src: sideClient, dst: sideServer, rcvBase: base, fin: true}
+	ss.dirs[sideServer] = &direction{src: sideServer, dst: sideClient, rcvBase: noBase}
+	for _, c := range []struct {
+		redirected, passed uint64
+		bad                bool
+	}{{n, 0, false}, {n - 65483, 65483, false}, {n, 65483, true}, {n - 1, 0, true}} {
+		var st Stats
+		before := sp.Anomalies()
+		sp.audit(ss, [2]spliceDir{{Redirected: c.redirected, Passed: c.passed}}, &st)
+		if got := sp.Anomalies() > before; got != c.bad || (st.Anomaly != "") != c.bad {
+			t.Errorf("redirected %d passed %d: anomaly %v (%q), want %v", c.redirected, c.passed, got, st.Anomaly, c.bad)
+		}
+	}
 }

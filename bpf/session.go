@@ -25,6 +25,9 @@ func (sd side) String() string {
 	return "server"
 }
 
+// noBase marks a direction whose source has no TCP byte count.
+const noBase = ^uint64(0)
+
 // Flags of splice.c's struct dir.
 const (
 	dirBaseSet = 1
@@ -88,6 +91,7 @@ type direction struct {
 	src, dst side
 	pending  uint64 // read-ahead written to dst by Splice
 	base     uint64 // writeProgress(dst) after the read-ahead
+	rcvBase  uint64 // receiveBase(src) before src entered the verdict map; noBase: unknown (unix)
 
 	fin     bool // src received FIN
 	shut    bool // shutdown(dst, SHUT_WR) done: direction finished
@@ -453,6 +457,37 @@ func (s *Splicer) updateMasks(ss *session) {
 	}
 }
 
+// audit checks, at the clean end of a session, that the program saw each
+// byte its TCP sources received exactly once: redirected + passed must
+// equal tcpi_bytes_received since the splice. More means the kernel handed
+// the verdict bytes twice (a duplicate reaches the peer), less that some
+// never reached it (a gap); either is a kernel anomaly, logged with every
+// counter that tells where it happened, counted (Splicer.Anomalies) and
+// named in Stats.Anomaly. It cannot undo what the peer received.
+func (s *Splicer) audit(ss *session, counted [2]spliceDir, st *Stats) {
+	for i, d := range ss.dirs {
+		if d.rcvBase == noBase {
+			continue
+		}
+		got, err := received(ss.fds[d.src])
+		if err != nil {
+			continue
+		}
+		got -= d.rcvBase
+		if d.fin && got > 0 {
+			got-- // tcp_rcv_nxt_update counts the FIN's sequence number too
+		}
+		seen := counted[i].Redirected + counted[i].Passed
+		if seen == got {
+			continue
+		}
+		s.anomalies.Add(1)
+		st.Anomaly = fmt.Sprintf("%s->%s: TCP received %d bytes, the program saw %d (redirected %d, passed %d; relayed read %d, written %d; episodes %d)",
+			d.src, d.dst, got, seen, counted[i].Redirected, counted[i].Passed, d.uread, d.uwrite, counted[i].Episodes)
+		s.log.Error("spliced session: the kernel's byte counts disagree (a duplicate or a gap)", "anomaly", st.Anomaly)
+	}
+}
+
 // quiesce waits for any verdict still running on a session's sockets once
 // they are out of the verdict map. A verdict holds a pointer to its
 // direction's entry and writes through it; deleting the entry under it
@@ -483,6 +518,10 @@ func (s *Splicer) teardown(ss *session, reason string) {
 			counted[i], _ = s.dirState(ss, d)
 		}
 	}
+	st := Stats{Duration: time.Since(ss.start), Reason: reason}
+	if reason == "client closed" || reason == "server closed" {
+		s.audit(ss, counted, &st) // before the fds close
+	}
 	s.unmap(ss)
 	for _, fd := range ss.fds {
 		_ = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_DEL, fd, nil)
@@ -497,7 +536,6 @@ func (s *Splicer) teardown(ss *session, reason string) {
 	s.mu.Unlock()
 	delete(s.timed, ss)
 
-	st := Stats{Duration: time.Since(ss.start), Reason: reason}
 	moved := func(sd side) uint64 { return ss.dirs[sd].pending + counted[sd].Redirected + ss.dirs[sd].uwrite }
 	st.ClientToServer, st.ServerToClient = moved(sideClient), moved(sideServer)
 	for i, d := range ss.dirs {

@@ -183,6 +183,12 @@ func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone f
 		order = []side{sideServer, sideClient}
 	}
 	for n, i := range order {
+		if i == sideClient || !unixUp {
+			// For the accounting check at the end (session.audit).
+			if ss.dirs[i].rcvBase, err = receiveBase(ss.fds[i]); err != nil {
+				ss.dirs[i].rcvBase = noBase
+			}
+		}
 		if err := s.obj.VerdictSocks.Update(cookies[i], uint64(ss.fds[i]), ebpf.UpdateNoExist); err != nil {
 			err = fmt.Errorf("bpf: the kernel refused the %s socket (it may have just received FIN): %w", i, err)
 			if n == 0 {

@@ -73,6 +73,10 @@ type Stats struct {
 	// until it caught up); Relayed counts the bytes moved that way (they
 	// are included in ClientToServer and ServerToClient).
 	FlowControl, Relayed uint64
+	// Anomaly is empty unless the end-of-session audit found that the
+	// kernel handed the program a different number of bytes than TCP
+	// received (see Splicer.Anomalies).
+	Anomaly string
 	// Duration is the time from Splice to the teardown.
 	Duration time.Duration
 	// Reason says why the session ended: "client closed", "server closed",
@@ -113,10 +117,11 @@ type Splicer struct {
 
 	timed map[*session]struct{} // sessions with a recheck due; watcher only
 
-	overs    atomic.Uint64 // sessions ended at the backlog bound, ever
-	lastOver atomic.Uint64 // the program's backlog when the bound was last reached
-	episodes atomic.Uint64 // flow-control episodes of ended sessions
-	relayed  atomic.Uint64 // bytes moved in user space by flow control, ended sessions
+	overs     atomic.Uint64 // sessions ended at the backlog bound, ever
+	lastOver  atomic.Uint64 // the program's backlog when the bound was last reached
+	episodes  atomic.Uint64 // flow-control episodes of ended sessions
+	relayed   atomic.Uint64 // bytes moved in user space by flow control, ended sessions
+	anomalies atomic.Uint64 // sessions whose audit failed
 
 	done chan struct{} // closed when the watcher has exited
 }
@@ -239,6 +244,10 @@ func (s *Splicer) MapEntries() (int, error) {
 // BacklogLimitEnds returns how many sessions ended at the backlog bound
 // since NewSplicer.
 func (s *Splicer) BacklogLimitEnds() uint64 { return s.overs.Load() }
+
+// Anomalies returns how many sessions ended cleanly with byte counts that
+// disagree with TCP's (see Stats.Anomaly); 0 is the only healthy value.
+func (s *Splicer) Anomalies() uint64 { return s.anomalies.Load() }
 
 // FlowControl returns, over the sessions that have ended since
 // NewSplicer, how many times a direction entered flow control and how many

@@ -203,6 +203,9 @@ func runTransfers(t *testing.T, opts Options, count, conc int, maxSize int64, se
 		}()
 	}
 	wg.Wait()
+	if n := sp.Anomalies(); n != 0 {
+		t.Errorf("%d sessions whose byte counts disagree with TCP's (see the log)", n)
+	}
 	ep, rel := sp.FlowControl()
 	t.Logf("sessions ended at the backlog bound: %d; flow control: %d episodes, %.1f MB moved in user space", sp.BacklogLimitEnds(), ep, float64(rel)/1e6)
 	if n := sp.Sessions(); n != 0 {

@@ -151,7 +151,7 @@ func TestStalledReaders(t *testing.T) {
 			if rerr != nil {
 				io.Copy(io.Discard, s.p.client)
 				st := waitDone(t, s.done)
-				t.Errorf("session %d: %d of %d bytes: %v; redirected %d, relayed %d", i, m, total, rerr, st.ServerToClient-st.Relayed, st.Relayed)
+				t.Errorf("session %d: %d of %d bytes: %v; redirected %d, relayed %d; audit: %q", i, m, total, rerr, st.ServerToClient-st.Relayed, st.Relayed, st.Anomaly)
 				s.p.close()
 				return
 			}
@@ -167,6 +167,9 @@ func TestStalledReaders(t *testing.T) {
 	close(allDone)
 	ep, rel := sp.FlowControl()
 	t.Logf("flow control: %d episodes, %.1f MB moved in user space", ep, float64(rel)/1e6)
+	if n := sp.Anomalies(); n != 0 {
+		t.Errorf("%d sessions whose byte counts disagree with TCP's (see the log)", n)
+	}
 	if n, err := sp.MapEntries(); n != 0 || err != nil {
 		t.Errorf("%d map entries left (%v)", n, err)
 	}
@@ -283,7 +286,7 @@ func stressSession(t *testing.T, sp *Splicer, h *harness, id int, c2s, s2c int64
 		return fmt.Errorf("server->client: %d of %d bytes, hash %x want %x (lost, duplicated or reordered)", gotC.n, s2c, gotC.sum, want)
 	}
 	st := waitDone(t, done)
-	if st.ClientToServer != uint64(c2s) || st.ServerToClient != uint64(s2c) {
+	if st.ClientToServer != uint64(c2s) || st.ServerToClient != uint64(s2c) || st.Anomaly != "" {
 		return fmt.Errorf("stats %+v, want %d/%d", st, c2s, s2c)
 	}
 	return nil
@@ -319,6 +322,9 @@ func TestFlowControlStress(t *testing.T) {
 			ep, rel := sp.FlowControl()
 			allEpisodes += ep
 			t.Logf("flow control: %d episodes, %.1f MB moved in user space; ended at the hard bound: %d", ep, float64(rel)/1e6, sp.BacklogLimitEnds())
+			if n := sp.Anomalies(); n != 0 {
+				t.Errorf("%d sessions whose byte counts disagree with TCP's (see the log)", n)
+			}
 			if sp.BacklogLimitEnds() != 0 {
 				t.Errorf("%d sessions ended at the hard bound", sp.BacklogLimitEnds())
 			}

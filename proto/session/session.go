@@ -169,7 +169,7 @@ type Machine struct {
 	phase Phase
 
 	// From the startup packet (MFA parameters stripped).
-	startup *pgproto3.StartupMessage
+	startup *proto.StartupMessage
 	user    string
 	db      string
 	code    string
@@ -243,8 +243,9 @@ func (m *Machine) SetEncrypted() { m.encrypted = true }
 func (m *Machine) Encrypted() bool { return m.encrypted }
 
 // StartupMessage is the startup packet as forwarded upstream (MFA
-// parameters removed); nil before it arrived.
-func (m *Machine) StartupMessage() *pgproto3.StartupMessage { return m.startup }
+// parameters removed, the rest in the client's order); nil before it
+// arrived.
+func (m *Machine) StartupMessage() *proto.StartupMessage { return m.startup }
 
 // FromClient consumes at most one client packet from buf. It returns how many
 // bytes it consumed (0: incomplete, or not expecting client bytes now; the
@@ -328,36 +329,35 @@ func (m *Machine) startupPacket(buf []byte) (int, Output) {
 		c := *msg
 		c.SecretKey = append([]byte(nil), msg.SecretKey...)
 		return n, Output{Cancel: &c, Close: true}
-	case *pgproto3.StartupMessage:
+	case *proto.StartupMessage:
 		return n, m.startupMessage(msg)
 	default:
 		return 0, m.fail(&proto.ProtocolError{Msg: fmt.Sprintf("unexpected startup packet %T", msg)})
 	}
 }
 
-func (m *Machine) startupMessage(msg *pgproto3.StartupMessage) Output {
+func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 	if m.cfg.TLS == TLSRequire && !m.encrypted {
 		return m.fail(&proto.AuthError{Code: "28000",
 			Message: "pgmfa requires an encrypted connection",
 			Hint:    "connect with sslmode=require (or verify-full)"})
 	}
-	params := make(map[string]string, len(msg.Parameters))
-	for k, v := range msg.Parameters {
-		params[k] = v
-	}
-	code, err := proto.StripMFACode(params)
+	// Forwarded as the client sent them, pgmfa's own cut out. Of a repeated
+	// "user" or "database" the last counts, as in PostgreSQL: the proxy
+	// asks MFA for the user the database logs in.
+	params, code, err := proto.StripMFA(msg.Params)
 	if err != nil {
 		return m.fail(err)
 	}
-	m.user = params["user"]
+	m.startup = &proto.StartupMessage{ProtocolVersion: msg.ProtocolVersion, Params: params}
+	m.user, _ = m.startup.Get("user")
 	if m.user == "" {
 		return m.fail(&proto.AuthError{Code: "28000", Message: "no PostgreSQL user name specified in startup packet"})
 	}
-	m.db = params["database"]
+	m.db, _ = m.startup.Get("database")
 	if m.db == "" {
 		m.db = m.user
 	}
-	m.startup = &pgproto3.StartupMessage{ProtocolVersion: msg.ProtocolVersion, Parameters: params}
 	if code != "" {
 		m.code, m.source = code, SourceStartup
 	}
@@ -407,7 +407,7 @@ func (m *Machine) passwordPacket(buf []byte) (int, Output) {
 		User:               m.user,
 		Database:           m.db,
 		Password:           password,
-		Params:             withoutUserDB(m.startup.Parameters),
+		Params:             m.startup.Params,
 		ProtocolVersion:    m.startup.ProtocolVersion,
 		Rand:               m.cfg.Rand,
 		MaxSCRAMIterations: m.cfg.MaxSCRAMIterations,
@@ -430,16 +430,6 @@ func SplitCode(password string, digits int) (rest, code string, ok bool) {
 		}
 	}
 	return password[:len(password)-digits], tail, true
-}
-
-func withoutUserDB(p map[string]string) map[string]string {
-	out := make(map[string]string, len(p))
-	for k, v := range p {
-		if k != "user" && k != "database" {
-			out[k] = v
-		}
-	}
-	return out
 }
 
 // UpstreamConnected is called once the upstream connection is open.

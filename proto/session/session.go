@@ -25,6 +25,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"syscall"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
@@ -190,6 +191,8 @@ type Machine struct {
 	heldErr    *proto.ServerError
 	method     string
 	encrypted  bool // the client side is inside TLS
+	sslDone    bool // an SSLRequest was answered
+	gssDone    bool // a GSSENCRequest was answered
 }
 
 // New returns a machine waiting for the client's first packet.
@@ -309,6 +312,10 @@ func (m *Machine) startupPacket(buf []byte) (int, Output) {
 		if m.encrypted {
 			return n, m.fail(&proto.ProtocolError{Msg: "SSLRequest inside an encrypted connection"})
 		}
+		if m.sslDone {
+			return n, m.fail(repeatedRequest(sslRequestVersion))
+		}
+		m.sslDone = true
 		if m.cfg.TLS == TLSOff {
 			// No TLS here: 'N', and the client goes on in plaintext (or
 			// gives up, per its sslmode).
@@ -322,6 +329,10 @@ func (m *Machine) startupPacket(buf []byte) (int, Output) {
 		}
 		return n, Output{ToClient: []byte{'S'}, StartTLS: true}
 	case *pgproto3.GSSEncRequest:
+		if m.gssDone || m.encrypted {
+			return n, m.fail(repeatedRequest(gssEncRequestVersion))
+		}
+		m.gssDone = true
 		// No GSS encryption: 'N'; the client may still ask for TLS.
 		return n, Output{ToClient: []byte{'N'}}
 	case *pgproto3.CancelRequest:
@@ -334,6 +345,24 @@ func (m *Machine) startupPacket(buf []byte) (int, Output) {
 	default:
 		return 0, m.fail(&proto.ProtocolError{Msg: fmt.Sprintf("unexpected startup packet %T", msg)})
 	}
+}
+
+// The "versions" of the negotiation requests, as PostgreSQL names them
+// when it refuses one (1234.5679, 1234.5680).
+const (
+	sslRequestVersion    = 1234<<16 | 5679
+	gssEncRequestVersion = 1234<<16 | 5680
+)
+
+// repeatedRequest refuses a second SSLRequest or GSSENCRequest (or a
+// GSSENCRequest inside TLS) as PostgreSQL does: it answers one of each per
+// connection and takes another as a startup packet of an unknown protocol
+// version (0A000, checked against PostgreSQL 15). Answering every one would
+// let a client that never reads pile answers up in the proxy.
+func repeatedRequest(v uint32) error {
+	return &proto.AuthError{Code: "0A000",
+		Message: fmt.Sprintf("unsupported frontend protocol %d.%d: server supports 3.0 to 3.2", v>>16, v&0xffff),
+		Hint:    "a client sends at most one SSLRequest and one GSSENCRequest per connection"}
 }
 
 func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
@@ -446,6 +475,13 @@ func (m *Machine) UpstreamConnected() Output {
 
 // UpstreamFailed is called when the upstream could not be reached.
 func (m *Machine) UpstreamFailed(addr string, err error) Output {
+	if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+		// The proxy is out of descriptors, not the database out of reach:
+		// the client should try again, as after "too many clients".
+		return m.fail(&proto.AuthError{Code: "53300",
+			Message: "pgmfa has no file descriptor left for the database connection",
+			Hint:    "try again later; if this persists, raise pgmfa's open-file limit (LimitNOFILE) or lower --max-conns"})
+	}
 	return m.fail(&proto.AuthError{Code: "08006",
 		Message: fmt.Sprintf("pgmfa could not connect to the database at %s: %v", addr, err),
 		Hint:    "check that PostgreSQL is running and that pgmfa's --upstream points at it"})

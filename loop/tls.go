@@ -70,15 +70,26 @@ func (s *Server) tlsMode() session.TLSMode {
 	return s.cfg.TLSMode
 }
 
-// sessionConfig is the login machine's configuration for this server.
+// sessionConfig is the login machine's configuration for this server, for
+// plaintext and TLS connections alike.
 func (s *Server) sessionConfig() session.Config {
 	return session.Config{
 		Auth:           s.cfg.Auth,
 		MaxMessageLen:  s.cfg.MaxMessageLen,
+		CodeDigits:     s.codeDigits(),
 		AllowCleartext: s.cfg.AllowCleartextPassword,
 		Rand:           s.cfg.Rand,
 		TLS:            s.tlsMode(),
 	}
+}
+
+// codeDigits is the length of the code split off a password (--auth
+// password): the guard's code length (--totp-digits).
+func (s *Server) codeDigits() int {
+	if s.cfg.Guard != nil {
+		return s.cfg.Guard.Options().Digits
+	}
+	return 0
 }
 
 // handoffTLS gives a client connection to the TLS driver: after its

@@ -39,6 +39,8 @@ type conn struct {
 	clientHeld []byte
 	clientOut  []byte // bytes for the half-closed client not yet written
 
+	inStartup bool // the startup timeout runs, not yet the handshake's
+
 	logged    bool // the one audit line per login was written
 	closed    bool
 	handedOff bool
@@ -50,7 +52,6 @@ type (
 	clientSide   struct{ c *conn }
 	upstreamSide struct{ c *conn }
 	cancelSide   struct{ packet []byte }
-	refusedSide  struct{}
 )
 
 // OnOpen handles a new client, a dialed upstream, or a cancel forward.
@@ -80,16 +81,11 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		return ctx.packet, gnet.Close
 	}
 
-	s.stats.Accepted.Add(1)
-	if max := s.cfg.MaxConns; max > 0 && s.conns.Add(1) > int64(max) {
-		s.conns.Add(-1)
-		s.stats.Refused.Add(1)
-		gc.SetContext(&refusedSide{})
-		s.log.Warn("connection refused: --max-conns reached", "client", gc.RemoteAddr().String(), "max_conns", max)
-		return proto.Append(nil, proto.Fatal("53300", "sorry, too many clients already",
-			"pgmfa's --max-conns limit is reached; try again later")), gnet.Close
-	} else if max <= 0 {
-		s.conns.Add(1)
+	// A client accepted by the acceptor (accept.go), which counted it
+	// against --max-conns.
+	pc, ok := gc.Context().(*pendingClient)
+	if !ok || !pc.open() {
+		return nil, gnet.Close
 	}
 	s.stats.Active.Add(1)
 	c := &conn{
@@ -101,8 +97,8 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		start:  time.Now(),
 		m:      session.New(s.sessionConfig()),
 	}
-	if c.addr == "" {
-		c.addr = "unix"
+	if c.addr == "" || c.addr == "@" {
+		c.addr = "unix" // an unnamed unix-socket peer
 	}
 	gc.SetContext(&clientSide{c})
 	if s.upstreamTLS {
@@ -111,7 +107,14 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		c.handoffTLS(nil, false, false, true)
 		return nil, gnet.Close
 	}
-	c.deadline = c.after(s.cfg.HandshakeTimeout, func() { c.act(c.m.Timeout(false)) })
+	// Until the StartupMessage, the shorter startup timeout: a connection
+	// that says nothing costs its descriptors only that long.
+	c.inStartup = true
+	c.deadline = c.after(s.cfg.StartupTimeout, func() {
+		if c.inStartup { // not a tick that lost the race with the StartupMessage
+			c.act(c.m.Timeout(false))
+		}
+	})
 	return nil, gnet.None
 }
 
@@ -124,7 +127,7 @@ func (s *Server) OnTraffic(gc gnet.Conn) gnet.Action {
 	case *upstreamSide:
 		ctx.c.drain(gc, ctx.c.m.FromUpstream)
 	default:
-		// Cancel forwards and refused connections send nothing we read.
+		// Cancel forwards send nothing we read.
 		_, _ = gc.Discard(-1)
 	}
 	return gnet.None
@@ -141,6 +144,12 @@ func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
 		if n == 0 {
 			break
 		}
+	}
+	if c.inStartup && !c.closed && !c.handedOff && c.m.Phase() != session.PhaseStartup {
+		// The StartupMessage is in: the rest of the handshake timeout.
+		c.inStartup = false
+		c.deadline.Stop()
+		c.deadline = c.after(max(c.srv.cfg.HandshakeTimeout-time.Since(c.start), 0), func() { c.act(c.m.Timeout(false)) })
 	}
 	// A half-closed client cannot answer a further authentication request.
 	if !c.closed && !c.handedOff && c.clientFD > 0 && c.m.NeedsClient() {
@@ -213,6 +222,17 @@ func (c *conn) act(out session.Output) {
 	if out.Close {
 		c.close(out.Err)
 	}
+}
+
+// closeOnError ends a login that failed on the proxy's side. When the
+// proxy ran out of descriptors the client is told to try again (53300),
+// as when --max-conns is reached.
+func (c *conn) closeOnError(err error) {
+	if c.client != nil && (errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE)) {
+		_, _ = c.client.Write(proto.Append(nil, proto.Fatal("53300", "sorry, too many clients already",
+			"pgmfa has no file descriptor left; try again later (if this persists, raise its open-file limit or lower --max-conns)")))
+	}
+	c.close(err)
 }
 
 // writeClient writes to the client through gnet or, once the client

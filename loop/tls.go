@@ -34,6 +34,7 @@ func (s *Server) setUpTLS() error {
 		DialUpstream:     dial,
 		UpstreamName:     s.upName,
 		HandshakeTimeout: s.cfg.HandshakeTimeout,
+		StartupTimeout:   s.cfg.StartupTimeout,
 		MFATimeout:       s.cfg.MFATimeout,
 		Logger:           s.log,
 		Hooks: tlsproxy.Hooks{
@@ -105,12 +106,12 @@ func (c *conn) handoffTLS(reply []byte, start, direct, atOpen bool) {
 	readAhead := takeAll(c.client)
 	fd, err := c.client.Dup()
 	if err != nil {
-		c.close(err)
+		c.closeOnError(err)
 		return
 	}
 	nc, err := tlsproxy.FileConn(fd)
 	if err != nil {
-		c.close(err)
+		c.closeOnError(err)
 		return
 	}
 	c.handedOff = true

@@ -30,7 +30,13 @@ func (s *sess) login() {
 			s.timer.Stop()
 		}
 	}()
-	s.deadline = s.start.Add(s.d.cfg.HandshakeTimeout)
+	// Up to the StartupMessage the (shorter) startup timeout, then the
+	// rest of the handshake timeout.
+	s.handshakeDeadline = s.start.Add(s.d.cfg.HandshakeTimeout)
+	s.deadline = s.handshakeDeadline
+	if st := s.d.cfg.StartupTimeout; st > 0 && s.start.Add(st).Before(s.deadline) {
+		s.deadline = s.start.Add(st)
+	}
 	_ = s.h.Conn.SetDeadline(s.deadline)
 
 	if len(s.h.Reply) > 0 {
@@ -49,6 +55,7 @@ func (s *sess) login() {
 	if !s.startup() {
 		return
 	}
+	s.endStartup()
 	// From here on both sides may speak at any time: a reader per socket
 	// feeds this goroutine, which waits for whatever comes first.
 	client := s.client
@@ -122,6 +129,14 @@ func (s *sess) startup() bool {
 		}
 	}
 	return !s.closed && !s.established
+}
+
+// endStartup moves the deadline from the startup timeout to the rest of the
+// handshake timeout, once the StartupMessage is in.
+func (s *sess) endStartup() {
+	if s.deadline.Before(s.handshakeDeadline) && !s.mfaWait {
+		s.setDeadline(s.handshakeDeadline)
+	}
 }
 
 // drain feeds buffered bytes of both sides to the machine until it makes no

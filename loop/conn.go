@@ -39,7 +39,8 @@ type conn struct {
 	clientHeld []byte
 	clientOut  []byte // bytes for the half-closed client not yet written
 
-	inStartup bool // the startup timeout runs, not yet the handshake's
+	inStartup bool  // the startup timeout runs, not yet the handshake's
+	upBytes   int64 // bytes taken from the database during the login
 
 	logged    bool // the one audit line per login was written
 	closed    bool
@@ -53,6 +54,14 @@ type (
 	upstreamSide struct{ c *conn }
 	cancelSide   struct{ packet []byte }
 )
+
+// maxPendingOutput bounds the bytes a login may hold for a peer that does
+// not read them (gnet queues without limit what the socket does not take).
+// A login writes a few hundred bytes to the client; more than this unsent
+// means the client is not reading, and the login is ended. The database
+// side is allowed one largest message more (it gets the client's
+// authentication responses).
+const maxPendingOutput = 64 << 10
 
 // OnOpen handles a new client, a dialed upstream, or a cancel forward.
 func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
@@ -134,11 +143,15 @@ func (s *Server) OnTraffic(gc gnet.Conn) gnet.Action {
 }
 
 func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
+	fromUpstream := gc == c.upstream
 	for !c.closed && !c.handedOff {
 		buf, _ := gc.Peek(-1)
 		n, out := step(buf)
 		if n > 0 {
 			_, _ = gc.Discard(n)
+			if fromUpstream {
+				c.upBytes += int64(n)
+			}
 		}
 		c.act(out)
 		if n == 0 {
@@ -157,10 +170,30 @@ func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
 		return
 	}
 	// A database that keeps talking while the client's login is held is
-	// cut off before it can make the proxy buffer without bound.
-	if !c.closed && !c.handedOff && gc == c.upstream && gc.InboundBuffered() > 1<<20 {
-		c.act(c.m.UpstreamClosed(errTooChatty))
+	// cut off before it can make the proxy buffer without bound: what it
+	// sends after its AuthenticationOk is held until the MFA decision.
+	if !c.closed && !c.handedOff && fromUpstream &&
+		(gc.InboundBuffered() > 1<<20 || c.upBytes > c.srv.maxLoginFromDatabase()) {
+		c.cutUpstream(errTooChatty)
 	}
+}
+
+// cutUpstream ends the login because of the database: the machine's words
+// to the client, or (when it holds a refusal until the MFA decision and so
+// has none yet) a plain close.
+func (c *conn) cutUpstream(err error) {
+	if out := c.m.UpstreamClosed(err); out.Close {
+		c.act(out)
+		return
+	}
+	c.close(err)
+}
+
+// maxLoginFromDatabase bounds what a database may send during one login
+// (authentication requests, then the ParameterStatus, notices and
+// BackendKeyData held until MFA passes): far more than any real login.
+func (s *Server) maxLoginFromDatabase() int64 {
+	return max(4<<20, 2*int64(s.cfg.MaxMessageLen))
 }
 
 // OnClose tears the login down when either side goes away before the
@@ -221,7 +254,9 @@ func (c *conn) act(out session.Output) {
 	}
 	if out.Close {
 		c.close(out.Err)
+		return
 	}
+	c.checkBacklog()
 }
 
 // closeOnError ends a login that failed on the proxy's side. When the
@@ -233,6 +268,20 @@ func (c *conn) closeOnError(err error) {
 			"pgmfa has no file descriptor left; try again later (if this persists, raise its open-file limit or lower --max-conns)")))
 	}
 	c.close(err)
+}
+
+// checkBacklog ends a login whose peer does not read what it is sent:
+// gnet would queue it without limit.
+func (c *conn) checkBacklog() {
+	if c.closed || c.handedOff {
+		return
+	}
+	switch {
+	case c.client != nil && c.client.OutboundBuffered() > maxPendingOutput, len(c.clientOut) > maxPendingOutput:
+		c.close(errClientNotReading)
+	case c.upstream != nil && c.upstream.OutboundBuffered() > maxPendingOutput+max(c.srv.cfg.MaxMessageLen, proto.DefaultMaxMessageLen):
+		c.cutUpstream(errDatabaseNotReading)
+	}
 }
 
 // writeClient writes to the client through gnet or, once the client
@@ -440,8 +489,8 @@ func (s *Server) forwardCancel(el gnet.EventLoop, req *pgproto3.CancelRequest) {
 	}
 }
 
-type chattyErr struct{}
-
-func (chattyErr) Error() string { return "the database sent more than 1 MiB during login" }
-
-var errTooChatty error = chattyErr{}
+var (
+	errTooChatty          = errors.New("the database sent more than pgmfa holds for one login")
+	errClientNotReading   = errors.New("the client does not read what it is sent (more than 64 KiB unsent)")
+	errDatabaseNotReading = errors.New("the database does not read what it is sent")
+)

@@ -18,7 +18,7 @@ const closeGrace = time.Second
 
 var (
 	errShutdown = errors.New("proxy shutting down")
-	errChatty   = errors.New("the database sent more than 1 MiB during login")
+	errChatty   = errors.New("the database sent more than pgmfa holds for one login")
 )
 
 // login is the session's first goroutine and the only one that drives the
@@ -73,6 +73,7 @@ func (s *sess) login() {
 			}
 		case u := <-s.uin:
 			s.ubuf = append(s.ubuf, u.data...)
+			s.upBytes += int64(len(u.data))
 			s.drain()
 			if u.err != nil && !s.closed && !s.established {
 				err := u.err
@@ -139,6 +140,12 @@ func (s *sess) endStartup() {
 	}
 }
 
+// maxFromDatabase bounds what a database may send during one login (as
+// package loop does): far more than any real login.
+func (s *sess) maxFromDatabase() int64 {
+	return max(4<<20, 2*int64(s.d.cfg.Session.MaxMessageLen))
+}
+
 // drain feeds buffered bytes of both sides to the machine until it makes no
 // more progress. Both sides every time: a step on one side can make the
 // machine ready for bytes the other side sent earlier.
@@ -165,8 +172,11 @@ func (s *sess) drain() {
 		}
 	}
 	// A database that keeps talking while the client's login is held is
-	// cut off before it can make the proxy buffer without bound.
-	if !s.closed && !s.established && len(s.ubuf) > 1<<20 {
+	// cut off before it can make the proxy buffer without bound: neither
+	// its unparsed bytes nor what the machine holds until the MFA decision
+	// (ParameterStatus, notices) may grow without limit.
+	if !s.closed && !s.established && (len(s.ubuf) > 1<<20 || s.upBytes > s.maxFromDatabase()) {
 		s.act(s.m.UpstreamClosed(errChatty))
+		s.close(errChatty) // in case the machine held a refusal and had nothing to say
 	}
 }

@@ -50,6 +50,7 @@ type sess struct {
 
 	// login goroutine only: the bounds of the login
 	handshakeDeadline time.Time // deadline is earlier until the StartupMessage is in
+	upBytes           int64     // bytes received from the database during the login
 
 	// the relayed session
 	est          *session.Established

@@ -43,6 +43,9 @@ type conn struct {
 	cancelConn gnet.Conn // a CancelRequest being forwarded for this client
 	cancelling bool      // this client sent a CancelRequest; it is being forwarded
 
+	inStartup bool  // the startup timeout runs, not yet the handshake's
+	upBytes   int64 // bytes taken from the database during the login
+
 	logged    bool // the one audit line per login was written
 	closed    bool
 	handedOff bool
@@ -53,7 +56,6 @@ type conn struct {
 type (
 	clientSide   struct{ c *conn }
 	upstreamSide struct{ c *conn }
-	refusedSide  struct{}
 )
 
 // cancelSide is the connection forwarding a client's CancelRequest.
@@ -61,6 +63,14 @@ type cancelSide struct {
 	c      *conn
 	packet []byte
 }
+
+// maxPendingOutput bounds the bytes a login may hold for a peer that does
+// not read them (gnet queues without limit what the socket does not take).
+// A login writes a few hundred bytes to the client; more than this unsent
+// means the client is not reading, and the login is ended. The database
+// side is allowed one largest message more (it gets the client's
+// authentication responses).
+const maxPendingOutput = 64 << 10
 
 // OnOpen handles a new client, a dialed upstream, or a cancel forward.
 func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
@@ -94,16 +104,11 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		return ctx.packet, gnet.None
 	}
 
-	s.stats.Accepted.Add(1)
-	if max := s.cfg.MaxConns; max > 0 && s.conns.Add(1) > int64(max) {
-		s.conns.Add(-1)
-		s.stats.Refused.Add(1)
-		gc.SetContext(&refusedSide{})
-		s.log.Warn("connection refused: --max-conns reached", "client", gc.RemoteAddr().String(), "max_conns", max)
-		return proto.Append(nil, proto.Fatal("53300", "sorry, too many clients already",
-			"pgmfa's --max-conns limit is reached; try again later")), gnet.Close
-	} else if max <= 0 {
-		s.conns.Add(1)
+	// A client accepted by the acceptor (accept.go), which counted it
+	// against --max-conns.
+	pc, ok := gc.Context().(*pendingClient)
+	if !ok || !pc.open() {
+		return nil, gnet.Close
 	}
 	s.stats.Active.Add(1)
 	c := &conn{
@@ -115,8 +120,8 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		start:  time.Now(),
 		m:      session.New(s.sessionConfig()),
 	}
-	if c.addr == "" {
-		c.addr = "unix"
+	if c.addr == "" || c.addr == "@" {
+		c.addr = "unix" // an unnamed unix-socket peer
 	}
 	gc.SetContext(&clientSide{c})
 	if s.upstreamTLS {
@@ -125,7 +130,14 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		c.handoffTLS(nil, false, false, true)
 		return nil, gnet.Close
 	}
-	c.deadline = c.after(s.cfg.HandshakeTimeout, func() { c.act(c.m.Timeout(false)) })
+	// Until the StartupMessage, the shorter startup timeout: a connection
+	// that says nothing costs its descriptors only that long.
+	c.inStartup = true
+	c.deadline = c.after(s.cfg.StartupTimeout, func() {
+		if c.inStartup { // not a tick that lost the race with the StartupMessage
+			c.act(c.m.Timeout(false))
+		}
+	})
 	return nil, gnet.None
 }
 
@@ -143,23 +155,33 @@ func (s *Server) OnTraffic(gc gnet.Conn) gnet.Action {
 	case *upstreamSide:
 		ctx.c.drain(gc, ctx.c.m.FromUpstream)
 	default:
-		// Cancel forwards and refused connections send nothing we read.
+		// Cancel forwards send nothing we read.
 		_, _ = gc.Discard(-1)
 	}
 	return gnet.None
 }
 
 func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
+	fromUpstream := gc == c.upstream
 	for !c.closed && !c.handedOff {
 		buf, _ := gc.Peek(-1)
 		n, out := step(buf)
 		if n > 0 {
 			_, _ = gc.Discard(n)
+			if fromUpstream {
+				c.upBytes += int64(n)
+			}
 		}
 		c.act(out)
 		if n == 0 {
 			break
 		}
+	}
+	if c.inStartup && !c.closed && !c.handedOff && c.m.Phase() != session.PhaseStartup {
+		// The StartupMessage is in: the rest of the handshake timeout.
+		c.inStartup = false
+		c.deadline.Stop()
+		c.deadline = c.after(max(c.srv.cfg.HandshakeTimeout-time.Since(c.start), 0), func() { c.act(c.m.Timeout(false)) })
 	}
 	// A half-closed client cannot answer a further authentication request.
 	if !c.closed && !c.handedOff && c.clientFD > 0 && c.m.NeedsClient() {
@@ -167,10 +189,30 @@ func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
 		return
 	}
 	// A database that keeps talking while the client's login is held is
-	// cut off before it can make the proxy buffer without bound.
-	if !c.closed && !c.handedOff && gc == c.upstream && gc.InboundBuffered() > 1<<20 {
-		c.act(c.m.UpstreamClosed(errTooChatty))
+	// cut off before it can make the proxy buffer without bound: what it
+	// sends after its AuthenticationOk is held until the MFA decision.
+	if !c.closed && !c.handedOff && fromUpstream &&
+		(gc.InboundBuffered() > 1<<20 || c.upBytes > c.srv.maxLoginFromDatabase()) {
+		c.cutUpstream(errTooChatty)
 	}
+}
+
+// cutUpstream ends the login because of the database: the machine's words
+// to the client, or (when it holds a refusal until the MFA decision and so
+// has none yet) a plain close.
+func (c *conn) cutUpstream(err error) {
+	if out := c.m.UpstreamClosed(err); out.Close {
+		c.act(out)
+		return
+	}
+	c.close(err)
+}
+
+// maxLoginFromDatabase bounds what a database may send during one login
+// (authentication requests, then the ParameterStatus, notices and
+// BackendKeyData held until MFA passes): far more than any real login.
+func (s *Server) maxLoginFromDatabase() int64 {
+	return max(4<<20, 2*int64(s.cfg.MaxMessageLen))
 }
 
 // OnClose tears the login down when either side goes away before the
@@ -243,6 +285,33 @@ func (c *conn) act(out session.Output) {
 	}
 	if out.Close {
 		c.close(out.Err)
+		return
+	}
+	c.checkBacklog()
+}
+
+// closeOnError ends a login that failed on the proxy's side. When the
+// proxy ran out of descriptors the client is told to try again (53300),
+// as when --max-conns is reached.
+func (c *conn) closeOnError(err error) {
+	if c.client != nil && (errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE)) {
+		_, _ = c.client.Write(proto.Append(nil, proto.Fatal("53300", "sorry, too many clients already",
+			"pgmfa has no file descriptor left; try again later (if this persists, raise its open-file limit or lower --max-conns)")))
+	}
+	c.close(err)
+}
+
+// checkBacklog ends a login whose peer does not read what it is sent:
+// gnet would queue it without limit.
+func (c *conn) checkBacklog() {
+	if c.closed || c.handedOff {
+		return
+	}
+	switch {
+	case c.client != nil && c.client.OutboundBuffered() > maxPendingOutput, len(c.clientOut) > maxPendingOutput:
+		c.close(errClientNotReading)
+	case c.upstream != nil && c.upstream.OutboundBuffered() > maxPendingOutput+max(c.srv.cfg.MaxMessageLen, proto.DefaultMaxMessageLen):
+		c.cutUpstream(errDatabaseNotReading)
 	}
 }
 
@@ -491,8 +560,8 @@ func (c *conn) forwardCancel(req *pgproto3.CancelRequest) bool {
 	return true
 }
 
-type chattyErr struct{}
-
-func (chattyErr) Error() string { return "the database sent more than 1 MiB during login" }
-
-var errTooChatty error = chattyErr{}
+var (
+	errTooChatty          = errors.New("the database sent more than pgmfa holds for one login")
+	errClientNotReading   = errors.New("the client does not read what it is sent (more than 64 KiB unsent)")
+	errDatabaseNotReading = errors.New("the database does not read what it is sent")
+)

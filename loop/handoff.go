@@ -48,7 +48,7 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 		toServer = takeAll(c.client)
 		fd, err := c.client.Dup()
 		if err != nil {
-			c.close(err)
+			c.closeOnError(err)
 			return
 		}
 		cfd = fd
@@ -60,7 +60,7 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 	ufd, err := c.upstream.Dup()
 	if err != nil {
 		unix.Close(cfd)
-		c.close(err)
+		c.closeOnError(err)
 		return
 	}
 	c.handedOff = true

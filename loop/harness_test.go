@@ -50,6 +50,9 @@ func TestMain(m *testing.M) {
 	if sharedPG != nil {
 		sharedPG.Stop()
 	}
+	if pgmfaBin != "" {
+		os.RemoveAll(filepath.Dir(pgmfaBin))
+	}
 	os.Exit(code)
 }
 

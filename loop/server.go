@@ -25,6 +25,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -61,7 +62,14 @@ type Config struct {
 
 	HandshakeTimeout time.Duration // whole login up to the MFA wait; 0 = 15s
 	MFATimeout       time.Duration // out-of-band approval wait; 0 = 60s
-	MaxConns         int           // 0 = unlimited
+	// StartupTimeout bounds the time from accept to the StartupMessage
+	// (TLS handshake included): a connection that says nothing is closed
+	// after it. 0 = 5s; never longer than HandshakeTimeout.
+	StartupTimeout time.Duration
+	// MaxConns bounds the client connections at once, logins and sessions
+	// alike; more are answered 53300 and closed. 0 = DefaultMaxConns, what
+	// the open-file limit allows.
+	MaxConns int
 
 	// MFA policy.
 	MFARequired bool
@@ -102,19 +110,24 @@ type Server struct {
 	upstreamTLS bool             // every connection goes to the TLS driver
 	cancels     cancelMap
 
-	eng     gnet.Engine
-	booted  chan struct{}
-	bootErr error
-	nextID  atomic.Uint64
-	conns   atomic.Int64
-	stats   Stats
-	stopped atomic.Bool
+	eng       gnet.Engine
+	acc       *acceptor
+	idleSock  string // gnet's own, unreachable listener (see accept.go)
+	booted    chan struct{}
+	bootOnce  sync.Once
+	bootErr   error
+	nextID    atomic.Uint64
+	conns     atomic.Int64
+	stats     Stats
+	stopped   atomic.Bool
+	engineErr atomic.Value // string: the last error gnet logged
 }
 
 // Stats are counters for the admin API and tests.
 type Stats struct {
 	Accepted, Refused, LoginsOK, LoginsFailed atomic.Int64
 	Spliced, Relayed, TLS, Active             atomic.Int64
+	AcceptErrors                              atomic.Int64
 }
 
 // New validates the configuration and prepares the handoff paths. Run
@@ -132,6 +145,15 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MFATimeout <= 0 {
 		cfg.MFATimeout = 60 * time.Second
 	}
+	if cfg.StartupTimeout <= 0 {
+		cfg.StartupTimeout = 5 * time.Second
+	}
+	if cfg.StartupTimeout > cfg.HandshakeTimeout {
+		cfg.StartupTimeout = cfg.HandshakeTimeout
+	}
+	if cfg.MaxConns < 0 {
+		return nil, errors.New("--max-conns must not be negative")
+	}
 	if cfg.Auth == "" {
 		cfg.Auth = session.AuthPassthrough
 	}
@@ -143,6 +165,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.MFARequired && (cfg.Guard == nil || cfg.Approvals == nil) {
 		return nil, errors.New("MFA is required but no MFA guard is configured")
+	}
+	if fit, limit := DefaultMaxConns(cfg.Loops); cfg.MaxConns == 0 {
+		cfg.MaxConns = fit
+	} else if cfg.MaxConns > fit {
+		cfg.Logger.Warn("--max-conns is more than the open-file limit allows; past that, connections are refused with 53300 when descriptors run out",
+			"max_conns", cfg.MaxConns, "fits", fit, "open_file_limit", limit)
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, booted: make(chan struct{})}
 	var err error
@@ -210,7 +238,7 @@ func (s *Server) StatsSnapshot() map[string]int64 {
 		"accepted": s.stats.Accepted.Load(), "refused": s.stats.Refused.Load(),
 		"logins_ok": s.stats.LoginsOK.Load(), "logins_failed": s.stats.LoginsFailed.Load(),
 		"spliced": s.stats.Spliced.Load(), "relayed": s.stats.Relayed.Load(), "tls": s.stats.TLS.Load(),
-		"active": s.stats.Active.Load(),
+		"active": s.stats.Active.Load(), "accept_errors": s.stats.AcceptErrors.Load(),
 	}
 	if s.splicer != nil {
 		// Over ended spliced sessions: flow-control episodes, the bytes
@@ -222,37 +250,71 @@ func (s *Server) StatsSnapshot() map[string]int64 {
 	return m
 }
 
-// Run serves until Stop. It returns once the engine has stopped.
+// MaxConns is the connection limit in effect (--max-conns or its default).
+func (s *Server) MaxConns() int { return s.cfg.MaxConns }
+
+// Run serves until Stop. It returns once the engine has stopped: nil after
+// Stop, an error when the proxy could not start or its event engine
+// stopped by itself (a fatal error: the caller should exit non-zero).
 func (s *Server) Run() error {
 	for _, p := range s.unixList {
 		if err := removeStaleSocket(p); err != nil {
+			s.failBoot(err)
 			return err
 		}
 	}
+	lns, err := s.listen()
+	if err != nil {
+		s.failBoot(err)
+		return err
+	}
+	s.acc = newAcceptor(s, lns)
+	dir, err := os.MkdirTemp("", "pgmfa-engine-")
+	if err != nil {
+		s.acc.close()
+		s.failBoot(err)
+		return err
+	}
+	s.idleSock = filepath.Join(dir, "idle.sock")
+	// TCP_NODELAY and --socket-buffer are set on our own listeners (Go
+	// sets TCP_NODELAY on accepted and dialed sockets; see listen) and on
+	// dialed database sockets (OnOpen), not through gnet's options, which
+	// apply to gnet's listeners only.
 	opts := []gnet.Option{
 		gnet.WithMulticore(true),
-		gnet.WithTCPNoDelay(gnet.TCPNoDelay),
-		gnet.WithLogger(gnetLogger{s.log}),
-		gnet.WithReuseAddr(true),
+		gnet.WithLogger(gnetLogger{s.log, &s.engineErr}),
+		// The ticker's first tick comes once every event loop runs: the
+		// accept loops start there (see OnTick).
+		gnet.WithTicker(true),
 	}
 	if s.cfg.Loops > 0 {
 		opts = append(opts, gnet.WithNumEventLoop(s.cfg.Loops))
 	}
-	if s.cfg.SocketBuf > 0 {
-		opts = append(opts, gnet.WithSocketRecvBuffer(s.cfg.SocketBuf), gnet.WithSocketSendBuffer(s.cfg.SocketBuf))
+	err = gnet.Rotate(s, []string{"unix://" + s.idleSock}, opts...)
+	s.acc.close()
+	_ = os.RemoveAll(dir)
+	if err == nil && !s.stopped.Load() {
+		// gnet stops its engine on a fatal error and returns nil.
+		msg, _ := s.engineErr.Load().(string)
+		if msg == "" {
+			msg = "no error was reported"
+		}
+		err = fmt.Errorf("the event engine stopped unexpectedly: %s", msg)
 	}
-	err := gnet.Rotate(s, s.addrs, opts...)
-	select {
-	case <-s.booted:
-	default:
-		s.bootErr = err
-		close(s.booted)
-	}
+	s.failBoot(err)
 	s.shutdownHandoff()
 	for _, p := range s.unixList {
 		_ = os.Remove(p)
 	}
 	return err
+}
+
+// failBoot closes Ready with err, unless it is closed already.
+func (s *Server) failBoot(err error) {
+	s.bootOnce.Do(func() {
+		s.bootErr = err
+		close(s.booted)
+	})
 }
 
 // Ready is closed once the listeners accept connections (or Run failed:
@@ -272,6 +334,7 @@ func (s *Server) Stop(ctx context.Context) error {
 	if s.bootErr != nil {
 		return nil
 	}
+	s.acc.close()
 	return s.eng.Stop(ctx)
 }
 
@@ -287,13 +350,27 @@ func (s *Server) shutdownHandoff() {
 	}
 }
 
-// OnBoot records the engine for Stop.
+// OnBoot records the engine for Stop and makes gnet's own listener
+// unreachable (see accept.go).
 func (s *Server) OnBoot(eng gnet.Engine) gnet.Action {
 	s.eng = eng
-	s.log.Info("pgmfa listening", "listen", strings.Join(s.cfg.Listen, ","), "upstream", s.upName,
-		"auth", string(s.cfg.Auth), "mfa_required", s.cfg.MFARequired, "splice", s.Splicing())
-	close(s.booted)
+	_ = os.Remove(s.idleSock)
 	return gnet.None
+}
+
+// OnTick starts the accept loops at the first tick, which gnet's ticker
+// sends once every event loop is registered and running (Engine.Register
+// needs them).
+func (s *Server) OnTick() (time.Duration, gnet.Action) {
+	s.bootOnce.Do(func() {
+		s.acc.start()
+		_, limit := DefaultMaxConns(s.cfg.Loops)
+		s.log.Info("pgmfa listening", "listen", strings.Join(s.cfg.Listen, ","), "upstream", s.upName,
+			"auth", string(s.cfg.Auth), "mfa_required", s.cfg.MFARequired, "splice", s.Splicing(),
+			"max_conns", s.cfg.MaxConns, "open_file_limit", limit)
+		close(s.booted)
+	})
+	return time.Hour, gnet.None
 }
 
 // resolveUpstream turns --upstream into a dialable address.
@@ -359,11 +436,20 @@ func removeStaleSocket(p string) error {
 	return os.Remove(p)
 }
 
-// gnetLogger routes gnet's own logging into slog.
-type gnetLogger struct{ l *slog.Logger }
+// gnetLogger routes gnet's own logging into slog and keeps its last error
+// (gnet logs why its engine stopped, and returns nil).
+type gnetLogger struct {
+	l    *slog.Logger
+	last *atomic.Value
+}
 
 func (g gnetLogger) Debugf(f string, a ...any) { g.l.Debug("gnet: " + fmt.Sprintf(f, a...)) }
 func (g gnetLogger) Infof(f string, a ...any)  { g.l.Debug("gnet: " + fmt.Sprintf(f, a...)) }
 func (g gnetLogger) Warnf(f string, a ...any)  { g.l.Warn("gnet: " + fmt.Sprintf(f, a...)) }
-func (g gnetLogger) Errorf(f string, a ...any) { g.l.Error("gnet: " + fmt.Sprintf(f, a...)) }
-func (g gnetLogger) Fatalf(f string, a ...any) { g.l.Error("gnet: " + fmt.Sprintf(f, a...)) }
+func (g gnetLogger) Errorf(f string, a ...any) { g.error(fmt.Sprintf(f, a...)) }
+func (g gnetLogger) Fatalf(f string, a ...any) { g.error(fmt.Sprintf(f, a...)) }
+
+func (g gnetLogger) error(msg string) {
+	g.last.Store(msg)
+	g.l.Error("gnet: " + msg)
+}

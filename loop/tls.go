@@ -28,6 +28,7 @@ func (s *Server) setUpTLS() error {
 		DialUpstream:     dial,
 		UpstreamName:     s.upName,
 		HandshakeTimeout: s.cfg.HandshakeTimeout,
+		StartupTimeout:   s.cfg.StartupTimeout,
 		MFATimeout:       s.cfg.MFATimeout,
 		Logger:           s.log,
 		Hooks: tlsproxy.Hooks{
@@ -61,15 +62,26 @@ func (s *Server) tlsMode() session.TLSMode {
 	return s.cfg.TLSMode
 }
 
-// sessionConfig is the login machine's configuration for this server.
+// sessionConfig is the login machine's configuration for this server, for
+// plaintext and TLS connections alike.
 func (s *Server) sessionConfig() session.Config {
 	return session.Config{
 		Auth:           s.cfg.Auth,
 		MaxMessageLen:  s.cfg.MaxMessageLen,
+		CodeDigits:     s.codeDigits(),
 		AllowCleartext: s.cfg.AllowCleartextPassword,
 		Rand:           s.cfg.Rand,
 		TLS:            s.tlsMode(),
 	}
+}
+
+// codeDigits is the length of the code split off a password (--auth
+// password): the guard's code length (--totp-digits).
+func (s *Server) codeDigits() int {
+	if s.cfg.Guard != nil {
+		return s.cfg.Guard.Options().Digits
+	}
+	return 0
 }
 
 // handoffTLS gives a client connection to the TLS driver: after its
@@ -85,12 +97,12 @@ func (c *conn) handoffTLS(reply []byte, start, direct, atOpen bool) {
 	readAhead := takeAll(c.client)
 	fd, err := c.client.Dup()
 	if err != nil {
-		c.close(err)
+		c.closeOnError(err)
 		return
 	}
 	nc, err := tlsproxy.FileConn(fd)
 	if err != nil {
-		c.close(err)
+		c.closeOnError(err)
 		return
 	}
 	c.handedOff = true

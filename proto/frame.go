@@ -1,7 +1,6 @@
 package proto
 
 import (
-	"bytes"
 	"encoding/binary"
 	"fmt"
 
@@ -44,7 +43,8 @@ func (m Message) AppendRaw(dst []byte) []byte {
 // NextStartup parses one untyped startup-phase packet at the start of buf.
 //
 // (nil, 0, nil) means the packet is incomplete: read more. On success msg is
-// a *pgproto3.StartupMessage (protocol 3.0 or 3.2), *pgproto3.SSLRequest,
+// a *StartupMessage (protocol 3.0 or 3.2; parameters in the client's order),
+// *pgproto3.SSLRequest,
 // *pgproto3.GSSEncRequest or *pgproto3.CancelRequest and n is the packet
 // length. The length is checked as soon as its four bytes are in, so a
 // hostile claim is refused before anything proportional to it is buffered
@@ -97,49 +97,16 @@ func NextStartup(buf []byte) (msg pgproto3.FrontendMessage, n int, err error) {
 }
 
 // decodeStartup checks the layout the way PostgreSQL does (name/value pairs,
-// then one terminating NUL as the very last byte) before handing the body to
-// pgproto3, which is more lenient. Duplicate names are refused: the proxy
-// and the database must never disagree on which "user" (or which MFA code)
-// a packet carries.
-func decodeStartup(version uint32, body []byte) (*pgproto3.StartupMessage, error) {
-	rest := body[4:]
-	pairs := 0
-	var seen [][]byte
-	for {
-		i := bytes.IndexByte(rest, 0)
-		if i < 0 {
-			return nil, protoErrorf("invalid startup packet layout: missing terminator")
-		}
-		if i == 0 { // empty name: end of the list
-			if len(rest) != 1 {
-				return nil, protoErrorf("invalid startup packet layout: expected terminator as last byte")
-			}
-			break
-		}
-		name := rest[:i]
-		rest = rest[i+1:]
-		j := bytes.IndexByte(rest, 0)
-		if j < 0 {
-			return nil, protoErrorf("invalid startup packet layout: missing value for %q", truncate(name))
-		}
-		for _, s := range seen {
-			if bytes.Equal(s, name) {
-				return nil, protoErrorf("duplicate startup parameter %q", truncate(name))
-			}
-		}
-		seen = append(seen, name)
-		rest = rest[j+1:]
-		pairs++
-	}
-	if pairs == 0 {
-		// pgproto3 cannot decode an empty list; PostgreSQL accepts it (and
-		// then complains about the missing user, as will the caller).
-		return &pgproto3.StartupMessage{ProtocolVersion: version, Parameters: map[string]string{}}, nil
-	}
-	var sm pgproto3.StartupMessage
+// then one terminating NUL as the very last byte). Repeated names are kept,
+// in order, as PostgreSQL keeps them (see StartupMessage): the proxy reads
+// "user" and "database" the way the database will (the last one), so the
+// two never disagree on whose login it is.
+func decodeStartup(version uint32, body []byte) (*StartupMessage, error) {
+	var sm StartupMessage
 	if err := sm.Decode(body); err != nil {
-		return nil, protoErrorf("malformed startup packet: %v", err)
+		return nil, protoErrorf("invalid startup packet layout: %v", err)
 	}
+	sm.ProtocolVersion = version
 	return &sm, nil
 }
 

@@ -37,8 +37,11 @@ func TestNextStartup(t *testing.T) {
 	if err != nil || n != len(sm) {
 		t.Fatalf("n=%d err=%v", n, err)
 	}
-	got := msg.(*pgproto3.StartupMessage)
-	if got.ProtocolVersion != pgproto3.ProtocolVersion32 || got.Parameters["user"] != "bob" || got.Parameters["database"] != "db" {
+	got := msg.(*StartupMessage)
+	if u, _ := got.Get("user"); got.ProtocolVersion != pgproto3.ProtocolVersion32 || u != "bob" {
+		t.Fatalf("%+v", got)
+	}
+	if d, _ := got.Get("database"); d != "db" {
 		t.Fatalf("%+v", got)
 	}
 
@@ -66,8 +69,43 @@ func TestNextStartup(t *testing.T) {
 		}
 	}
 	empty := rawStartup(pgproto3.ProtocolVersion30, "\x00")
-	if msg, _, err := NextStartup(empty); err != nil || len(msg.(*pgproto3.StartupMessage).Parameters) != 0 {
+	if msg, _, err := NextStartup(empty); err != nil || len(msg.(*StartupMessage).Params) != 0 {
 		t.Fatalf("empty startup: %v", err)
+	}
+}
+
+// TestNextStartupKeepsOrderAndDuplicates: parameters come out in the
+// client's order, repeated names included; Get reads the last one, as
+// PostgreSQL does; encoding gives back the same bytes.
+func TestNextStartupKeepsOrderAndDuplicates(t *testing.T) {
+	in := rawStartup(pgproto3.ProtocolVersion30, "user\x00a\x00search_path\x00x\x00SEARCH_PATH\x00y\x00user\x00b\x00zz\x00\x00aa\x001\x00\x00")
+	msg, n, err := NextStartup(in)
+	if err != nil || n != len(in) {
+		t.Fatalf("n=%d err=%v", n, err)
+	}
+	sm := msg.(*StartupMessage)
+	want := []StartupParam{{"user", "a"}, {"search_path", "x"}, {"SEARCH_PATH", "y"}, {"user", "b"}, {"zz", ""}, {"aa", "1"}}
+	if len(sm.Params) != len(want) {
+		t.Fatalf("%+v", sm.Params)
+	}
+	for i := range want {
+		if sm.Params[i] != want[i] {
+			t.Fatalf("param %d: %+v, want %+v", i, sm.Params[i], want[i])
+		}
+	}
+	if u, ok := sm.Get("user"); !ok || u != "b" {
+		t.Fatalf("user %q: PostgreSQL takes the last", u)
+	}
+	if _, ok := sm.Get("database"); ok {
+		t.Fatal("database found")
+	}
+	if out := Append(nil, sm); !bytes.Equal(out, in) {
+		t.Fatalf("re-encoded\n%q\nwant\n%q", out, in)
+	}
+	for _, bad := range []StartupParam{{"", "x"}, {"a\x00b", "x"}, {"a", "x\x00"}} {
+		if _, err := (&StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Params: []StartupParam{bad}}).Encode(nil); err == nil {
+			t.Fatalf("%q encoded", bad)
+		}
 	}
 }
 
@@ -83,7 +121,6 @@ func TestNextStartupRejects(t *testing.T) {
 		"no terminator":   rawStartup(pgproto3.ProtocolVersion30, "user\x00x\x00"),
 		"missing value":   rawStartup(pgproto3.ProtocolVersion30, "user\x00"),
 		"trailing bytes":  rawStartup(pgproto3.ProtocolVersion30, "user\x00x\x00\x00junk"),
-		"duplicate user":  rawStartup(pgproto3.ProtocolVersion30, "user\x00a\x00user\x00b\x00\x00"),
 		"long ssl":        rawStartup(sslRequestCode, "xxxx"),
 		"short cancel":    rawStartup(cancelRequestCode, "\x00\x00\x00\x01"),
 		"unknown code":    rawStartup(1234<<16|9999, ""),

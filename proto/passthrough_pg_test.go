@@ -57,7 +57,7 @@ func TestPassthroughRealPostgres(t *testing.T) {
 
 	// Startup packet: strip the code, forward the rest.
 	var buf []byte
-	var sm *pgproto3.StartupMessage
+	var sm *StartupMessage
 	for sm == nil {
 		msg, n, err := NextStartup(buf)
 		if err != nil {
@@ -73,9 +73,9 @@ func TestPassthroughRealPostgres(t *testing.T) {
 			continue
 		}
 		buf = buf[n:]
-		sm, _ = msg.(*pgproto3.StartupMessage)
+		sm, _ = msg.(*StartupMessage)
 	}
-	code, err := StripMFACode(sm.Parameters)
+	kept, code, err := StripMFA(sm.Params)
 	if err != nil || code != "123456" {
 		t.Fatalf("code %q err %v", code, err)
 	}
@@ -85,6 +85,7 @@ func TestPassthroughRealPostgres(t *testing.T) {
 	}
 	defer server.Close()
 	server.SetDeadline(time.Now().Add(time.Minute))
+	sm.Params = kept
 	server.Write(Append(nil, sm))
 
 	// Relay: the machine decides what crosses. Both sides are read in

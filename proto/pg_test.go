@@ -190,7 +190,7 @@ func TestUpstreamLoginRealPostgres(t *testing.T) {
 		t.Run(methods[user], func(t *testing.T) {
 			u, ex, err := loginUpstream(t, c.Addr(), UpstreamConfig{
 				User: user, Database: "postgres", Password: pgPassword(user),
-				Params: map[string]string{"application_name": "pgmfa-test"},
+				Params: []StartupParam{{Name: "application_name", Value: "pgmfa-test"}},
 			}, nil)
 			if err != nil {
 				t.Fatalf("login: %v", err)

@@ -86,8 +86,8 @@ func (s *fakeServer) serve(c net.Conn) error {
 		switch msg := msg.(type) {
 		case *pgproto3.SSLRequest, *pgproto3.GSSEncRequest:
 			c.Write([]byte{'N'})
-		case *pgproto3.StartupMessage:
-			user = msg.Parameters["user"]
+		case *StartupMessage:
+			user, _ = msg.Get("user")
 		default:
 			return errors.New("unexpected startup packet")
 		}

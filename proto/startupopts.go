@@ -9,7 +9,9 @@ const MFACodeParam = "pgmfa.code"
 
 const mfaPrefix = "pgmfa."
 
-// StripMFACode removes the MFA code from startup parameters, in place.
+// StripMFA removes pgmfa's parameters from a startup packet's parameters
+// and returns the others, in their order and otherwise untouched, with the
+// MFA code.
 //
 // The code may come as a bare "pgmfa.code" parameter, or inside "options" as
 // "-c pgmfa.code=NNN", "-cpgmfa.code=NNN" or "--pgmfa.code=NNN". "options"
@@ -17,49 +19,77 @@ const mfaPrefix = "pgmfa."
 // whitespace, a backslash escapes the next byte) and its words are read the
 // way the backend's getopt reads them; only the words that carry pgmfa
 // settings are cut out and every other byte is kept exactly, so the
-// database sees the options the client meant. "options" is deleted when
-// nothing but whitespace remains. Names are matched as PostgreSQL matches
-// setting names: case-insensitively, with '-' read as '_'. Any other
-// "pgmfa." parameter or option is removed too: none of them may reach the
-// database, and neither may a stray "pgmfa.code=NNN" word (PostgreSQL would
-// echo it in an error; it is taken as the code).
+// database sees the options the client meant. An "options" left with
+// nothing but whitespace is dropped — unless it is the last of several:
+// PostgreSQL reads only the last "options", so dropping it would bring back
+// one the client had overridden; it stays, emptied of pgmfa's words. Names
+// are matched as PostgreSQL matches setting names: case-insensitively, with
+// '-' read as '_'. Any other "pgmfa." parameter or option is removed too:
+// none of them may reach the database, and neither may a stray
+// "pgmfa.code=NNN" word (PostgreSQL would echo it in an error; it is taken
+// as the code).
 //
-// It returns the code ("" if there is none). Two different codes are an
-// *AuthError (28000): guessing which one the client meant is not safe. So is
-// a pgmfa setting glued behind other switches ("-ec pgmfa.code=1"), which
-// could not be cut without rewriting the client's switches.
-func StripMFACode(params map[string]string) (code string, err error) {
+// Two different codes are an *AuthError (28000): guessing which one the
+// client meant is not safe. So is a pgmfa setting glued behind other
+// switches ("-ec pgmfa.code=1"), which could not be cut without rewriting
+// the client's switches.
+func StripMFA(params []StartupParam) (kept []StartupParam, code string, err error) {
 	var codes []string
-	for k, v := range params {
-		if !hasMFAPrefix(k) {
+	lastOptions, nOptions := -1, 0
+	for i, p := range params {
+		if p.Name == "options" {
+			lastOptions = i
+			nOptions++
+		}
+	}
+	kept = make([]StartupParam, 0, len(params))
+	for i, p := range params {
+		if hasMFAPrefix(p.Name) {
+			if strings.EqualFold(p.Name, MFACodeParam) && p.Value != "" {
+				codes = append(codes, p.Value)
+			}
 			continue
 		}
-		if strings.EqualFold(k, MFACodeParam) && v != "" {
-			codes = append(codes, v)
+		if p.Name == "options" {
+			rest, found, err := stripOptions(p.Value)
+			if err != nil {
+				return nil, "", err
+			}
+			codes = append(codes, found...)
+			if strings.TrimLeft(rest, " \t\n\v\f\r") == "" && !(i == lastOptions && nOptions > 1) {
+				continue
+			}
+			p.Value = rest
 		}
-		delete(params, k)
-	}
-	if opts, ok := params["options"]; ok {
-		rest, found, err := stripOptions(opts)
-		if err != nil {
-			return "", err
-		}
-		codes = append(codes, found...)
-		if strings.TrimLeft(rest, " \t\n\v\f\r") == "" {
-			delete(params, "options")
-		} else {
-			params["options"] = rest
-		}
+		kept = append(kept, p)
 	}
 	for _, c := range codes {
 		if code != "" && c != code {
-			return "", &AuthError{
+			return nil, "", &AuthError{
 				Code:    CodeInvalidAuthorization,
 				Message: "conflicting MFA codes in the startup packet",
 				Hint:    "pass pgmfa.code once, either as a connection parameter or in PGOPTIONS",
 			}
 		}
 		code = c
+	}
+	return kept, code, nil
+}
+
+// StripMFACode is StripMFA for parameters held in a map (one of each name),
+// in place.
+func StripMFACode(params map[string]string) (code string, err error) {
+	list := make([]StartupParam, 0, len(params))
+	for k, v := range params {
+		list = append(list, StartupParam{Name: k, Value: v})
+	}
+	kept, code, err := StripMFA(list)
+	if err != nil {
+		return "", err
+	}
+	clear(params)
+	for _, p := range kept {
+		params[p.Name] = p.Value
 	}
 	return code, nil
 }

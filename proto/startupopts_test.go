@@ -92,3 +92,46 @@ func TestStripMFACodeConflict(t *testing.T) {
 		}
 	}
 }
+
+// TestStripMFAKeepsOrder: pgmfa's parameters go, everything else stays in
+// the client's order, repeated names included; of repeated "options" each
+// loses its pgmfa words, and an emptied last one stays (PostgreSQL reads
+// only the last "options": dropping it would revive the one before).
+func TestStripMFAKeepsOrder(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		in, want []StartupParam
+		code     string
+	}{
+		{"order and case kept",
+			[]StartupParam{{"user", "u"}, {"search_path", "a"}, {"PGMFA.code", "123456"}, {"SEARCH_PATH", "b"}, {"pgmfa.other", "x"}, {"user", "v"}},
+			[]StartupParam{{"user", "u"}, {"search_path", "a"}, {"SEARCH_PATH", "b"}, {"user", "v"}}, "123456"},
+		{"only options emptied: dropped",
+			[]StartupParam{{"user", "u"}, {"options", "-c pgmfa.code=1"}, {"a", "b"}},
+			[]StartupParam{{"user", "u"}, {"a", "b"}}, "1"},
+		{"emptied last options stays",
+			[]StartupParam{{"options", "-c search_path=x"}, {"user", "u"}, {"options", " -c pgmfa.code=1 "}},
+			[]StartupParam{{"options", "-c search_path=x"}, {"user", "u"}, {"options", "  "}}, "1"},
+		{"emptied earlier options goes",
+			[]StartupParam{{"options", "-c pgmfa.code=1"}, {"user", "u"}, {"options", "-c geqo=off -c pgmfa.code=1"}},
+			[]StartupParam{{"user", "u"}, {"options", "-c geqo=off "}}, "1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, code, err := StripMFA(tc.in)
+			if err != nil || code != tc.code {
+				t.Fatalf("code %q err %v", code, err)
+			}
+			if len(got) != len(tc.want) {
+				t.Fatalf("got %q, want %q", got, tc.want)
+			}
+			for i := range got {
+				if got[i] != tc.want[i] {
+					t.Fatalf("got %q, want %q", got, tc.want)
+				}
+			}
+		})
+	}
+	if _, _, err := StripMFA([]StartupParam{{"options", "-c pgmfa.code=1"}, {"options", "-c pgmfa.code=2"}}); err == nil {
+		t.Fatal("two different codes in two options accepted")
+	}
+}

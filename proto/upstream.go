@@ -11,10 +11,10 @@ import (
 type UpstreamConfig struct {
 	User, Database, Password string
 	// Params are the other startup parameters (application_name, options,
-	// ...). "user" and "database" here are overridden by the fields above.
-	// Names and values must not contain NUL (decoded startup packets never
-	// do).
-	Params map[string]string
+	// ...), sent in this order after "user" and "database", which come from
+	// the fields above (any "user" or "database" here is left out). Names
+	// and values must not contain NUL (decoded startup packets never do).
+	Params []StartupParam
 	// ProtocolVersion is the version to ask for; 0 means 3.0.
 	ProtocolVersion uint32
 	// Rand is the source of the SCRAM client nonce (required for SCRAM).
@@ -61,15 +61,17 @@ func NewUpstreamLogin(cfg UpstreamConfig) *UpstreamLogin {
 
 // Start returns the StartupMessage to send.
 func (u *UpstreamLogin) Start() []byte {
-	params := make(map[string]string, len(u.cfg.Params)+2)
-	for k, v := range u.cfg.Params {
-		params[k] = v
-	}
-	params["user"] = u.cfg.User
+	params := make([]StartupParam, 0, len(u.cfg.Params)+2)
+	params = append(params, StartupParam{Name: "user", Value: u.cfg.User})
 	if u.cfg.Database != "" {
-		params["database"] = u.cfg.Database
+		params = append(params, StartupParam{Name: "database", Value: u.cfg.Database})
 	}
-	return Append(nil, &pgproto3.StartupMessage{ProtocolVersion: u.cfg.ProtocolVersion, Parameters: params})
+	for _, p := range u.cfg.Params {
+		if p.Name != "user" && p.Name != "database" {
+			params = append(params, p)
+		}
+	}
+	return Append(nil, &StartupMessage{ProtocolVersion: u.cfg.ProtocolVersion, Params: params})
 }
 
 // Result is what the server sent from AuthenticationOk to ReadyForQuery.

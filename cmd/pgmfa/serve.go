@@ -33,6 +33,7 @@ type serveFlags struct {
 	mfaMode, exempt      string
 	remember, mfaTimeout time.Duration
 	handshakeTimeout     time.Duration
+	startupTimeout       time.Duration
 	maxConns             int
 	maxMessage           int
 	splice               string
@@ -63,7 +64,8 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.remember, "mfa-remember", 0, "after a successful MFA, further logins of the same user from the same client address pass without a code for this long (0: off); lets a connection pool open many connections with one code")
 	fs.DurationVar(&f.mfaTimeout, "mfa-timeout", 60*time.Second, "how long a login without a code waits for pgmfa approve")
 	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", 15*time.Second, "the whole login up to the MFA decision (slow clients are closed after it)")
-	fs.IntVar(&f.maxConns, "max-conns", 0, "most client connections at once, logins and sessions alike; more get SQLSTATE 53300 (0: unlimited)")
+	fs.DurationVar(&f.startupTimeout, "startup-timeout", 5*time.Second, "from accept to the client's StartupMessage (TLS handshake included); a connection that says nothing is closed after it")
+	fs.IntVar(&f.maxConns, "max-conns", 0, "most client connections at once, logins and sessions alike; more get SQLSTATE 53300 (0: what the open-file limit allows, about (limit - a reserve) / 3; logged at start)")
 	fs.IntVar(&f.maxMessage, "max-message-len", 1<<20, "largest protocol message accepted during login, bytes")
 	fs.StringVar(&f.splice, "splice", "auto", "after login: auto (kernel sockmap when available, else the user-space relay), sockmap (or refuse to start), off (always the relay)")
 	fs.Int64Var(&f.flowThreshold, "flow-threshold", 0, "sockmap flow control: bytes the kernel may queue between the two sockets of one direction of a session before that direction is moved through user space until its reader catches up (a slow reader, a bulk COPY FROM); the sender is slowed by TCP as on a direct connection, nothing is ended (0: the default, 4 MiB; -1: off, then --max-backlog ends such sessions)")
@@ -73,7 +75,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll (env PGMFA_STORE)")
 	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for pgmfa approve: a unix-socket path (access: file permissions) or a loopback host:port (access: the --admin-token-file token); empty disables it (env PGMFA_ADMIN)")
 	fs.StringVar(&f.adminToken, "admin-token-file", defaultTokenFile(), "with a TCP --admin: the file holding the token every admin request must carry; created (0600, random) when missing; must not be readable by group or others (env PGMFA_ADMIN_TOKEN_FILE)")
-	fs.IntVar(&f.digits, "totp-digits", 6, "TOTP code length for users enrolled without their own (6 or 8)")
+	fs.IntVar(&f.digits, "totp-digits", 6, "TOTP code length for users enrolled without their own (6 or 8); with --auth password, also the length of the code split off the end of the password")
 	fs.DurationVar(&f.period, "totp-period", 30*time.Second, "TOTP time step")
 	fs.UintVar(&f.skew, "totp-skew", 1, "TOTP steps accepted either side of now (clock drift)")
 	fs.StringVar(&f.algorithm, "totp-algorithm", "SHA1", "TOTP HMAC: SHA1, SHA256 or SHA512")
@@ -185,6 +187,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		AllowCleartextPassword: f.allowCleartext,
 		MaxMessageLen:          f.maxMessage,
 		HandshakeTimeout:       f.handshakeTimeout,
+		StartupTimeout:         f.startupTimeout,
 		MFATimeout:             f.mfaTimeout,
 		MaxConns:               f.maxConns,
 		MFARequired:            required,

@@ -63,6 +63,11 @@ type Config struct {
 	HandshakeTimeout, MFATimeout time.Duration
 	Logger                       *slog.Logger
 	Hooks                        Hooks
+
+	// StartupTimeout, when shorter than HandshakeTimeout, bounds the part
+	// of the login up to the StartupMessage (TLS handshake included): a
+	// connection that says nothing is closed after it. Zero: no such bound.
+	StartupTimeout time.Duration
 }
 
 // Handoff is one client connection given to the driver by the gnet loop.

@@ -18,7 +18,7 @@ const closeGrace = time.Second
 
 var (
 	errShutdown = errors.New("proxy shutting down")
-	errChatty   = errors.New("the database sent more than 1 MiB during login")
+	errChatty   = errors.New("the database sent more than pgmfa holds for one login")
 )
 
 // login is the session's first goroutine and the only one that drives the
@@ -30,7 +30,13 @@ func (s *sess) login() {
 			s.timer.Stop()
 		}
 	}()
-	s.deadline = s.start.Add(s.d.cfg.HandshakeTimeout)
+	// Up to the StartupMessage the (shorter) startup timeout, then the
+	// rest of the handshake timeout.
+	s.handshakeDeadline = s.start.Add(s.d.cfg.HandshakeTimeout)
+	s.deadline = s.handshakeDeadline
+	if st := s.d.cfg.StartupTimeout; st > 0 && s.start.Add(st).Before(s.deadline) {
+		s.deadline = s.start.Add(st)
+	}
 	_ = s.h.Conn.SetDeadline(s.deadline)
 
 	if len(s.h.Reply) > 0 {
@@ -49,6 +55,7 @@ func (s *sess) login() {
 	if !s.startup() {
 		return
 	}
+	s.endStartup()
 	// From here on both sides may speak at any time: a reader per socket
 	// feeds this goroutine, which waits for whatever comes first.
 	client := s.client
@@ -66,6 +73,7 @@ func (s *sess) login() {
 			}
 		case u := <-s.uin:
 			s.ubuf = append(s.ubuf, u.data...)
+			s.upBytes += int64(len(u.data))
 			s.drain()
 			if u.err != nil && !s.closed && !s.established {
 				err := u.err
@@ -124,6 +132,20 @@ func (s *sess) startup() bool {
 	return !s.closed && !s.established
 }
 
+// endStartup moves the deadline from the startup timeout to the rest of the
+// handshake timeout, once the StartupMessage is in.
+func (s *sess) endStartup() {
+	if s.deadline.Before(s.handshakeDeadline) && !s.mfaWait {
+		s.setDeadline(s.handshakeDeadline)
+	}
+}
+
+// maxFromDatabase bounds what a database may send during one login (as
+// package loop does): far more than any real login.
+func (s *sess) maxFromDatabase() int64 {
+	return max(4<<20, 2*int64(s.d.cfg.Session.MaxMessageLen))
+}
+
 // drain feeds buffered bytes of both sides to the machine until it makes no
 // more progress. Both sides every time: a step on one side can make the
 // machine ready for bytes the other side sent earlier.
@@ -150,8 +172,11 @@ func (s *sess) drain() {
 		}
 	}
 	// A database that keeps talking while the client's login is held is
-	// cut off before it can make the proxy buffer without bound.
-	if !s.closed && !s.established && len(s.ubuf) > 1<<20 {
+	// cut off before it can make the proxy buffer without bound: neither
+	// its unparsed bytes nor what the machine holds until the MFA decision
+	// (ParameterStatus, notices) may grow without limit.
+	if !s.closed && !s.established && (len(s.ubuf) > 1<<20 || s.upBytes > s.maxFromDatabase()) {
 		s.act(s.m.UpstreamClosed(errChatty))
+		s.close(errChatty) // in case the machine held a refusal and had nothing to say
 	}
 }

@@ -48,6 +48,10 @@ type sess struct {
 	clientErr   error // a write to the client failed
 	upErr       error // a write to the database failed
 
+	// login goroutine only: the bounds of the login
+	handshakeDeadline time.Time // deadline is earlier until the StartupMessage is in
+	upBytes           int64     // bytes received from the database during the login
+
 	// the relayed session
 	est          *session.Established
 	removeCancel func()

@@ -41,6 +41,7 @@ func (s *sess) handshake(prefix []byte, direct bool) bool {
 // dial opens the database connection (TLS per --upstream-sslmode) under
 // the login's deadline.
 func (s *sess) dial() {
+	s.endStartup()
 	dialf := s.d.cfg.DialUpstream
 	if dialf == nil {
 		s.act(s.m.UpstreamFailed(s.d.cfg.UpstreamName, errors.New("no upstream dialer configured")))

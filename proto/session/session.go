@@ -25,6 +25,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"syscall"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
@@ -175,7 +176,7 @@ type Machine struct {
 	phase Phase
 
 	// From the startup packet (MFA parameters stripped).
-	startup *pgproto3.StartupMessage
+	startup *proto.StartupMessage
 	user    string
 	db      string
 	code    string
@@ -196,6 +197,8 @@ type Machine struct {
 	heldErr    *proto.ServerError
 	method     string
 	encrypted  bool // the client side is inside TLS
+	sslDone    bool // an SSLRequest was answered
+	gssDone    bool // a GSSENCRequest was answered
 }
 
 // New returns a machine waiting for the client's first packet.
@@ -249,8 +252,9 @@ func (m *Machine) SetEncrypted() { m.encrypted = true }
 func (m *Machine) Encrypted() bool { return m.encrypted }
 
 // StartupMessage is the startup packet as forwarded upstream (MFA
-// parameters removed); nil before it arrived.
-func (m *Machine) StartupMessage() *pgproto3.StartupMessage { return m.startup }
+// parameters removed, the rest in the client's order); nil before it
+// arrived.
+func (m *Machine) StartupMessage() *proto.StartupMessage { return m.startup }
 
 // FromClient consumes at most one client packet from buf. It returns how many
 // bytes it consumed (0: incomplete, or not expecting client bytes now; the
@@ -314,6 +318,10 @@ func (m *Machine) startupPacket(buf []byte) (int, Output) {
 		if m.encrypted {
 			return n, m.fail(&proto.ProtocolError{Msg: "SSLRequest inside an encrypted connection"})
 		}
+		if m.sslDone {
+			return n, m.fail(repeatedRequest(sslRequestVersion))
+		}
+		m.sslDone = true
 		if m.cfg.TLS == TLSOff {
 			// No TLS here: 'N', and the client goes on in plaintext (or
 			// gives up, per its sslmode).
@@ -327,6 +335,10 @@ func (m *Machine) startupPacket(buf []byte) (int, Output) {
 		}
 		return n, Output{ToClient: []byte{'S'}, StartTLS: true}
 	case *pgproto3.GSSEncRequest:
+		if m.gssDone || m.encrypted {
+			return n, m.fail(repeatedRequest(gssEncRequestVersion))
+		}
+		m.gssDone = true
 		// No GSS encryption: 'N'; the client may still ask for TLS.
 		return n, Output{ToClient: []byte{'N'}}
 	case *pgproto3.CancelRequest:
@@ -334,36 +346,53 @@ func (m *Machine) startupPacket(buf []byte) (int, Output) {
 		c := *msg
 		c.SecretKey = append([]byte(nil), msg.SecretKey...)
 		return n, Output{Cancel: &c, Close: true}
-	case *pgproto3.StartupMessage:
+	case *proto.StartupMessage:
 		return n, m.startupMessage(msg)
 	default:
 		return 0, m.fail(&proto.ProtocolError{Msg: fmt.Sprintf("unexpected startup packet %T", msg)})
 	}
 }
 
-func (m *Machine) startupMessage(msg *pgproto3.StartupMessage) Output {
+// The "versions" of the negotiation requests, as PostgreSQL names them
+// when it refuses one (1234.5679, 1234.5680).
+const (
+	sslRequestVersion    = 1234<<16 | 5679
+	gssEncRequestVersion = 1234<<16 | 5680
+)
+
+// repeatedRequest refuses a second SSLRequest or GSSENCRequest (or a
+// GSSENCRequest inside TLS) as PostgreSQL does: it answers one of each per
+// connection and takes another as a startup packet of an unknown protocol
+// version (0A000, checked against PostgreSQL 15). Answering every one would
+// let a client that never reads pile answers up in the proxy.
+func repeatedRequest(v uint32) error {
+	return &proto.AuthError{Code: "0A000",
+		Message: fmt.Sprintf("unsupported frontend protocol %d.%d: server supports 3.0 to 3.2", v>>16, v&0xffff),
+		Hint:    "a client sends at most one SSLRequest and one GSSENCRequest per connection"}
+}
+
+func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 	if m.cfg.TLS == TLSRequire && !m.encrypted {
 		return m.fail(&proto.AuthError{Code: "28000",
 			Message: "pgmfa requires an encrypted connection",
 			Hint:    "connect with sslmode=require (or verify-full)"})
 	}
-	params := make(map[string]string, len(msg.Parameters))
-	for k, v := range msg.Parameters {
-		params[k] = v
-	}
-	code, err := proto.StripMFACode(params)
+	// Forwarded as the client sent them, pgmfa's own cut out. Of a repeated
+	// "user" or "database" the last counts, as in PostgreSQL: the proxy
+	// asks MFA for the user the database logs in.
+	params, code, err := proto.StripMFA(msg.Params)
 	if err != nil {
 		return m.fail(err)
 	}
-	m.user = params["user"]
+	m.startup = &proto.StartupMessage{ProtocolVersion: msg.ProtocolVersion, Params: params}
+	m.user, _ = m.startup.Get("user")
 	if m.user == "" {
 		return m.fail(&proto.AuthError{Code: "28000", Message: "no PostgreSQL user name specified in startup packet"})
 	}
-	m.db = params["database"]
+	m.db, _ = m.startup.Get("database")
 	if m.db == "" {
 		m.db = m.user
 	}
-	m.startup = &pgproto3.StartupMessage{ProtocolVersion: msg.ProtocolVersion, Parameters: params}
 	if code != "" {
 		m.code, m.source = code, SourceStartup
 	}
@@ -413,7 +442,7 @@ func (m *Machine) passwordPacket(buf []byte) (int, Output) {
 		User:               m.user,
 		Database:           m.db,
 		Password:           password,
-		Params:             withoutUserDB(m.startup.Parameters),
+		Params:             m.startup.Params,
 		ProtocolVersion:    m.startup.ProtocolVersion,
 		Rand:               m.cfg.Rand,
 		MaxSCRAMIterations: m.cfg.MaxSCRAMIterations,
@@ -438,16 +467,6 @@ func SplitCode(password string, digits int) (rest, code string, ok bool) {
 	return password[:len(password)-digits], tail, true
 }
 
-func withoutUserDB(p map[string]string) map[string]string {
-	out := make(map[string]string, len(p))
-	for k, v := range p {
-		if k != "user" && k != "database" {
-			out[k] = v
-		}
-	}
-	return out
-}
-
 // UpstreamConnected is called once the upstream connection is open.
 func (m *Machine) UpstreamConnected() Output {
 	if m.phase != PhaseDialing {
@@ -462,6 +481,13 @@ func (m *Machine) UpstreamConnected() Output {
 
 // UpstreamFailed is called when the upstream could not be reached.
 func (m *Machine) UpstreamFailed(addr string, err error) Output {
+	if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+		// The proxy is out of descriptors, not the database out of reach:
+		// the client should try again, as after "too many clients".
+		return m.fail(&proto.AuthError{Code: "53300",
+			Message: "pgmfa has no file descriptor left for the database connection",
+			Hint:    "try again later; if this persists, raise pgmfa's open-file limit (LimitNOFILE) or lower --max-conns"})
+	}
 	return m.fail(&proto.AuthError{Code: "08006",
 		Message: fmt.Sprintf("pgmfa could not connect to the database at %s: %v", addr, err),
 		Hint:    "check that PostgreSQL is running and that pgmfa's --upstream points at it"})
@@ -584,7 +610,7 @@ func (m *Machine) upstreamLogin(msg proto.Message) Output {
 func (m *Machine) mfaRequest() *MFARequest {
 	m.asked = true
 	return &MFARequest{User: m.user, Code: m.code, Source: m.source,
-		Database: m.db, AppName: m.startup.Parameters["application_name"]}
+		Database: m.db, AppName: m.appName()}
 }
 
 // holdError keeps an upstream error that arrived after its
@@ -709,4 +735,11 @@ func (m *Machine) terminate() []byte {
 		return nil
 	}
 	return proto.Append(nil, &pgproto3.Terminate{})
+}
+
+// appName is the client's application_name (the last one sent, as
+// PostgreSQL takes it), for the listing of waiting logins.
+func (m *Machine) appName() string {
+	v, _ := m.startup.Get("application_name")
+	return v
 }

@@ -33,6 +33,7 @@ const (
 	dirBaseSet = 1
 	dirOver    = 2
 	dirPass    = 4
+	dirTCPSrc  = 8
 )
 
 // ReasonBacklogLimit is the Stats.Reason of a session ended because one
@@ -482,8 +483,9 @@ func (s *Splicer) audit(ss *session, counted [2]spliceDir, st *Stats) {
 			continue
 		}
 		s.anomalies.Add(1)
-		st.Anomaly = fmt.Sprintf("%s->%s: TCP received %d bytes, the program saw %d (redirected %d, passed %d; relayed read %d, written %d; episodes %d)",
-			d.src, d.dst, got, seen, counted[i].Redirected, counted[i].Passed, d.uread, d.uwrite, counted[i].Episodes)
+		c := counted[i]
+		st.Anomaly = fmt.Sprintf("%s->%s: TCP received %d bytes, the program saw %d (redirected %d, passed %d; relayed read %d, written %d; episodes %d; skbs overlapping earlier ones %d, %d bytes; skbs after a gap %d)",
+			d.src, d.dst, got, seen, c.Redirected, c.Passed, d.uread, d.uwrite, c.Episodes, c.Overlaps, c.OverlapBytes, c.Gaps)
 		s.log.Error("spliced session: the kernel's byte counts disagree (a duplicate or a gap)", "anomaly", st.Anomaly)
 	}
 }
@@ -548,6 +550,10 @@ func (s *Splicer) teardown(ss *session, reason string) {
 	}
 	s.episodes.Add(st.FlowControl)
 	s.relayed.Add(st.Relayed)
+	for _, c := range counted {
+		s.dupSkbs.Add(c.Overlaps)
+		s.dupBytes.Add(c.OverlapBytes)
+	}
 	if ss.onDone != nil {
 		ss.onDone(st)
 	}

@@ -39,6 +39,8 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define DIR_BASE_SET 1 /* base_seq holds the peer's write_seq at the first verdict */
 #define DIR_OVER 2     /* the hard bound was reached: the session is being ended */
 #define DIR_PASS 4     /* flow control: bytes stay in the source for user space */
+#define DIR_TCP_SRC 8  /* set by user space: the source is TCP, skbs carry sequence numbers */
+#define DIR_SEQ_SET 16 /* next_seq holds the sequence number the next skb should start at */
 
 /*
  * One direction of a session, keyed by the cookie of the socket the bytes
@@ -55,8 +57,13 @@ struct dir {
 	__u64 passed;        /* bytes left in the source socket for user space */
 	__u64 episodes;      /* times the direction switched to PASS */
 	__u64 over_backlog;  /* what was held when the hard bound was reached */
+	__u64 overlaps;      /* skbs that started before next_seq (trim_seen) */
+	__u64 overlap_bytes; /* bytes of them seen before, dropped or trimmed */
+	__u64 gaps;          /* skbs that started after next_seq (never seen) */
 	__u32 base_seq;      /* the peer's write_seq when this direction first ran */
 	__u32 flags;         /* DIR_* */
+	__u32 next_seq;      /* TCP sources: end of the bytes seen so far */
+	__u32 pad;
 };
 
 struct {
@@ -216,6 +223,71 @@ static __always_inline int over(struct dir *d, __u64 *cookie, __u64 held)
 	return SK_PASS;
 }
 
+/*
+ * The verdict can be handed bytes it has already seen: tcp_data_queue
+ * queues a partly retransmitted segment (seq < rcv_nxt < end_seq) whole,
+ * leaving readers to skip the old head by copied_seq, and tcp_read_skb,
+ * which feeds the verdict, hands over whole skbs and skips nothing
+ * (net/ipv4/tcp_input.c "Partial packet", net/ipv4/tcp.c tcp_read_skb, in
+ * 6.12 and this 6.18). Retransmissions are rare on loopback until flow
+ * control charges passed bytes to a receive buffer that TCP cannot
+ * collapse: the stress tests then saw 1 session in ~200 get 5-65 KB twice
+ * (nstat: TCPRcvQDrop and TCPDSACKOldSent in the tens of thousands).
+ * So the program follows each TCP direction's sequence numbers and
+ * removes what it has seen: an skb wholly seen is dropped (TCP has
+ * already acknowledged it and its bytes went on once), a partly seen one
+ * is trimmed at the head. Returns the skb's length to account, or
+ * TRIM_DROP / TRIM_FAIL.
+ */
+#define TRIM_DROP -1
+#define TRIM_FAIL -2
+#define ADJUST_MAX 0xfff /* sk_skb_adjust_room takes at most this much per call */
+
+static __always_inline __s64 trim_seen(struct dir *d, struct __sk_buff *ctx, __u32 len)
+{
+	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
+	__u32 seq = 0, cut;
+	__s32 back;
+	int i;
+
+	if (bpf_probe_read_kernel(&seq, sizeof(seq), &skb->cb[0]))
+		return TRIM_FAIL;
+	if (!(d->flags & DIR_SEQ_SET)) {
+		d->next_seq = seq + len;
+		d->flags |= DIR_SEQ_SET;
+		return len;
+	}
+	back = (__s32)(d->next_seq - seq);
+	if (back < 0) {
+		/* Cannot happen (TCP queues in order); counted, not fixed. */
+		d->gaps++;
+		d->next_seq = seq + len;
+		return len;
+	}
+	if (back == 0) {
+		d->next_seq = seq + len;
+		return len;
+	}
+	d->overlaps++;
+	if ((__u32)back >= len) {
+		d->overlap_bytes += len;
+		return TRIM_DROP;
+	}
+	cut = back;
+	for (i = 0; i < 17 && cut; i++) {
+		__u32 n = cut < ADJUST_MAX ? cut : ADJUST_MAX;
+
+		if (bpf_skb_adjust_room(ctx, -(__s32)n, 0, 0))
+			return TRIM_FAIL;
+		cut -= n;
+		d->overlap_bytes += n;
+	}
+	if (cut)
+		return TRIM_FAIL;
+	d->next_seq = seq + len;
+	return ctx->len;
+}
+
 SEC("sk_skb/stream_verdict")
 int pgmfa_verdict(struct __sk_buff *skb)
 {
@@ -239,7 +311,8 @@ int pgmfa_verdict(struct __sk_buff *skb)
 	 *    sides close at once).
 	 * Dropping it loses nothing: it carries no bytes, and the FIN is
 	 * forwarded by the watcher as shutdown(SHUT_WR) once this direction's
-	 * bytes are out. This is the one SK_DROP in the program.
+	 * bytes are out. The only other SK_DROP is for bytes already seen
+	 * (trim_seen).
 	 */
 	if (len == 0)
 		return SK_DROP;
@@ -257,6 +330,15 @@ int pgmfa_verdict(struct __sk_buff *skb)
 	 */
 	if (d->flags & DIR_OVER)
 		return SK_PASS;
+	if (d->flags & DIR_TCP_SRC) {
+		__s64 l = trim_seen(d, skb, len);
+
+		if (l == TRIM_DROP)
+			return SK_DROP;
+		if (l == TRIM_FAIL) /* cannot deliver it once: end the session */
+			return over(d, &cookie, 0);
+		len = l;
+	}
 	if (d->episodes) {
 		r = bpf_map_lookup_elem(&relayed, &cookie);
 		if (r) {

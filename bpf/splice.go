@@ -155,9 +155,9 @@ func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone f
 	// direct connection would. Passing them would instead move the charge
 	// to the proxy's unix socket, which has no receive limit at all.
 	for _, d := range ss.dirs {
-		v := spliceDir{Peer: cookies[d.dst], PauseAt: s.flowAt, Limit: s.maxBacklog}
+		v := spliceDir{Peer: cookies[d.dst], PauseAt: s.flowAt, Limit: s.maxBacklog, Flags: dirTCPSrc}
 		if d.src == sideServer && unixUp {
-			v.PauseAt = 0
+			v.PauseAt, v.Flags = 0, 0
 		}
 		if err := s.obj.Dirs.Update(cookies[d.src], &v, ebpf.UpdateNoExist); err != nil {
 			return partial(fmt.Errorf("bpf: adding the session: %w", err))

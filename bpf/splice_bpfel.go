@@ -14,16 +14,21 @@ import (
 )
 
 type spliceDir struct {
-	_           structs.HostLayout
-	Peer        uint64
-	PauseAt     uint64
-	Limit       uint64
-	Redirected  uint64
-	Passed      uint64
-	Episodes    uint64
-	OverBacklog uint64
-	BaseSeq     uint32
-	Flags       uint32
+	_            structs.HostLayout
+	Peer         uint64
+	PauseAt      uint64
+	Limit        uint64
+	Redirected   uint64
+	Passed       uint64
+	Episodes     uint64
+	OverBacklog  uint64
+	Overlaps     uint64
+	OverlapBytes uint64
+	Gaps         uint64
+	BaseSeq      uint32
+	Flags        uint32
+	NextSeq      uint32
+	Pad          uint32
 }
 
 type spliceRelayed struct {

@@ -15,9 +15,10 @@ func TestSpliceSmoke(t *testing.T) {
 	if err := sp.Splice(p.pc, p.ps, []byte("hello "), []byte("welcome "), onDone); err != nil {
 		t.Fatal(err)
 	}
-	// 2 targets + 2 verdict sockets + 2 directions; nothing drained.
-	if n, err := sp.MapEntries(); n != 6 || err != nil {
-		t.Errorf("map entries of a live session: %d %v, want 6", n, err)
+	// 2 targets + 2 verdict sockets + 2 directions + 2 relayed counts;
+	// nothing drained.
+	if n, err := sp.MapEntries(); n != 8 || err != nil {
+		t.Errorf("map entries of a live session: %d %v, want 8", n, err)
 	}
 	if n := sp.Sessions(); n != 1 {
 		t.Errorf("Sessions() = %d", n)

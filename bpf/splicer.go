@@ -122,6 +122,8 @@ type Splicer struct {
 	episodes  atomic.Uint64 // flow-control episodes of ended sessions
 	relayed   atomic.Uint64 // bytes moved in user space by flow control, ended sessions
 	anomalies atomic.Uint64 // sessions whose audit failed
+	dupSkbs   atomic.Uint64 // skbs the kernel handed the verdict again (trim_seen)
+	dupBytes  atomic.Uint64 // and their bytes seen before, removed
 
 	done chan struct{} // closed when the watcher has exited
 }
@@ -244,6 +246,13 @@ func (s *Splicer) MapEntries() (int, error) {
 // BacklogLimitEnds returns how many sessions ended at the backlog bound
 // since NewSplicer.
 func (s *Splicer) BacklogLimitEnds() uint64 { return s.overs.Load() }
+
+// KernelDuplicates returns, over ended sessions, how many skbs the kernel
+// handed the verdict with bytes it had already handed it, and how many such
+// bytes the program removed (see trim_seen in splice.c).
+func (s *Splicer) KernelDuplicates() (skbs, bytes uint64) {
+	return s.dupSkbs.Load(), s.dupBytes.Load()
+}
 
 // Anomalies returns how many sessions ended cleanly with byte counts that
 // disagree with TCP's (see Stats.Anomaly); 0 is the only healthy value.

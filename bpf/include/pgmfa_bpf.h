@@ -65,6 +65,16 @@ struct sk_psock {
 } __attribute__((preserve_access_index));
 #define SK_USER_DATA_PTRMASK (~7UL)
 
+/*
+ * The kernel's sk_buff behind the sk_skb context (bpf_cast_to_kern_ctx),
+ * for the TCP control block in cb: seq is its first field
+ * (include/net/tcp.h struct tcp_skb_cb).
+ */
+struct sk_buff {
+	char cb[48];
+} __attribute__((preserve_access_index));
+extern void *bpf_cast_to_kern_ctx(void *ctx) __attribute__((section(".ksyms")));
+
 /* The sockmap iterator's context. */
 struct bpf_iter_meta {
 	void *seq;
@@ -90,6 +100,7 @@ static struct tcp_sock *(*bpf_skc_to_tcp_sock)(void *sk) = (void *)137;
 static long (*bpf_probe_read_kernel)(void *dst, __u32 size, const void *unsafe_ptr) = (void *)113;
 static long (*bpf_seq_write)(void *seq, const void *data, __u32 len) = (void *)127;
 static struct unix_sock *(*bpf_skc_to_unix_sock)(void *sk) = (void *)178;
+static long (*bpf_skb_adjust_room)(struct __sk_buff *skb, __s32 len_diff, __u32 mode, __u64 flags) = (void *)50;
 static long (*bpf_spin_lock)(struct bpf_spin_lock *lock) = (void *)93;
 static long (*bpf_spin_unlock)(struct bpf_spin_lock *lock) = (void *)94;
 

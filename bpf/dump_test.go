@@ -16,8 +16,8 @@ func (s *Splicer) dump() string {
 		for _, d := range ss.dirs {
 			v, _ := s.dirState(ss, d)
 			p, perr := writeProgress(ss.fds[d.dst])
-			fmt.Fprintf(&b, "  %v->%v fin %v shut %v waitOut %v redirected %d flags %d dst progress %d (%v)\n",
-				d.src, d.dst, d.fin, d.shut, d.waitOut, v.Redirected, v.Flags, p-d.base, perr)
+			fmt.Fprintf(&b, "  %v->%v fin %v shut %v waitOut %v relaying %v out %d redirected %d passed %d read %d written %d episodes %d flags %d dst progress %d (%v)\n",
+				d.src, d.dst, d.fin, d.shut, d.waitOut, d.buf != nil, len(d.out), v.Redirected, v.Passed, d.uread, d.uwrite, v.Episodes, v.Flags, p-d.base, perr)
 		}
 	}
 	return b.String()

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -161,7 +162,9 @@ func TestStalledReaders(t *testing.T) {
 			select {
 			case st = <-s.done:
 			case <-time.After(2 * time.Minute):
-				t.Errorf("session %d never ended; state:\n%s", i, sp.dump())
+				buf := make([]byte, 1<<20)
+				buf = buf[:runtime.Stack(buf, true)]
+				t.Errorf("session %d never ended; state:\n%s\ngoroutines:\n%s", i, sp.dump(), buf)
 				return
 			}
 			if st.Reason != "server closed" && st.Reason != "client closed" || st.ServerToClient != uint64(total) || st.FlowControl == 0 {

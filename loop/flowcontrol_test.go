@@ -910,7 +910,10 @@ func TestFlowClientHalfClose(t *testing.T) {
 func TestFlowClientReset(t *testing.T) {
 	fcConfig(t) // skips early where the path is unavailable
 	pg := cluster(t)
-	stall := sized(5*time.Second, 20*time.Second)
+	// Long enough that the client is seen stalled even on a loaded
+	// machine (a 5 s stall was missed once under load and the upload
+	// finished before the reset).
+	stall := sized(15*time.Second, 20*time.Second)
 	for _, up := range fcUpstreams(pg) {
 		t.Run(up.name, func(t *testing.T) {
 			fp := startFCProxy(t, up.addr)

@@ -70,10 +70,22 @@
 //     loads fail before verification, kprobe and sk_skb loads succeed).
 //     The iterator is loaded last and is optional: without it unix-socket
 //     upstreams are relayed, TCP is spliced as before.
-//   - The "duplicated skbs" of the pause/resume attempt of stop 2 were an
-//     ordering problem of that design (user space flipping back to redirect
-//     while a passed skb was still unread), not a kernel bug; see the
-//     research brief in shared/notes and the rules above.
+//   - tcp_read_skb, which feeds the verdict, hands over whole skbs, but
+//     tcp_data_queue queues a partly retransmitted segment (seq < rcv_nxt
+//     < end_seq) whole, leaving ordinary readers to skip its old head by
+//     copied_seq ("Partial packet" in net/ipv4/tcp_input.c). So after a
+//     retransmission the verdict can see bytes it has already seen. On
+//     loopback that is rare until flow control charges passed bytes to a
+//     receive buffer TCP cannot collapse (the psock holds them): nstat
+//     counted TCPRcvQDrop 96,431 and TCPDSACKOldSent 231,370 over a day of
+//     these tests, and the verdict's own sequence check (dir.overlaps)
+//     found 5,509 to 65,483 bytes seen twice in about 1 session in 200 of
+//     the stress test; the end-of-session audit (redirected + passed
+//     against tcpi_bytes_received) matched exactly. This, not the resume
+//     ordering, is what duplicated whole skbs in the pause/resume attempt
+//     of stop 2. The program now drops a wholly seen skb and trims a
+//     partly seen one (trim_seen in splice.c); the stress test sees it do
+//     so every few runs, with every byte exact.
 //   - Inserting a TCP socket that already received FIN fails (EOPNOTSUPP:
 //     only ESTABLISHED sockets are accepted); Splice checks first.
 //   - For an AF_UNIX upstream the verdict sees the database's end as the

@@ -81,9 +81,10 @@
 //     these tests, and the verdict's own sequence check (dir.overlaps)
 //     found 5,509 to 65,483 bytes seen twice in about 1 session in 200 of
 //     the stress test; the end-of-session audit (redirected + passed
-//     against tcpi_bytes_received) matched exactly. This, not the resume
-//     ordering, is what duplicated whole skbs in the pause/resume attempt
-//     of stop 2. The program now drops a wholly seen skb and trims a
+//     against tcpi_bytes_received) matched exactly. It is the likely
+//     cause of the whole skbs the pause/resume attempt of stop 2 saw
+//     twice (not re-run: that code is gone). The program now drops a
+//     wholly seen skb and trims a
 //     partly seen one (trim_seen in splice.c); the stress test sees it do
 //     so every few runs, with every byte exact.
 //   - Inserting a TCP socket that already received FIN fails (EOPNOTSUPP:

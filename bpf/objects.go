@@ -51,7 +51,7 @@ func load() (*loaded, error) {
 	}
 	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
 		"dirs": l.Dirs, "relayed": l.Relayed, "targets": l.Targets,
-		"verdict_socks": l.VerdictSocks, "events": l.Events,
+		"verdict_socks": l.VerdictSocks, "events": l.Events, "lost": l.Lost,
 	}}
 	var verdict struct {
 		P *ebpf.Program `ebpf:"pgmfa_verdict"`

@@ -131,8 +131,21 @@ struct {
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 64 * 1024);
+	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
+
+/*
+ * Notifications the ring buffer had no room for (the watcher fell 16,384
+ * records behind). Without its notification a direction switched to PASS
+ * would wait unseen, so the watcher checks this counter every second and,
+ * when it moved, looks at every session.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lost SEC(".maps");
 
 /*
  * psock_qlen returns how many skbs wait in sk's redirect queue (its psock's
@@ -211,7 +224,14 @@ static __always_inline __s64 backlog(struct dir *d, __u64 written)
 
 static __always_inline void notify(__u64 *cookie)
 {
-	bpf_ringbuf_output(&events, cookie, sizeof(*cookie), BPF_RB_FORCE_WAKEUP);
+	__u32 zero = 0;
+	__u64 *n;
+
+	if (bpf_ringbuf_output(&events, cookie, sizeof(*cookie), BPF_RB_FORCE_WAKEUP)) {
+		n = bpf_map_lookup_elem(&lost, &zero);
+		if (n)
+			__sync_fetch_and_add(n, 1);
+	}
 }
 
 /* over marks the direction at the hard bound and tells the watcher. */

@@ -48,6 +48,7 @@ type spliceRelayed struct {
 const (
 	spliceMapDirs          = "dirs"
 	spliceMapEvents        = "events"
+	spliceMapLost          = "lost"
 	spliceMapRelayed       = "relayed"
 	spliceMapTargets       = "targets"
 	spliceMapVerdictSocks  = "verdict_socks"
@@ -107,6 +108,7 @@ type spliceProgramSpecs struct {
 type spliceMapSpecs struct {
 	Dirs         *ebpf.MapSpec `ebpf:"dirs"`
 	Events       *ebpf.MapSpec `ebpf:"events"`
+	Lost         *ebpf.MapSpec `ebpf:"lost"`
 	Relayed      *ebpf.MapSpec `ebpf:"relayed"`
 	Targets      *ebpf.MapSpec `ebpf:"targets"`
 	VerdictSocks *ebpf.MapSpec `ebpf:"verdict_socks"`
@@ -140,6 +142,7 @@ func (o *spliceObjects) Close() error {
 type spliceMaps struct {
 	Dirs         *ebpf.Map `ebpf:"dirs"`
 	Events       *ebpf.Map `ebpf:"events"`
+	Lost         *ebpf.Map `ebpf:"lost"`
 	Relayed      *ebpf.Map `ebpf:"relayed"`
 	Targets      *ebpf.Map `ebpf:"targets"`
 	VerdictSocks *ebpf.Map `ebpf:"verdict_socks"`
@@ -149,6 +152,7 @@ func (m *spliceMaps) Close() error {
 	return _SpliceClose(
 		m.Dirs,
 		m.Events,
+		m.Lost,
 		m.Relayed,
 		m.Targets,
 		m.VerdictSocks,

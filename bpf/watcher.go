@@ -20,6 +20,8 @@ func (s *Splicer) watch() {
 	defer close(s.done)
 	events := make([]unix.EpollEvent, 256)
 	var rec ringbuf.Record
+	var lost uint64
+	nextSweep := time.Now().Add(sweepEvery)
 	for {
 		n, err := unix.EpollWait(s.epfd, events, s.timeout())
 		if err != nil && err != unix.EINTR {
@@ -62,14 +64,51 @@ func (s *Splicer) watch() {
 				s.step(ss)
 			}
 		}
+		if !now.Before(nextSweep) {
+			nextSweep = now.Add(sweepEvery)
+			if n := s.lostNotifications(); n != lost {
+				lost = n
+				s.log.Warn("sockmap watcher: the ring buffer overflowed; looking at every session", "lost", n)
+				s.stepAll()
+			}
+		}
+	}
+}
+
+// sweepEvery is how often the watcher checks for notifications the ring
+// buffer had no room for (the program counts them in the lost map).
+const sweepEvery = time.Second
+
+func (s *Splicer) lostNotifications() uint64 {
+	var n uint64
+	_ = s.obj.Lost.Lookup(uint32(0), &n)
+	return n
+}
+
+// stepAll steps every session once.
+func (s *Splicer) stepAll() {
+	s.mu.Lock()
+	all := make([]*session, 0, len(s.sessions))
+	for _, ss := range s.sessions {
+		all = append(all, ss)
+	}
+	s.mu.Unlock()
+	for _, ss := range all {
+		if s.session(ss.id) != nil {
+			s.step(ss)
+		}
 	}
 }
 
 // timeout is the epoll_wait timeout in milliseconds: until the earliest
-// recheck, or forever.
+// recheck, or the next sweep for lost notifications while any session
+// lives.
 func (s *Splicer) timeout() int {
 	if len(s.timed) == 0 {
-		return -1
+		if s.Sessions() == 0 {
+			return -1
+		}
+		return int(sweepEvery / time.Millisecond)
 	}
 	var first time.Time
 	for ss := range s.timed {

@@ -29,6 +29,7 @@ typedef signed long long __s64;
 enum { SK_DROP = 0, SK_PASS = 1 };
 enum {
 	BPF_MAP_TYPE_HASH = 1,
+	BPF_MAP_TYPE_ARRAY = 2,
 	BPF_MAP_TYPE_SOCKHASH = 18,
 	BPF_MAP_TYPE_RINGBUF = 27,
 };

@@ -147,3 +147,26 @@ func openFDs(t testing.TB) int {
 	}
 	return len(ents)
 }
+
+// checkEnded reports what a run of sessions left behind and fails on what
+// it must not: sessions, map entries, fds beyond fds0, and byte counts the
+// end-of-session audit found at odds with TCP's.
+func checkEnded(t *testing.T, sp *Splicer, fds0 int) {
+	t.Helper()
+	ep, rel := sp.FlowControl()
+	dups, dupBytes := sp.KernelDuplicates()
+	t.Logf("flow control: %d episodes, %.1f MB moved in user space; ended at the hard bound: %d; skbs the kernel handed over again: %d (%d bytes removed)",
+		ep, float64(rel)/1e6, sp.BacklogLimitEnds(), dups, dupBytes)
+	if n := sp.Anomalies(); n != 0 {
+		t.Errorf("%d sessions whose byte counts disagree with TCP's (see the log)", n)
+	}
+	if n := sp.Sessions(); n != 0 {
+		t.Errorf("%d sessions still live", n)
+	}
+	if n, err := sp.MapEntries(); n != 0 || err != nil {
+		t.Errorf("%d map entries left (%v)", n, err)
+	}
+	if n := openFDs(t); n != fds0 {
+		t.Errorf("open fds: %d before, %d after", fds0, n)
+	}
+}

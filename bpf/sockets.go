@@ -52,30 +52,47 @@ func established(fd int) bool {
 // writeProgress returns how many bytes have ever entered fd's TCP send
 // queue, up to a constant offset: acknowledged bytes plus bytes still
 // queued (SIOCOUTQ = write_seq - snd_una). Only differences between two
-// calls mean anything. The two values come from two syscalls, so an ACK in
-// between would make the sum too small; reading bytes_acked on both sides
-// of SIOCOUTQ and retrying until it did not move gives a consistent value.
-// The result never exceeds the true value, which is the safe side for its
-// one use (deciding that the redirect queue is empty).
+// calls mean anything. The result never exceeds the true value (see
+// tcpSample), which is the safe side for its one use (deciding that the
+// redirect queue is empty).
 func writeProgress(fd int) (uint64, error) {
+	acked, q, err := tcpSample(fd, unix.SIOCOUTQ, func(ti *unix.TCPInfo) uint64 { return ti.Bytes_acked })
+	return acked + q, err
+}
+
+// receiveBase returns how many bytes fd had received, up to a constant
+// offset, before those still unread in its receive queue: the count the
+// verdict program starts from once fd enters the verdict map (every byte
+// received after this point, and every unread one, runs through it).
+func receiveBase(fd int) (uint64, error) {
+	rcvd, q, err := tcpSample(fd, unix.SIOCINQ, func(ti *unix.TCPInfo) uint64 { return ti.Bytes_received })
+	return rcvd - q, err
+}
+
+// tcpSample reads a TCP_INFO counter and a queue length (ioctl req)
+// consistently. They come from separate syscalls, so the counter moving in
+// between (an ACK, a segment) would pair values from two moments; reading
+// the counter on both sides of the ioctl and retrying until it did not
+// move gives a consistent pair.
+func tcpSample(fd int, req uint, counter func(*unix.TCPInfo) uint64) (uint64, uint64, error) {
 	for range 8 {
 		a1, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
 		if err != nil {
-			return 0, err
+			return 0, 0, err
 		}
-		q, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
+		q, err := unix.IoctlGetInt(fd, req)
 		if err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 		a2, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
 		if err != nil {
-			return 0, err
+			return 0, 0, err
 		}
-		if a1.Bytes_acked == a2.Bytes_acked {
-			return a2.Bytes_acked + uint64(q), nil
+		if counter(a1) == counter(a2) {
+			return counter(a2), uint64(q), nil
 		}
 	}
-	return 0, errBusy
+	return 0, 0, errBusy
 }
 
 var errBusy = errors.New("socket too busy to sample")
@@ -117,33 +134,6 @@ func writeAll(fd int, p []byte, deadline time.Time) (int, error) {
 // makes it a barrier against a verdict running in softirq; see flush.
 func rcvlowatKick(fd int) error {
 	return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1)
-}
-
-// receiveBase returns how many bytes fd had received, up to a constant
-// offset, before those still unread in its receive queue: the count the
-// verdict program starts from once fd enters the verdict map (every byte
-// received after this point, and every unread one, runs through it).
-// tcpi_bytes_received and SIOCINQ come from two syscalls; as in
-// writeProgress, the pair is retried until the first did not move.
-func receiveBase(fd int) (uint64, error) {
-	for range 8 {
-		a1, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
-		if err != nil {
-			return 0, err
-		}
-		q, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
-		if err != nil {
-			return 0, err
-		}
-		a2, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
-		if err != nil {
-			return 0, err
-		}
-		if a1.Bytes_received == a2.Bytes_received {
-			return a2.Bytes_received - uint64(q), nil
-		}
-	}
-	return 0, errBusy
 }
 
 // received returns tcpi_bytes_received (see receiveBase).

@@ -203,20 +203,7 @@ func runTransfers(t *testing.T, opts Options, count, conc int, maxSize int64, se
 		}()
 	}
 	wg.Wait()
-	if n := sp.Anomalies(); n != 0 {
-		t.Errorf("%d sessions whose byte counts disagree with TCP's (see the log)", n)
-	}
-	ep, rel := sp.FlowControl()
-	t.Logf("sessions ended at the backlog bound: %d; flow control: %d episodes, %.1f MB moved in user space", sp.BacklogLimitEnds(), ep, float64(rel)/1e6)
-	if n := sp.Sessions(); n != 0 {
-		t.Errorf("%d sessions still live", n)
-	}
-	if n, err := sp.MapEntries(); n != 0 || err != nil {
-		t.Errorf("%d map entries left (%v)", n, err)
-	}
-	if n := openFDs(t); n != fds0 {
-		t.Errorf("open fds: %d before, %d after", fds0, n)
-	}
+	checkEnded(t, sp, fds0)
 }
 
 // transferBacklog is the backlog bound of the transfer tests: above the

@@ -87,17 +87,22 @@ func (s *Splicer) lostNotifications() uint64 {
 
 // stepAll steps every session once.
 func (s *Splicer) stepAll() {
+	for _, ss := range s.snapshot() {
+		if s.session(ss.id) != nil { // not torn down by an earlier step
+			s.step(ss)
+		}
+	}
+}
+
+// snapshot lists the live sessions.
+func (s *Splicer) snapshot() []*session {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	all := make([]*session, 0, len(s.sessions))
 	for _, ss := range s.sessions {
 		all = append(all, ss)
 	}
-	s.mu.Unlock()
-	for _, ss := range all {
-		if s.session(ss.id) != nil {
-			s.step(ss)
-		}
-	}
+	return all
 }
 
 // timeout is the epoll_wait timeout in milliseconds: until the earliest
@@ -200,13 +205,7 @@ func (s *Splicer) readOver(rec *ringbuf.Record) {
 
 // shutdownAll tears down every session (Close).
 func (s *Splicer) shutdownAll(reason string) {
-	s.mu.Lock()
-	all := make([]*session, 0, len(s.sessions))
-	for _, ss := range s.sessions {
-		all = append(all, ss)
-	}
-	s.mu.Unlock()
-	for _, ss := range all {
+	for _, ss := range s.snapshot() {
 		s.teardown(ss, reason)
 	}
 }

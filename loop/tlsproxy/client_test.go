@@ -262,8 +262,12 @@ func TestLargeResultOverTLS(t *testing.T) {
 	}
 	conn.Close(ctx)
 	line := p.waitLog(t, `msg="session end"`)
-	if !strings.Contains(line, "bytes_server_to_client=5") || !strings.Contains(line, "reason=\"client closed\"") {
-		t.Errorf("session end should count the ~50 MB result and name the client's close: %s", line)
+	// Close sends Terminate, to which PostgreSQL closes its end: which of
+	// the two closes the driver sees first is a race (flaked 2 in 8 runs),
+	// and both are a clean end started by the client.
+	clean := strings.Contains(line, "reason=\"client closed\"") || strings.Contains(line, "reason=\"database closed\"")
+	if !strings.Contains(line, "bytes_server_to_client=5") || !clean {
+		t.Errorf("session end should count the ~50 MB result and name a clean close: %s", line)
 	}
 }
 

@@ -149,13 +149,6 @@ func (cm *cancelMap) route(req *pgproto3.CancelRequest, addr string, now time.Ti
 	return cancelVerdict{forward: cm.limiter.allow(sourceKey(addr), now)}
 }
 
-// registered reports how many keys are registered (tests).
-func (cm *cancelMap) registered() int {
-	cm.mu.Lock()
-	defer cm.mu.Unlock()
-	return len(cm.m)
-}
-
 // cancelLimiter is a token bucket per source, in a table of bounded size.
 // Not safe for concurrent use; cancelMap's mutex guards it.
 type cancelLimiter struct {

@@ -87,14 +87,6 @@ func NotEnrolled(user string) Outcome {
 		"ask an administrator to run: pgmfa enroll "+user)
 }
 
-// TimedOut is the refusal for a login that waited for `pgmfa approve` longer
-// than the proxy allows.
-func TimedOut(user string, waited time.Duration) Outcome {
-	return refuse(ReasonTimeout,
-		fmt.Sprintf("no MFA code for user %q arrived within %v", user, waited),
-		codeHint(6, "send a code with the login")+", or have it approved while the login waits: pgmfa approve "+user+" CODE")
-}
-
 func throttled(user string, byUser bool, until, now time.Time) Outcome {
 	who := "from this address"
 	if byUser {

@@ -154,7 +154,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	default:
 		return nil, fmt.Errorf("--auth must be passthrough or password, not %q", f.auth)
 	}
-	certs, tlsMode, upTLS, err := f.tls.build(nil)
+	certs, tlsMode, upTLS, err := f.tls.build()
 	if err != nil {
 		return nil, err
 	}

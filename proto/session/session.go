@@ -182,10 +182,9 @@ type Machine struct {
 	code    string
 	source  MFASource
 
-	pt       *proto.Passthrough   // AuthPassthrough
-	up       *proto.UpstreamLogin // AuthPassword
-	password string               // AuthPassword, until handed to up
-	result   *proto.LoginResult   // the upstream's login, once known
+	pt     *proto.Passthrough   // AuthPassthrough
+	up     *proto.UpstreamLogin // AuthPassword
+	result *proto.LoginResult   // the upstream's login, once known
 
 	// wantClient: the database has asked for an authentication response the
 	// client has not sent yet. Only then are client bytes parsed.

@@ -12,7 +12,7 @@ import (
 // Cancel requests.
 //
 // A client of pgmfa receives its database backend's own BackendKeyData,
-// unchanged (DESIGN.md, data path step 5): the PID it knows is the one
+// unchanged: the PID it knows is the one
 // pg_backend_pid() returns, NotificationResponse carries, and
 // pg_terminate_backend and pg_stat_activity use. A CancelRequest carrying
 // that key is therefore valid at the database itself, and pgmfa forwards

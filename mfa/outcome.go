@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/pgmfa/pgmfa/proto"
 )
 
 // Path says how MFA was satisfied (for the audit log).
@@ -19,7 +21,7 @@ const (
 )
 
 // SQLState is the SQLSTATE of every MFA refusal: invalid_authorization_specification.
-const SQLState = "28000"
+const SQLState = proto.CodeInvalidAuthorization
 
 // Reasons in Outcome.Reason: short machine words for logs.
 const (

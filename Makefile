@@ -1,7 +1,7 @@
 # pgmfa — build, test, run and benchmark.
 #
 #   make run      scratch PostgreSQL + demo user + proxy in the foreground
-#   make test     every test (installs PostgreSQL 15 when missing)
+#   make test     every test (installs the distribution's PostgreSQL when missing)
 #   make bench    the benchmark suite (installs pgbouncer when missing)
 #   make lint     staticcheck, deadcode, go mod tidy -diff (fails on findings)
 #   make race     the race detector on the packages where it is affordable

@@ -27,11 +27,9 @@ const NoSkew = -1
 // shown. Digits, Period and Algorithm are the defaults for users whose secret
 // source does not record their own (FileStore records them at enrollment).
 type Options struct {
-	Digits int           // 6 (6 or 8)
-	Period time.Duration // 30s; whole seconds
-	// Skew is how many steps either side of now are accepted: 0 means the
-	// default 1, NoSkew (any negative value) accepts the current step only.
-	Skew            int
+	Digits          int           // 6 (6 or 8)
+	Period          time.Duration // 30s; whole seconds
+	Skew            int           // steps accepted either side of now: 1; NoSkew (negative): the current step only
 	Algorithm       string        // "SHA1" | "SHA256" | "SHA512"
 	MaxFailures     int           // per user, and per approver (Approvals), within FailureWindow: 5; negative: no limit
 	FailureWindow   time.Duration // 5m

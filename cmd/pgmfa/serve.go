@@ -44,7 +44,7 @@ type serveFlags struct {
 	adminToken           string
 	digits               int
 	period               time.Duration
-	skew                 uint
+	skew                 int
 	algorithm            string
 	maxFailures          int
 	failureWindow        time.Duration
@@ -75,9 +75,9 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll (env PGMFA_STORE)")
 	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for pgmfa approve: a unix-socket path (access: file permissions) or a loopback host:port (access: the --admin-token-file token); empty disables it (env PGMFA_ADMIN)")
 	fs.StringVar(&f.adminToken, "admin-token-file", defaultTokenFile(), "with a TCP --admin: the file holding the token every admin request must carry; created (0600, random) when missing; must not be readable by group or others (env PGMFA_ADMIN_TOKEN_FILE)")
-	fs.IntVar(&f.digits, "totp-digits", 6, "TOTP code length for users enrolled without their own (6 or 8); with --auth password, also the length of the code split off the end of the password")
-	fs.DurationVar(&f.period, "totp-period", 30*time.Second, "TOTP time step")
-	fs.UintVar(&f.skew, "totp-skew", 1, "TOTP steps accepted either side of now (clock drift)")
+	fs.IntVar(&f.digits, "totp-digits", mfa.DefaultDigits, "TOTP code length for users enrolled without their own (6 or 8); with --auth password, also the length of the code split off the end of the password")
+	fs.DurationVar(&f.period, "totp-period", mfa.DefaultPeriod, "TOTP time step")
+	fs.IntVar(&f.skew, "totp-skew", mfa.DefaultSkew, "TOTP steps accepted either side of now (clock drift); 0 accepts the current step only")
 	fs.StringVar(&f.algorithm, "totp-algorithm", "SHA1", "TOTP HMAC: SHA1, SHA256 or SHA512")
 	fs.IntVar(&f.maxFailures, "mfa-max-failures", 5, "failed MFA attempts per user within --mfa-failure-window before further attempts are refused unchecked")
 	fs.DurationVar(&f.failureWindow, "mfa-failure-window", 5*time.Minute, "window for --mfa-max-failures and --mfa-max-addr-failures")
@@ -154,7 +154,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	default:
 		return nil, fmt.Errorf("--auth must be passthrough or password, not %q", f.auth)
 	}
-	certs, tlsMode, upTLS, err := f.tls.build(nil)
+	certs, tlsMode, upTLS, err := f.tls.build()
 	if err != nil {
 		return nil, err
 	}
@@ -165,8 +165,12 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if required && len(store.Users()) == 0 {
 		logger.Warn("the secret store has no enrolled users; logins will be refused until `pgmfa enroll USER`", "store", f.store)
 	}
+	skew, err := skewOption(f.skew)
+	if err != nil {
+		return nil, err
+	}
 	mopts := mfa.Options{
-		Digits: f.digits, Period: f.period, Skew: f.skew, Algorithm: f.algorithm,
+		Digits: f.digits, Period: f.period, Skew: skew, Algorithm: f.algorithm,
 		MaxFailures: f.maxFailures, FailureWindow: f.failureWindow, MaxAddrFailures: f.maxAddrFailures,
 		Remember: f.remember,
 		OnStoreError: func(user string, err error) {
@@ -318,4 +322,16 @@ func toSet(xs []string) map[string]bool {
 		m[x] = true
 	}
 	return m
+}
+
+// skewOption turns --totp-skew into mfa.Options.Skew, where a zero stands
+// for the default: the flag's 0 means what it says, the current step only.
+func skewOption(steps int) (int, error) {
+	switch {
+	case steps < 0:
+		return 0, fmt.Errorf("--totp-skew must be 0 (the current step only) or more, not %d", steps)
+	case steps == 0:
+		return mfa.NoSkew, nil
+	}
+	return steps, nil
 }

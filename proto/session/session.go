@@ -182,10 +182,9 @@ type Machine struct {
 	code    string
 	source  MFASource
 
-	pt       *proto.Passthrough   // AuthPassthrough
-	up       *proto.UpstreamLogin // AuthPassword
-	password string               // AuthPassword, until handed to up
-	result   *proto.LoginResult   // the upstream's login, once known
+	pt     *proto.Passthrough   // AuthPassthrough
+	up     *proto.UpstreamLogin // AuthPassword
+	result *proto.LoginResult   // the upstream's login, once known
 
 	// wantClient: the database has asked for an authentication response the
 	// client has not sent yet. Only then are client bytes parsed.
@@ -366,14 +365,14 @@ const (
 // version (0A000, checked against PostgreSQL 15). Answering every one would
 // let a client that never reads pile answers up in the proxy.
 func repeatedRequest(v uint32) error {
-	return &proto.AuthError{Code: "0A000",
+	return &proto.AuthError{Code: proto.CodeFeatureNotSupported,
 		Message: fmt.Sprintf("unsupported frontend protocol %d.%d: server supports 3.0 to 3.2", v>>16, v&0xffff),
 		Hint:    "a client sends at most one SSLRequest and one GSSENCRequest per connection"}
 }
 
 func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 	if m.cfg.TLS == TLSRequire && !m.encrypted {
-		return m.fail(&proto.AuthError{Code: "28000",
+		return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization,
 			Message: "pgmfa requires an encrypted connection",
 			Hint:    "connect with sslmode=require (or verify-full)"})
 	}
@@ -387,7 +386,7 @@ func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 	m.startup = &proto.StartupMessage{ProtocolVersion: msg.ProtocolVersion, Params: params}
 	m.user, _ = m.startup.Get("user")
 	if m.user == "" {
-		return m.fail(&proto.AuthError{Code: "28000", Message: "no PostgreSQL user name specified in startup packet"})
+		return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization, Message: "no PostgreSQL user name specified in startup packet"})
 	}
 	m.db, _ = m.startup.Get("database")
 	if m.db == "" {
@@ -399,7 +398,7 @@ func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 	switch m.cfg.Auth {
 	case AuthPassword:
 		if !m.cfg.AllowCleartext && !m.encrypted {
-			return m.fail(&proto.AuthError{Code: "28000",
+			return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization,
 				Message: "pgmfa will not ask for a cleartext password over an unencrypted connection",
 				Hint:    "connect with sslmode=require, or start pgmfa with --allow-cleartext-password on a loopback-only setup"})
 		}
@@ -484,11 +483,11 @@ func (m *Machine) UpstreamFailed(addr string, err error) Output {
 	if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
 		// The proxy is out of descriptors, not the database out of reach:
 		// the client should try again, as after "too many clients".
-		return m.fail(&proto.AuthError{Code: "53300",
+		return m.fail(&proto.AuthError{Code: proto.CodeTooManyConnections,
 			Message: "pgmfa has no file descriptor left for the database connection",
 			Hint:    "try again later; if this persists, raise pgmfa's open-file limit (LimitNOFILE) or lower --max-conns"})
 	}
-	return m.fail(&proto.AuthError{Code: "08006",
+	return m.fail(&proto.AuthError{Code: proto.CodeConnectionFailure,
 		Message: fmt.Sprintf("pgmfa could not connect to the database at %s: %v", addr, err),
 		Hint:    "check that PostgreSQL is running and that pgmfa's --upstream points at it"})
 }
@@ -561,13 +560,13 @@ func (m *Machine) noteAuthRequest(msg proto.Message) {
 		return
 	}
 	switch binary.BigEndian.Uint32(msg.Body) {
-	case 3: // cleartext
+	case pgproto3.AuthTypeCleartextPassword:
 		m.wantClient, m.method = true, "password"
-	case 5: // md5
+	case pgproto3.AuthTypeMD5Password:
 		m.wantClient, m.method = true, "md5"
-	case 10: // SASL
+	case pgproto3.AuthTypeSASL:
 		m.wantClient, m.method = true, "scram-sha-256"
-	case 11: // SASLContinue
+	case pgproto3.AuthTypeSASLContinue:
 		m.wantClient = true
 	}
 }
@@ -636,7 +635,7 @@ func (m *Machine) MFADecided(d Decision) Output {
 	if !d.OK {
 		code := d.Code
 		if code == "" {
-			code = "28000"
+			code = proto.CodeInvalidAuthorization
 		}
 		return m.fail(&proto.AuthError{Code: code, Message: d.Message, Hint: d.Hint})
 	}
@@ -657,7 +656,8 @@ func (m *Machine) maybeRelease(out Output) Output {
 		return out
 	}
 	// The database's own key, unchanged (protocol 3.0 and 3.2 lengths
-	// alike): a client must see its real backend PID (DESIGN.md, step 5).
+	// alike): a client must see its real backend PID, which
+	// pg_terminate_backend, NOTIFY and pg_stat_activity name.
 	m.phase = PhaseReady
 	out.ToClient = m.result.AppendReady(out.ToClient, m.result.Key)
 	out.Established = &Established{Key: m.result.Key, Result: m.result}
@@ -671,12 +671,12 @@ func (m *Machine) Timeout(mfaWait bool) Output {
 		return Output{}
 	}
 	if mfaWait || (m.phase == PhaseMFA && m.asked && !m.decided) {
-		return m.fail(&proto.AuthError{Code: "28000",
+		return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization,
 			Message: fmt.Sprintf("MFA for user %q was not completed in time", m.user),
 			Hint: fmt.Sprintf("send a current code with the login: PGOPTIONS='-c pgmfa.code=NNNNNN', "+
 				"or approve a waiting login with: pgmfa approve %s NNNNNN", m.user)})
 	}
-	return m.fail(&proto.AuthError{Code: "08P01", Message: "login did not complete in time"})
+	return m.fail(&proto.AuthError{Code: proto.CodeProtocolViolation, Message: "login did not complete in time"})
 }
 
 // UpstreamClosed is called when the database side closed before the
@@ -695,7 +695,7 @@ func (m *Machine) UpstreamClosed(err error) Output {
 	if err != nil {
 		msg += ": " + strings.TrimPrefix(err.Error(), "read: ")
 	}
-	return m.fail(&proto.AuthError{Code: "08006", Message: msg})
+	return m.fail(&proto.AuthError{Code: proto.CodeConnectionFailure, Message: msg})
 }
 
 // ClientClosed is called when the client went away before the handoff.
@@ -721,7 +721,7 @@ func (m *Machine) fail(err error) Output {
 // failUpstream handles garbage from the database: the client gets a generic
 // error, not the bytes.
 func (m *Machine) failUpstream(err error) Output {
-	return m.fail(&proto.AuthError{Code: "08P01", Message: "pgmfa received an invalid message from the database: " + err.Error()})
+	return m.fail(&proto.AuthError{Code: proto.CodeProtocolViolation, Message: "pgmfa received an invalid message from the database: " + err.Error()})
 }
 
 // end closes without an error to the client.

@@ -205,8 +205,8 @@ func TestRecordRefused(t *testing.T) {
 	log, buf := newLog()
 	var counted []bool
 	r := NewRecord(log, 9, "", func(ok bool) { counted = append(counted, ok) })
-	if r.Addr() != "unix" || r.ID() != 9 || time.Since(r.Start()) > time.Minute {
-		t.Fatalf("record: %s %d %v", r.Addr(), r.ID(), r.Start())
+	if r.Addr() != "unix" || r.id != 9 || time.Since(r.Start()) > time.Minute {
+		t.Fatalf("record: %s %d %v", r.Addr(), r.id, r.Start())
 	}
 	if NewRecord(log, 1, "@", nil).Addr() != "unix" {
 		t.Fatal("an unnamed unix peer is not called unix")

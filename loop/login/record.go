@@ -44,9 +44,6 @@ func NewRecord(log *slog.Logger, id uint64, addr string, onLogin func(ok bool)) 
 	return &Record{log: log, id: id, addr: addr, start: time.Now(), onLogin: onLogin}
 }
 
-// ID is the connection's id in the log and in `pgmfa approve --conn`.
-func (r *Record) ID() uint64 { return r.id }
-
 // Addr is the client's address, as the log and MFA throttling name it.
 func (r *Record) Addr() string { return r.addr }
 

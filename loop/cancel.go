@@ -47,10 +47,6 @@ const (
 	cancelSources = 4096
 )
 
-// cancelForwardTimeout bounds a forwarded cancel: connecting to the
-// database, and waiting for it to close the connection once processed.
-const cancelForwardTimeout = 5 * time.Second
-
 // routeCancel decides a CancelRequest from the client at addr and logs the
 // decision: true means forward it to the database.
 func (s *Server) routeCancel(req *pgproto3.CancelRequest, addr string) bool {

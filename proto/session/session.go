@@ -71,6 +71,15 @@ type Config struct {
 	// authentication response is expected (a client pipelining queries
 	// behind its last auth message). Zero means 1 MiB.
 	MaxPipelined int
+	// MaxFromUpstream bounds the bytes the database may send during one
+	// login, parsed or still unparsed in the caller's buffer: its
+	// authentication requests, then the ParameterStatus, notices and
+	// BackendKeyData held until the MFA decision, and anything it says
+	// after ReadyForQuery. Far more than any real login; a database that
+	// keeps talking while the login is held is cut off before it can make
+	// the proxy buffer without bound. Zero means 4 MiB or two of the
+	// largest messages (MaxMessageLen), whichever is more.
+	MaxFromUpstream int64
 	// CodeDigits is the length of a TOTP code split off a password in
 	// AuthPassword mode. Zero means 6.
 	CodeDigits int
@@ -195,9 +204,10 @@ type Machine struct {
 	decided    bool // positive MFA decision received
 	heldErr    *proto.ServerError
 	method     string
-	encrypted  bool // the client side is inside TLS
-	sslDone    bool // an SSLRequest was answered
-	gssDone    bool // a GSSENCRequest was answered
+	encrypted  bool  // the client side is inside TLS
+	upTaken    int64 // upstream bytes consumed (see Config.MaxFromUpstream)
+	sslDone    bool  // an SSLRequest was answered
+	gssDone    bool  // a GSSENCRequest was answered
 }
 
 // New returns a machine waiting for the client's first packet.
@@ -210,6 +220,9 @@ func New(cfg Config) *Machine {
 	}
 	if cfg.MaxPipelined <= 0 {
 		cfg.MaxPipelined = 1 << 20
+	}
+	if cfg.MaxFromUpstream <= 0 {
+		cfg.MaxFromUpstream = max(4<<20, 2*int64(cfg.MaxMessageLen))
 	}
 	if cfg.CodeDigits <= 0 {
 		cfg.CodeDigits = 6
@@ -497,6 +510,9 @@ func (m *Machine) FromUpstream(buf []byte) (int, Output) {
 	if m.phase != PhaseAuth && m.phase != PhaseMFA {
 		return 0, Output{}
 	}
+	if m.upTaken+int64(len(buf)) > m.cfg.MaxFromUpstream {
+		return 0, m.upstreamOverLimit()
+	}
 	if m.readyUp {
 		// The database says nothing after ReadyForQuery until asked; what
 		// it does say is held in the buffer and forwarded after the release.
@@ -509,6 +525,7 @@ func (m *Machine) FromUpstream(buf []byte) (int, Output) {
 	if n == 0 {
 		return 0, Output{}
 	}
+	m.upTaken += int64(n)
 	if m.up != nil {
 		return n, m.upstreamLogin(msg)
 	}
@@ -696,6 +713,21 @@ func (m *Machine) UpstreamClosed(err error) Output {
 		msg += ": " + strings.TrimPrefix(err.Error(), "read: ")
 	}
 	return m.fail(&proto.AuthError{Code: proto.CodeConnectionFailure, Message: msg})
+}
+
+// ErrUpstreamOverLimit is the Err of a login ended because the database
+// sent more than Config.MaxFromUpstream.
+var ErrUpstreamOverLimit = errors.New("the database sent more than pgmfa holds for one login")
+
+// upstreamOverLimit ends a login whose database sent more than
+// MaxFromUpstream. While a refusal of the database is held until the MFA
+// decision (see holdError), the client may not learn anything yet, not
+// even this: the connection is closed without words.
+func (m *Machine) upstreamOverLimit() Output {
+	if m.heldErr != nil {
+		return m.end(ErrUpstreamOverLimit)
+	}
+	return m.fail(&proto.AuthError{Code: proto.CodeConnectionFailure, Message: ErrUpstreamOverLimit.Error()})
 }
 
 // ClientClosed is called when the client went away before the handoff.

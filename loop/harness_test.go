@@ -86,7 +86,13 @@ type syncBuffer = testlog.Buffer
 // are enrolled; svc is exempt; nobody is not enrolled.
 func startProxy(t *testing.T, mfaOpts mfa.Options, mod func(*loop.Config)) *proxy {
 	t.Helper()
-	pg := cluster(t)
+	return startProxyOn(t, cluster(t), mfaOpts, mod)
+}
+
+// startProxyOn is startProxy in front of another cluster (the version
+// matrix); its users are the shared cluster's.
+func startProxyOn(t *testing.T, pg *pgcluster.Cluster, mfaOpts mfa.Options, mod func(*loop.Config)) *proxy {
+	t.Helper()
 	dir := t.TempDir()
 	store, err := mfa.OpenFileStore(filepath.Join(dir, "totp.json"))
 	if err != nil {

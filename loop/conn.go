@@ -484,6 +484,16 @@ func (c *conn) finish() {
 
 // audit writes the one structured line per login.
 func (c *conn) audit(ok bool, err error) {
+	var pe *proto.ProtocolError
+	if !c.logged && c.m.User() == "" && errors.As(err, &pe) {
+		// Refused before a StartupMessage named a user (a malformed
+		// startup or cancel packet, e.g. a 3.2 CancelRequest of a wrong
+		// length): PostgreSQL logs these too ("invalid length of startup
+		// packet"), and without a line the refusal would be invisible.
+		c.logged = true
+		c.srv.log.Warn("connection refused before login", "conn", c.id, "client", c.addr, "error", err.Error())
+		return
+	}
 	if c.logged || c.m.User() == "" {
 		return
 	}

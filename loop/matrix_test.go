@@ -281,6 +281,23 @@ func (m *matrix) run(t *testing.T) {
 			t.Fatalf("secret key of %d bytes, want %d (the database's own)", len(key), want)
 		}
 	})
+	cell("protocol-3.2/auth-password/pgx", func(t *testing.T) {
+		// pgmfa answers the password itself and then logs in at 3.2; the
+		// database's NegotiateProtocolVersion (13-17) is held and sent
+		// ahead of AuthenticationOk.
+		p := authPassword
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, p.dsn(carol, carolPW+m.code(p, carol), "app", "")+"&max_protocol_version=3.2")
+		if err != nil {
+			t.Fatalf("3.2 login with --auth password: %v", err)
+		}
+		defer conn.Close(ctx)
+		m.checkSession(t, conn, carol)
+		if got := len(conn.PgConn().SecretKey()); got != m.keyLen() {
+			t.Fatalf("secret key of %d bytes, want %d", got, m.keyLen())
+		}
+	})
 	cell("protocol-3.2/raw/cancel", func(t *testing.T) {
 		p := main
 		m.rawCell(t, p, nil)

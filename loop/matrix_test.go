@@ -159,6 +159,9 @@ func (m *matrix) run(t *testing.T) {
 	upTLS := m.proxy(t, 0, func(c *loop.Config) {
 		c.UpstreamTLS = tlsproxy.UpstreamTLS{SSLMode: tlsproxy.SSLRequire}
 	})
+	upDirect := m.proxy(t, 0, func(c *loop.Config) {
+		c.UpstreamTLS = tlsproxy.UpstreamTLS{SSLMode: tlsproxy.SSLRequire, SSLNegotiation: tlsproxy.NegotiateDirect}
+	})
 	clientTLS := m.proxy(t, 0, func(c *loop.Config) {
 		c.TLSCerts, c.TLSMode = m.certs, session.TLSRequire
 	})
@@ -245,6 +248,24 @@ func (m *matrix) run(t *testing.T) {
 	cell("upstream-tls/require/md5/pgx", func(t *testing.T) {
 		p := upTLS
 		m.pgxLogin(t, p, p.dsn(bob, bobPW, "app", m.code(p, bob)), bob)
+	})
+
+	// Direct TLS to the database (--upstream-sslnegotiation direct): 17
+	// and later take it; older servers fail the login with a message that
+	// says what to change.
+	cell("upstream-tls/direct/psql", func(t *testing.T) {
+		p := upDirect
+		if m.version >= 17 {
+			out := m.psqlLogin(t, p, alice, alicePW, m.code(p, alice), []string{"select ssl from pg_stat_ssl where pid = pg_backend_pid()"})
+			if out != "t" {
+				t.Fatalf("the database session is not encrypted: %q", out)
+			}
+			return
+		}
+		_, stderr, err := p.psql(alice, alicePW, m.code(p, alice), "select 1")
+		if err == nil || !strings.Contains(stderr, "PostgreSQL 17") {
+			t.Fatalf("direct TLS to PostgreSQL %d: want a refusal naming PostgreSQL 17, got %v\n%s", m.version, err, stderr)
+		}
 	})
 
 	// The client side over direct TLS (PostgreSQL 17's sslnegotiation=direct,

@@ -35,6 +35,9 @@ func TestBuild(t *testing.T) {
 		{[]string{"--tls-cert", "/nonexistent", "--tls-key", "/nonexistent"}, up, "no such file"},
 		{[]string{"--upstream-sslmode", "require"}, unix, "unix"},
 		{[]string{"--upstream-sslmode", "verify-full"}, up, "needs --upstream-sslrootcert"},
+		{[]string{"--upstream-sslmode", "prefer", "--upstream-sslnegotiation", "direct"}, up, "needs --upstream-sslmode require"},
+		{[]string{"--upstream-sslnegotiation", "direct"}, up, "needs --upstream-sslmode require"},
+		{[]string{"--upstream-sslmode", "require", "--upstream-sslnegotiation", "bogus"}, up, "postgres or direct"},
 	} {
 		f, _ := parse(t, tc.args...)
 		_, _, _, err := f.build(tc.addr)

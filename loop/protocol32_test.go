@@ -47,8 +47,16 @@ func TestProtocol32BadInput(t *testing.T) {
 		out = append(out, k...)
 		return proto.Append(out, &pgproto3.ReadyForQuery{TxStatus: 'I'})
 	}
-	fake := startScriptedDB(t, behave)
-	p := startProxy(t, mfa.Options{}, func(c *loop.Config) { c.Upstream = fake.Addr().String() })
+	// The logins below run one at a time, so the packet on db.startup is
+	// the one of this script's connection.
+	db := startFakeDB(t, func(c net.Conn, db *fakeDB) error {
+		if _, err := c.Write(behave(<-db.startup)); err != nil {
+			return err
+		}
+		_, err := io.Copy(io.Discard, c)
+		return err
+	})
+	p := startProxy(t, mfa.Options{}, func(c *loop.Config) { c.Upstream = db.ln.Addr().String() })
 
 	login := func(app string) (*rawClient, pgproto3.BackendMessage) {
 		c := dialRaw(t, p)
@@ -111,48 +119,4 @@ func TestProtocol32BadInput(t *testing.T) {
 		}
 		good()
 	}
-}
-
-// startScriptedDB is a database stand-in that answers each connection's
-// startup packet with answer(packet) and then reads until the proxy hangs
-// up.
-func startScriptedDB(t *testing.T, answer func(startup []byte) []byte) net.Listener {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				var buf []byte
-				tmp := make([]byte, 16<<10)
-				for {
-					msg, n, err := proto.NextStartup(buf)
-					if err != nil {
-						return
-					}
-					if msg != nil {
-						if _, err := c.Write(answer(buf[:n])); err != nil {
-							return
-						}
-						break
-					}
-					k, err := c.Read(tmp)
-					buf = append(buf, tmp[:k]...)
-					if err != nil {
-						return
-					}
-				}
-				_, _ = io.Copy(io.Discard, c)
-			}()
-		}
-	}()
-	return ln
 }

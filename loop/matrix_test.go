@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -317,6 +318,16 @@ func (m *matrix) run(t *testing.T) {
 		m.checkSession(t, conn, carol)
 		if got := len(conn.PgConn().SecretKey()); got != m.keyLen() {
 			t.Fatalf("secret key of %d bytes, want %d", got, m.keyLen())
+		}
+	})
+	cell("protocol-3.2/client-tls/direct/pgx/cancel", func(t *testing.T) {
+		// The TLS driver's path: pgx over direct TLS asks for 3.2, and
+		// its cancel (sent inside TLS, long key under 18) cancels.
+		p := clientTLS
+		dsn := fmt.Sprintf("postgres://%s:%s@localhost:%d/app?sslmode=verify-full&sslnegotiation=direct&sslrootcert=%s&max_protocol_version=3.2&options=%s",
+			alice, alicePW, p.port, m.pki.CAFile, strings.ReplaceAll(url.QueryEscape("-c pgmfa.code="+m.code(p, alice)), "+", "%20"))
+		if key := m.cancelPgx(t, p, dsn); len(key) != m.keyLen() {
+			t.Fatalf("secret key of %d bytes, want %d", len(key), m.keyLen())
 		}
 	})
 	cell("protocol-3.2/raw/cancel", func(t *testing.T) {

@@ -31,10 +31,6 @@ func TestBuild(t *testing.T) {
 		{[]string{"--tls", "bogus"}, "must be disable"},
 		{[]string{"--tls-cert", "x"}, "go together"},
 		{[]string{"--tls-cert", "/nonexistent", "--tls-key", "/nonexistent"}, "no such file"},
-		{[]string{"--upstream-sslmode", "verify-full"}, "needs --upstream-sslrootcert"},
-		{[]string{"--upstream-sslmode", "prefer", "--upstream-sslnegotiation", "direct"}, "needs --upstream-sslmode require"},
-		{[]string{"--upstream-sslnegotiation", "direct"}, "needs --upstream-sslmode require"},
-		{[]string{"--upstream-sslmode", "require", "--upstream-sslnegotiation", "bogus"}, "postgres or direct"},
 	} {
 		f, _ := parse(t, tc.args...)
 		_, _, _, err := f.build()

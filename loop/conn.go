@@ -46,6 +46,8 @@ type conn struct {
 	inStartup bool  // the startup timeout runs, not yet the handshake's
 	upBytes   int64 // bytes taken from the database during the login
 
+	tl timeline // when each step of the login happened (timing.go)
+
 	logged    bool // the one audit line per login was written
 	closed    bool
 	handedOff bool
@@ -81,6 +83,7 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 			return nil, gnet.Close
 		}
 		c.upstream = gc
+		c.tl.mark(stepDialed)
 		// gnet applies its socket-buffer options to accepted sockets
 		// only; the database socket is dialed, so --socket-buffer is set
 		// here (before any byte moves, so autotuning is off from the start).
@@ -123,6 +126,8 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 	if c.addr == "" || c.addr == "@" {
 		c.addr = "unix" // an unnamed unix-socket peer
 	}
+	c.tl.at[stepAccepted] = pc.accepted
+	c.tl.mark(stepOpened)
 	gc.SetContext(&clientSide{c})
 	if s.upstreamTLS {
 		// The database side needs TLS: the whole connection runs in the
@@ -163,6 +168,11 @@ func (s *Server) OnTraffic(gc gnet.Conn) gnet.Action {
 
 func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
 	fromUpstream := gc == c.upstream
+	t0 := time.Now()
+	defer func() { c.tl.inLoop += time.Since(t0) }()
+	if fromUpstream {
+		c.tl.mark(stepDBFirst)
+	}
 	for !c.closed && !c.handedOff {
 		buf, _ := gc.Peek(-1)
 		n, out := step(buf)
@@ -263,6 +273,10 @@ func (c *conn) act(out session.Output) {
 	}
 	if out.Established != nil {
 		c.handoff(out.ToClient, out.Established)
+		if c.handedOff {
+			c.tl.mark(stepReleased)
+			c.logTiming()
+		}
 		return
 	}
 	if out.StartTLS {
@@ -273,6 +287,7 @@ func (c *conn) act(out session.Output) {
 		c.writeClient(out.ToClient)
 	}
 	if out.Dial {
+		c.tl.mark(stepStartup)
 		c.dial()
 	}
 	if out.Cancel != nil && c.forwardCancel(out.Cancel) {
@@ -281,6 +296,7 @@ func (c *conn) act(out session.Output) {
 		return
 	}
 	if out.NeedMFA != nil {
+		c.tl.mark(stepMFAAsked)
 		c.askMFA(out.NeedMFA)
 	}
 	if out.Close {
@@ -432,6 +448,7 @@ func (c *conn) decide(path mfa.Path, o mfa.Outcome) {
 	if c.closed {
 		return
 	}
+	c.tl.mark(stepMFADecided)
 	c.mfaPath = path
 	c.mfaReason = o.Reason
 	c.act(c.m.MFADecided(session.Decision{OK: o.OK, Code: o.Code, Message: o.Message, Hint: o.Hint}))

@@ -377,7 +377,7 @@ func (c *conn) dial() {
 // askMFA answers the machine's MFA request through the server's gate,
 // bringing a late (out-of-band) answer back onto this connection's loop.
 func (c *conn) askMFA(req *session.MFARequest) {
-	if req.Code != "" {
+	if req.Code != "" && !c.srv.decidedInMemory(req, c.addr) {
 		// Verifying a code claims its time step in the store (a file lock,
 		// a read and a synced write): never on the loop.
 		go func() {

@@ -112,6 +112,8 @@ func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, 
 		// before the memory is read.
 		"--mfa-timeout", "10m",
 		"--loops", strconv.Itoa(runtime.NumCPU()),
+		// One "login timing" line per login: the login-latency breakdown.
+		"--log-level", "debug",
 	}
 	if ep.TLS {
 		args = append(args, "--tls-cert", pki.CertFile, "--tls-key", pki.KeyFile, "--tls", "require")

@@ -60,6 +60,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "pgmfa bench: %d cores, kernel %s, %s; %d to %d round(s) of %v (target spread %.2f), scale %d\n\n",
 		rep.Machine.Cores, rep.Machine.Kernel, shortPG(rep.Machine.PostgreSQL), cfg.Rounds, cfg.MaxRounds, cfg.Duration, cfg.Spread, cfg.Scale)
 	writeTable(stdout, res, cfg)
+	writeBreakdown(stdout, res)
 	writeVerdicts(stdout, res, cfg)
 
 	code := 0

@@ -73,10 +73,12 @@ func TestVerdict(t *testing.T) {
 	}{
 		{[]float64{0.99, 1.00, 1.01}, "met"},
 		{[]float64{0.80, 0.81, 0.82}, "not met"},
-		{[]float64{0.95, 0.98, 1.01}, "too noisy"},
-		{[]float64{1.2}, "too noisy"},
+		{[]float64{0.97, 0.98, 0.99}, "too noisy"}, // the target is within ±0.01
+		{[]float64{1.2}, "too noisy"},                // one round: no spread
+		{[]float64{1.30, 1.75, 2.20}, "too noisy"},   // far above, but far too wide to read
+		{[]float64{0.30, 0.55, 0.80}, "too noisy"},
 	} {
-		got, fig := verdict(at, rowOf("select-1", c.ratios...))
+		got, fig := verdict(at, rowOf("select-1", c.ratios...), 0.03)
 		if !strings.HasPrefix(got, c.want) {
 			t.Errorf("%v: verdict %q (%s), want %q", c.ratios, got, fig, c.want)
 		}
@@ -88,7 +90,7 @@ func TestVerdict(t *testing.T) {
 		r.Samples = append(r.Samples, Sample{Round: i + 1, Value: 5 + d, Ratio: 5 / (5 + d), DeltaToDirect: d, CPUSeconds: math.NaN()})
 	}
 	r.finish()
-	if got, fig := verdict(lat, r); got != "met" {
+	if got, fig := verdict(lat, r, 0.03); got != "met" {
 		t.Errorf("+0.25 ms ±0.05 against 0.5: %q (%s)", got, fig)
 	}
 }

@@ -10,12 +10,14 @@ import (
 // each judged on the product's default path, pgmfa-sockmap, at the end of
 // every run.
 //
-// A verdict uses the figure's spread (spread.go): met when the figure is on
-// the right side of the target even after moving it by its spread against
-// the target, not met when it is on the wrong side even after moving it by
-// its spread towards the target, and too noisy when the target lies within
-// the spread (or one round gave no spread). So a run on a busy machine
-// says "too noisy" instead of a verdict it cannot support.
+// A verdict uses the figure's spread (spread.go): too noisy when the spread
+// is wider than -spread (the figure is marked "?" in the table: on a busy
+// machine a path can even seem faster than direct) or unknown (one round);
+// otherwise met when the figure is on the right side of the target even
+// after moving it by its spread against the target, not met when it is on
+// the wrong side even after moving it by its spread towards the target,
+// and too noisy when the target lies within the spread. So a run on a
+// busy machine says "too noisy" instead of a verdict it cannot support.
 
 // target is one line of the verdict.
 type target struct {
@@ -42,7 +44,7 @@ const verdictPath = pathSockmap
 
 // verdict judges one row against one target: "met", "not met" or "too
 // noisy", and the figure it judged ("0.83 ±0.02").
-func verdict(t target, r *Row) (string, string) {
+func verdict(t target, r *Row, maxSpread float64) (string, string) {
 	var v, s float64
 	var format string
 	atLeast := false
@@ -70,6 +72,9 @@ func verdict(t target, r *Row) (string, string) {
 	if math.IsNaN(s) {
 		return "too noisy (one round: no spread)", fig
 	}
+	if !r.settled(maxSpread) {
+		return fmt.Sprintf("too noisy (spread above %.2f)", maxSpread), fig
+	}
 	lo, hi := v-s, v+s
 	switch {
 	case atLeast && lo >= t.Bound, !atLeast && hi <= t.Bound:
@@ -93,7 +98,7 @@ func writeVerdicts(w io.Writer, res *Results, cfg *config) {
 			fmt.Fprintf(w, "\ntargets (%s):\n", verdictPath)
 			first = false
 		}
-		v, fig := verdict(t, r)
+		v, fig := verdict(t, r, cfg.Spread)
 		fmt.Fprintf(w, "  %-60s %-22s %s\n", t.Name, fig, v)
 	}
 }

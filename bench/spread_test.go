@@ -74,8 +74,8 @@ func TestVerdict(t *testing.T) {
 		{[]float64{0.99, 1.00, 1.01}, "met"},
 		{[]float64{0.80, 0.81, 0.82}, "not met"},
 		{[]float64{0.97, 0.98, 0.99}, "too noisy"}, // the target is within ±0.01
-		{[]float64{1.2}, "too noisy"},                // one round: no spread
-		{[]float64{1.30, 1.75, 2.20}, "too noisy"},   // far above, but far too wide to read
+		{[]float64{1.2}, "too noisy"},              // one round: no spread
+		{[]float64{1.30, 1.75, 2.20}, "too noisy"}, // far above, but far too wide to read
 		{[]float64{0.30, 0.55, 0.80}, "too noisy"},
 	} {
 		got, fig := verdict(at, rowOf("select-1", c.ratios...), 0.03)

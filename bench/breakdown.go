@@ -27,7 +27,7 @@ var breakdownSteps = []struct{ key, owner string }{
 	{"mfa", "proxy"},
 	{"handoff", "proxy+kernel"},
 	{"total", "accept to release"},
-	{"in_loop", "proxy (event-loop callbacks, inside the spans above)"},
+	{"in_loop", "proxy (callbacks, within the above)"},
 }
 
 var timingField = regexp.MustCompile(`\b([a-z_]+)_us[=":]+(\d+)`)

@@ -5,11 +5,8 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"os/signal"
-	"path/filepath"
 	"syscall"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -295,22 +292,6 @@ func startBare(ps *procs, cl *pgcluster.Cluster, dir string) *endpoint {
 	if ep.Port, ep.Err = pgcluster.FreePort(); ep.Err != nil {
 		return ep
 	}
-	ep.LogFile = filepath.Join(dir, "bare.log")
-	logf, err := os.Create(ep.LogFile)
-	if err != nil {
-		ep.Err = err
-		return ep
-	}
-	defer logf.Close()
-	cmd := exec.Command(self, bareServeArg, ep.Addr(), cl.Addr())
-	cmd.Stdout, cmd.Stderr = logf, logf
-	ep.CmdLine = cmd.Args
-	if ep.Err = ps.start(cmd); ep.Err != nil {
-		return ep
-	}
-	ep.Cmd = cmd
-	if err := ps.waitListening(cmd, ep.Addr(), 15*time.Second); err != nil {
-		ep.Err = fmt.Errorf("bare sockmap %v; log:\n%s", err, tail(ep.LogFile, 1500))
-	}
+	startServer(ps, ep, "bare sockmap", dir, "bare.log", self, bareServeArg, ep.Addr(), cl.Addr())
 	return ep
 }

@@ -377,7 +377,11 @@ func (c *conn) dial() {
 // askMFA answers the machine's MFA request through the server's gate,
 // bringing a late (out-of-band) answer back onto this connection's loop.
 func (c *conn) askMFA(req *session.MFARequest) {
-	if req.Code != "" && !c.srv.decidedInMemory(req, c.addr) {
+	if req.Code != "" {
+		if path, o, ok := c.srv.decideInMemory(req, c.addr); ok {
+			c.decide(path, o)
+			return
+		}
 		// Verifying a code claims its time step in the store (a file lock,
 		// a read and a synced write): never on the loop.
 		go func() {

@@ -10,10 +10,11 @@ import (
 
 // Context switches during one measurement, per process group: the path's
 // own process (pgmfa or pgbouncer, every thread), PostgreSQL (the
-// postmaster and every child: backends, walwriter, ...), and the whole
-// machine (/proc/stat ctxt: it includes the kworkers that send sockmap
-// redirects, the clients, and anything else running, so on a shared
-// machine it is an upper bound).
+// postmaster and every child: backends, walwriter, ...), the kernel's
+// kworker threads (every sockmap redirect is sent by one: the hop of a
+// spliced session shows here; other jobs' kernel work too, so an upper
+// bound on a shared machine), and the whole machine (/proc/stat ctxt:
+// clients and everything else included).
 //
 // Backends come and go during a run (pgbench -C opens one per transaction,
 // and every pgbench run closes its backends before it returns), and a
@@ -54,7 +55,9 @@ func (g *ctxGroup) total() float64 {
 // ctxSampler samples until stop.
 type ctxSampler struct {
 	proxyPID, pgPID int
-	proxy, pg       ctxGroup
+	proxy, pg, kw   ctxGroup
+	kworkers        []int // kworker pids, found again every ctxKworkerScan
+	lastScan        time.Time
 	sys0, sys1      uint64
 	quit            chan struct{}
 	done            sync.WaitGroup
@@ -63,7 +66,8 @@ type ctxSampler struct {
 // startCtxSampler starts sampling; a zero pid leaves that group out.
 func startCtxSampler(proxyPID, pgPID int) *ctxSampler {
 	s := &ctxSampler{proxyPID: proxyPID, pgPID: pgPID, quit: make(chan struct{}),
-		proxy: ctxGroup{map[int]uint64{}, map[int]uint64{}}, pg: ctxGroup{map[int]uint64{}, map[int]uint64{}}}
+		proxy: ctxGroup{map[int]uint64{}, map[int]uint64{}}, pg: ctxGroup{map[int]uint64{}, map[int]uint64{}},
+		kw: ctxGroup{map[int]uint64{}, map[int]uint64{}}}
 	s.sys0 = systemCtxt()
 	s.sample(true)
 	s.done.Add(1)
@@ -84,15 +88,28 @@ func startCtxSampler(proxyPID, pgPID int) *ctxSampler {
 }
 
 // stop takes a last sample and returns the switches per group.
-func (s *ctxSampler) stop() (proxy, pg, system float64) {
+func (s *ctxSampler) stop() (proxy, pg, kworker, system float64) {
 	close(s.quit)
 	s.done.Wait()
 	s.sample(false)
 	s.sys1 = systemCtxt()
-	return s.proxy.total(), s.pg.total(), float64(s.sys1 - s.sys0)
+	return s.proxy.total(), s.pg.total(), s.kw.total(), float64(s.sys1 - s.sys0)
 }
 
+// ctxKworkerScan is how often the sampler looks for kworkers again (the
+// kernel creates and retires them as the work needs).
+const ctxKworkerScan = time.Second
+
 func (s *ctxSampler) sample(atStart bool) {
+	if now := time.Now(); now.Sub(s.lastScan) >= ctxKworkerScan {
+		s.lastScan = now
+		s.kworkers = kworkerPIDs()
+	}
+	for _, pid := range s.kworkers {
+		for tid, n := range taskSwitches(pid) {
+			s.kw.see(tid, n, atStart)
+		}
+	}
 	if s.proxyPID != 0 {
 		for tid, n := range taskSwitches(s.proxyPID) {
 			s.proxy.see(tid, n, atStart)
@@ -168,6 +185,27 @@ func childrenOf(pid int) []int {
 	return out
 }
 
+// kworkerPIDs lists the kernel's kworker threads (comm "kworker/...").
+func kworkerPIDs() []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if b, err := os.ReadFile("/proc/" + e.Name() + "/comm"); err == nil && isKworker(string(b)) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+func isKworker(comm string) bool { return strings.HasPrefix(comm, "kworker/") }
+
 // systemCtxt is the machine's context switches since boot (/proc/stat).
 func systemCtxt() uint64 {
 	b, err := os.ReadFile("/proc/stat")
@@ -190,7 +228,7 @@ func parseStatCtxt(stat string) uint64 {
 
 // addCtxDetail records the switches in a sample's detail, per transaction
 // when the workload counted transactions (pgbench) or logins.
-func addCtxDetail(d map[string]float64, proxy, pg, system float64, hasProxy bool) {
+func addCtxDetail(d map[string]float64, proxy, pg, kworker, system float64, hasProxy bool) {
 	tx := d["transactions"]
 	if tx == 0 {
 		tx = d["logins"]
@@ -202,5 +240,6 @@ func addCtxDetail(d map[string]float64, proxy, pg, system float64, hasProxy bool
 		d["cs_per_tx_proxy"] = proxy / tx
 	}
 	d["cs_per_tx_postgres"] = pg / tx
+	d["cs_per_tx_kworker"] = kworker / tx
 	d["cs_per_tx_system"] = system / tx
 }

@@ -66,8 +66,8 @@ type Row struct {
 	ValueSpread float64 `json:"value_spread"`
 	DeltaSpread float64 `json:"delta_spread"`
 	// CtxPerTx is the median context switches per transaction (or login)
-	// over the rounds: proxy, postgres, system (ctxsw.go).
-	CtxPerTx [3]float64 `json:"-"`
+	// over the rounds: proxy, postgres, kworker, system (ctxsw.go).
+	CtxPerTx [4]float64 `json:"-"`
 }
 
 // MarshalJSON keeps NaN spreads out of the file.
@@ -80,7 +80,7 @@ func (r *Row) MarshalJSON() ([]byte, error) {
 		DeltaSpread *float64            `json:"delta_spread"`
 		CtxPerTx    map[string]*float64 `json:"context_switches_per_tx,omitempty"`
 	}{(*plain)(r), num(r.RatioSpread), num(r.ValueSpread), num(r.DeltaSpread),
-		map[string]*float64{"proxy": num(r.CtxPerTx[0]), "postgres": num(r.CtxPerTx[1]), "system": num(r.CtxPerTx[2])}})
+		map[string]*float64{"proxy": num(r.CtxPerTx[0]), "postgres": num(r.CtxPerTx[1]), "kworker": num(r.CtxPerTx[2]), "system": num(r.CtxPerTx[3])}})
 }
 
 // MarshalJSON for Summary keeps NaN out of the file too.
@@ -109,13 +109,13 @@ func (r *Row) Errors() []string {
 // finish fills the summaries from the samples.
 func (r *Row) finish() {
 	var v, ratio, delta, cpu []float64
-	var cs [3][]float64
+	var cs [4][]float64
 	for _, s := range r.Samples {
 		v = append(v, s.Value)
 		ratio = append(ratio, s.Ratio)
 		delta = append(delta, s.DeltaToDirect)
 		cpu = append(cpu, s.CPUSeconds)
-		for i, k := range []string{"cs_per_tx_proxy", "cs_per_tx_postgres", "cs_per_tx_system"} {
+		for i, k := range []string{"cs_per_tx_proxy", "cs_per_tx_postgres", "cs_per_tx_kworker", "cs_per_tx_system"} {
 			if x, ok := s.Detail[k]; ok && !math.IsNaN(s.Value) {
 				cs[i] = append(cs[i], x)
 			}

@@ -125,11 +125,11 @@ func measureOne(ctx context.Context, e *env, w *workload, ep *endpoint, round in
 	t0 := time.Now()
 	v, detail, err := w.Run(ctx, e, ep)
 	s.Seconds = time.Since(t0).Seconds()
-	csProxy, csPG, csSys := cs.stop()
+	csProxy, csPG, csKw, csSys := cs.stop()
 	if detail == nil {
 		detail = map[string]float64{}
 	}
-	addCtxDetail(detail, csProxy, csPG, csSys, pid != 0)
+	addCtxDetail(detail, csProxy, csPG, csKw, csSys, pid != 0)
 	if pid != 0 && cpuErr == nil {
 		if cpu1, err := procCPU(pid); err == nil {
 			s.CPUSeconds = cpu1 - cpu0

@@ -132,3 +132,14 @@ time=2026-12-01T10:37:16.5Z level=INFO msg="session end" conn=1 duration_us=5
 		t.Error("a field of another line was taken")
 	}
 }
+
+func TestKworkers(t *testing.T) {
+	if !isKworker("kworker/1:2-events\n") || isKworker("postgres\n") || isKworker("kswapd0\n") {
+		t.Error("isKworker misjudges comm names")
+	}
+	// A Linux machine always runs kworkers; finding none means the scan
+	// is broken and the column would silently read zero.
+	if len(kworkerPIDs()) == 0 {
+		t.Error("no kworker found in /proc")
+	}
+}

@@ -12,10 +12,11 @@ import (
 // with min..max over the rounds, the median same-round ratio to direct with
 // its spread (marked "?" when wider than -spread: too noisy to read), the
 // extra milliseconds for latencies, the CPU the path's process used, and
-// context switches per transaction (proxy / postgres / whole machine).
+// context switches per transaction (proxy / postgres / kworkers / whole
+// machine).
 func writeTable(w io.Writer, res *Results, cfg *config) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "workload\tpath\tmedian\tmin..max\trounds\tunit\tx direct ±spread\tvs direct\tproxy CPU s\tctx sw/tx proxy/pg/system\t\n")
+	fmt.Fprintf(tw, "workload\tpath\tmedian\tmin..max\trounds\tunit\tx direct ±spread\tvs direct\tproxy CPU s\tctx sw/tx proxy/pg/kworker/system\t\n")
 	prev := ""
 	noisy := 0
 	for _, r := range res.Rows {
@@ -52,7 +53,7 @@ func writeTable(w io.Writer, res *Results, cfg *config) {
 			if !math.IsNaN(c[0]) {
 				p = fmt.Sprintf("%.1f", c[0])
 			}
-			cs = fmt.Sprintf("%s/%.1f/%.1f", p, c[1], c[2])
+			cs = fmt.Sprintf("%s/%.1f/%.1f/%.1f", p, c[1], c[2], c[3])
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t\n", r.Workload, r.Path, fmtNum(r.Value.Median), rng, r.Value.N, r.Unit, ratio, vs, cpu, cs)
 	}

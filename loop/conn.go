@@ -44,6 +44,8 @@ type conn struct {
 
 	inStartup bool // the startup timeout runs, not yet the handshake's
 
+	tl timeline // when each step of the login happened (timing.go)
+
 	closed    bool
 	handedOff bool
 	released  bool // the conns slot was given back
@@ -78,6 +80,7 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 			return nil, gnet.Close
 		}
 		c.upstream = gc
+		c.tl.mark(stepDialed)
 		// gnet applies its socket-buffer options to accepted sockets
 		// only; the database socket is dialed, so --socket-buffer is set
 		// here (before any byte moves, so autotuning is off from the start).
@@ -120,6 +123,8 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		start:  rec.Start(),
 		m:      session.New(s.sessionConfig()),
 	}
+	c.tl.at[stepAccepted] = pc.accepted
+	c.tl.mark(stepOpened)
 	gc.SetContext(&clientSide{c})
 	if s.upstreamTLS {
 		// The database side needs TLS: the whole connection runs in the
@@ -162,6 +167,12 @@ func (s *Server) OnTraffic(gc gnet.Conn) gnet.Action {
 // has buffered, so the machine sees all the unparsed bytes of that side
 // (it bounds them: session.Config.MaxPipelined, MaxFromUpstream).
 func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
+	fromUpstream := gc == c.upstream
+	t0 := time.Now()
+	defer func() { c.tl.inLoop += time.Since(t0) }()
+	if fromUpstream {
+		c.tl.mark(stepDBFirst)
+	}
 	for !c.closed && !c.handedOff {
 		buf, _ := gc.Peek(-1)
 		n, out := step(buf)
@@ -244,6 +255,10 @@ func (c *conn) act(out session.Output) {
 	}
 	if out.Established != nil {
 		c.handoff(out.ToClient, out.Established)
+		if c.handedOff {
+			c.tl.mark(stepReleased)
+			c.logTiming()
+		}
 		return
 	}
 	if out.StartTLS {
@@ -254,6 +269,7 @@ func (c *conn) act(out session.Output) {
 		c.writeClient(out.ToClient)
 	}
 	if out.Dial {
+		c.tl.mark(stepStartup)
 		c.dial()
 	}
 	if out.Cancel != nil && c.forwardCancel(out.Cancel) {
@@ -262,6 +278,7 @@ func (c *conn) act(out session.Output) {
 		return
 	}
 	if out.NeedMFA != nil {
+		c.tl.mark(stepMFAAsked)
 		c.askMFA(out.NeedMFA)
 	}
 	if out.Close {
@@ -343,6 +360,10 @@ func (c *conn) dial() {
 // bringing a late (out-of-band) answer back onto this connection's loop.
 func (c *conn) askMFA(req *session.MFARequest) {
 	if req.Code != "" {
+		if path, o, ok := c.srv.gate.Decided(req, c.addr); ok {
+			c.decide(path, o)
+			return
+		}
 		// Verifying a code claims its time step in the store (a file lock,
 		// a read and a synced write): never on the loop.
 		go func() {
@@ -370,6 +391,7 @@ func (c *conn) decide(path mfa.Path, o mfa.Outcome) {
 	if c.closed {
 		return
 	}
+	c.tl.mark(stepMFADecided)
 	c.act(c.rec.Decide(c.m, path, o))
 }
 

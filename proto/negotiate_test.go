@@ -91,7 +91,7 @@ func TestPassthroughNegotiation(t *testing.T) {
 		}
 	}
 	// A 3.0 client without options (NewPassthrough) must never be sent one.
-	if _, err := from(NewPassthrough(), npv(pgproto3.ProtocolVersion30)); err == nil {
+	if _, err := from(NewPassthroughFor(0, nil), npv(pgproto3.ProtocolVersion30)); err == nil {
 		t.Fatal("NegotiateProtocolVersion to a plain 3.0 client was relayed")
 	}
 }

@@ -38,13 +38,10 @@ type Passthrough struct {
 	neg      negotiation
 }
 
-// NewPassthrough returns a relay waiting for the server's first message,
-// for a client that asked for protocol 3.0 and sent no _pq_.* option.
-func NewPassthrough() *Passthrough { return NewPassthroughFor(0, nil) }
-
-// NewPassthroughFor is NewPassthrough for the StartupMessage the client sent
-// (its protocol version and parameters), against which the server's
-// NegotiateProtocolVersion is checked (see negotiate.go).
+// NewPassthroughFor returns a relay waiting for the server's first message,
+// for the StartupMessage the client sent (its protocol version and
+// parameters; 0 and nil for 3.0 with no _pq_.* option), against which the
+// server's NegotiateProtocolVersion is checked (see negotiate.go).
 func NewPassthroughFor(version uint32, params []StartupParam) *Passthrough {
 	return &Passthrough{neg: newNegotiation(version, params)}
 }

@@ -48,9 +48,9 @@ const (
 
 // TestMatrix starts one cluster per version (two at a time: the versions
 // are parallel subtests) and runs each cell as a subtest of its version.
-// A version has four proxies (passthrough, --auth password, TLS to the
-// database, direct TLS from the client): loading the BPF program makes a
-// proxy cost a second or two to start, so cells share them. Codes are
+// A version has five proxies (passthrough, --auth password, TLS to the
+// database with each sslnegotiation, TLS from the client): loading the BPF
+// program makes a proxy cost a second or two to start, so cells share them. Codes are
 // single use per time step, so the proxies run on a clock that moves one
 // step forward for every code a cell asks for.
 func TestMatrix(t *testing.T) {

@@ -6,7 +6,7 @@ import (
 	"math"
 )
 
-// The targets pgmfa is held to (DESIGN.md, "Numbers"; issue 10 for logins),
+// The targets pgmfa is held to (README, "Performance"),
 // each judged on the product's default path, pgmfa-sockmap, at the end of
 // every run.
 //

@@ -363,24 +363,28 @@ type meter struct {
 	rate       float64
 	pauseAfter int64
 	pause      time.Duration
-	conn       *meteredConn
+	// conn is set by dial on pgx's goroutine and read by the test's
+	// (go test -race found the plain pointer).
+	conn atomic.Pointer[meteredConn]
 }
 
 func (m *meter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-	if err != nil || m.conn != nil {
+	if err != nil || m.conn.Load() != nil {
 		return c, err
 	}
-	m.conn = &meteredConn{Conn: c, rate: m.rate, pauseAfter: m.pauseAfter, pause: m.pause}
-	return m.conn, nil
+	mc := &meteredConn{Conn: c, rate: m.rate, pauseAfter: m.pauseAfter, pause: m.pause}
+	m.conn.Store(mc)
+	return mc, nil
 }
 
 // written is what the client has written so far.
 func (m *meter) written() int64 {
-	if m.conn == nil {
+	c := m.conn.Load()
+	if c == nil {
 		return 0
 	}
-	return m.conn.written.Load()
+	return c.written.Load()
 }
 
 func connectMetered(ctx context.Context, dsn string, m *meter) (*pgconn.PgConn, error) {
@@ -882,7 +886,7 @@ func TestFlowClientHalfClose(t *testing.T) {
 				case *pgproto3.CopyData:
 					h.Write(msg.Data)
 					if !halfClosed && h.n >= 8<<20 {
-						if err := m.conn.tcp().CloseWrite(); err != nil {
+						if err := m.conn.Load().tcp().CloseWrite(); err != nil {
 							t.Fatal(err)
 						}
 						halfClosed = true
@@ -936,9 +940,9 @@ func TestFlowClientReset(t *testing.T) {
 			}()
 			waitStalled(m, 4<<20, over, 30*time.Second)
 			t.Logf("resetting after the client wrote %d MB", m.written()>>20)
-			if m.conn != nil {
-				m.conn.tcp().SetLinger(0)
-				m.conn.Close()
+			if c := m.conn.Load(); c != nil {
+				c.tcp().SetLinger(0)
+				c.Close()
 			}
 			<-over
 			if err := copyErr; err == nil {

@@ -308,16 +308,23 @@ func TestCancelRequest(t *testing.T) {
 		t.Fatal("the proxy answered a cancel request")
 	}
 	// Guessing from one address: past the burst the proxy stops
-	// forwarding (and says so once in its log).
-	for i := 0; i < 25; i++ {
-		raw := dialRaw(t, p)
-		raw.write(proto.Append(nil, &pgproto3.CancelRequest{ProcessID: backendPID, SecretKey: []byte{byte(i), 0, 0, 1}}))
+	// forwarding (and says so once in its log). The guesses are all sent
+	// before any answer is awaited: one at a time, each waits for a
+	// forward to the database (~0.1 s on a loaded machine), long enough
+	// for the bucket to refill one token per guess.
+	const guesses = 40 // twice the burst of 20 (loop/cancel.go)
+	raws := make([]*rawClient, guesses)
+	for i := range raws {
+		raws[i] = dialRaw(t, p)
+		raws[i].write(proto.Append(nil, &pgproto3.CancelRequest{ProcessID: backendPID, SecretKey: []byte{byte(i), 0, 0, 1}}))
+	}
+	for _, raw := range raws {
 		if _, err := raw.next(); err == nil {
 			t.Fatal("the proxy answered a cancel request")
 		}
 	}
 	if !eventually(5*time.Second, func() bool { return strings.Contains(p.logs.String(), "rate limit per source address reached") }) {
-		t.Fatal("25 unknown keys from one address were all forwarded")
+		t.Fatalf("%d unknown keys sent at once from one address were all forwarded", guesses)
 	}
 	// The session is unharmed.
 	var one int

@@ -293,7 +293,7 @@ func (c *conn) act(out session.Output) {
 // as when --max-conns is reached.
 func (c *conn) closeOnError(err error) {
 	if c.client != nil && (errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE)) {
-		_, _ = c.client.Write(proto.Append(nil, proto.Fatal("53300", "sorry, too many clients already",
+		_, _ = c.client.Write(proto.Append(nil, proto.Fatal(proto.CodeTooManyConnections, "sorry, too many clients already",
 			"pgmfa has no file descriptor left; try again later (if this persists, raise its open-file limit or lower --max-conns)")))
 	}
 	c.close(err)

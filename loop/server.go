@@ -189,10 +189,10 @@ func New(cfg Config) (*Server, error) {
 func (s *Server) setUpHandoff() error {
 	switch s.cfg.Splice {
 	case "", SpliceAuto, SpliceSockmap:
-		err := bpf.Probe()
-		if err == nil {
-			s.splicer, err = bpf.NewSplicer(bpf.Options{FlowThreshold: s.cfg.FlowThreshold, MaxBacklog: s.cfg.MaxBacklog, Logger: s.log})
-		}
+		// NewSplicer loads the program itself (once: a separate probe
+		// would load it and parse the kernel's BTF twice).
+		var err error
+		s.splicer, err = bpf.NewSplicer(bpf.Options{FlowThreshold: s.cfg.FlowThreshold, MaxBacklog: s.cfg.MaxBacklog, Logger: s.log})
 		if err != nil {
 			if s.cfg.Splice == SpliceSockmap {
 				return fmt.Errorf("--splice sockmap: %w", err)

@@ -119,7 +119,7 @@ func (r *Record) Audit(m *session.Machine, ok bool, err error, extra ...any) boo
 	if err != nil {
 		attrs = append(attrs, "error", err.Error())
 	}
-	r.log.Warn("login", append(attrs, "result", "refused", "phase", m.Phase().String())...)
+	r.log.Warn("login", append(attrs, "result", "refused", "phase", m.Reached().String())...)
 	return true
 }
 

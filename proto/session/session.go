@@ -181,8 +181,9 @@ type Output struct {
 // Machine is the login of one client connection. It is not safe for
 // concurrent use; the caller drives it from the connection's event loop.
 type Machine struct {
-	cfg   Config
-	phase Phase
+	cfg     Config
+	phase   Phase
+	reached Phase // the phase before PhaseClosed (Reached)
 
 	// From the startup packet (MFA parameters stripped).
 	startup *proto.StartupMessage
@@ -235,6 +236,24 @@ func New(cfg Config) *Machine {
 
 // Phase reports where the login stands.
 func (m *Machine) Phase() Phase { return m.phase }
+
+// Reached is the phase the login had reached when it closed (Phase until
+// then): the audit line of a refused login names it, which Phase, by then
+// PhaseClosed, cannot.
+func (m *Machine) Reached() Phase {
+	if m.phase == PhaseClosed {
+		return m.reached
+	}
+	return m.phase
+}
+
+// close moves the machine to PhaseClosed, remembering where it was.
+func (m *Machine) close() {
+	if m.phase != PhaseClosed {
+		m.reached = m.phase
+	}
+	m.phase = PhaseClosed
+}
 
 // User, Database and Method describe the login for the audit log (empty
 // until known). Method is the primary method the database asked for.
@@ -354,7 +373,7 @@ func (m *Machine) startupPacket(buf []byte) (int, Output) {
 		// No GSS encryption: 'N'; the client may still ask for TLS.
 		return n, Output{ToClient: []byte{'N'}}
 	case *pgproto3.CancelRequest:
-		m.phase = PhaseClosed
+		m.close()
 		c := *msg
 		c.SecretKey = append([]byte(nil), msg.SecretKey...)
 		return n, Output{Cancel: &c, Close: true}
@@ -544,7 +563,7 @@ func (m *Machine) passthrough(msg proto.Message) Output {
 		}
 		if errors.As(err, &se) {
 			// Forwarded already, as the database's own words.
-			m.phase = PhaseClosed
+			m.close()
 			return Output{ToClient: toClient, Close: true, Err: err}
 		}
 		return m.fail(err)
@@ -603,7 +622,7 @@ func (m *Machine) upstreamLogin(msg proto.Message) Output {
 		if errors.As(err, &se) {
 			// The password was refused (or the like): the database's own
 			// words are safe to pass on; the client sent that password.
-			m.phase = PhaseClosed
+			m.close()
 			return Output{ToClient: proto.Append(nil, se.Resp), Close: true, Err: err}
 		}
 		return m.fail(err)
@@ -667,7 +686,7 @@ func (m *Machine) maybeRelease(out Output) Output {
 		return out
 	}
 	if m.heldErr != nil {
-		m.phase = PhaseClosed
+		m.close()
 		out.ToClient = append(out.ToClient, proto.Append(nil, m.heldErr.Resp)...)
 		out.Close, out.Err = true, m.heldErr
 		return out
@@ -741,7 +760,7 @@ func (m *Machine) ClientClosed() Output {
 // fail refuses the login: an ErrorResponse to the client, Terminate to the
 // database if it is connected, close.
 func (m *Machine) fail(err error) Output {
-	m.phase = PhaseClosed
+	m.close()
 	return Output{
 		ToClient:   proto.Append(nil, proto.ErrorFor(err)),
 		ToUpstream: m.terminate(),
@@ -758,7 +777,7 @@ func (m *Machine) failUpstream(err error) Output {
 
 // end closes without an error to the client.
 func (m *Machine) end(err error) Output {
-	m.phase = PhaseClosed
+	m.close()
 	return Output{ToUpstream: m.terminate(), Close: true, Err: err}
 }
 

@@ -144,6 +144,10 @@ func TestMFAFailureClosesAndTerminates(t *testing.T) {
 	if !bytes.Equal(out.ToUpstream, enc(&pgproto3.Terminate{})) {
 		t.Fatalf("upstream got %q, want Terminate", out.ToUpstream)
 	}
+	// The audit line names the phase the login failed in, not "closed".
+	if m.Phase() != PhaseClosed || m.Reached() != PhaseMFA {
+		t.Fatalf("phase %v, reached %v: want closed after mfa", m.Phase(), m.Reached())
+	}
 }
 
 // A query pipelined behind the password is neither parsed nor forwarded

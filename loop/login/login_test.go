@@ -253,7 +253,7 @@ func TestRecordRefused(t *testing.T) {
 	a := lines[1]
 	for k, v := range map[string]any{"msg": "login", "level": "WARN", "conn": float64(9), "client": "unix", "user": "alice",
 		"database": "app", "method": "md5", "mfa": "approval", "mfa_result": mfa.ReasonTimeout, "tls": true,
-		"result": "refused", "phase": "closed", "error": out.Err.Error()} {
+		"result": "refused", "phase": "mfa", "error": out.Err.Error()} {
 		if a[k] != v {
 			t.Errorf("audit line %s = %v, want %v (line %v)", k, a[k], v, a)
 		}

@@ -34,11 +34,12 @@ type Enrollment struct {
 	Algorithm string
 	Issuer    string
 	Enrolled  time.Time
+	LastStep  int64 // unix second of the last accepted code's step (0: none)
 }
 
 // Account is the enrollment as the Guard uses it.
 func (e Enrollment) Account() Account {
-	return Account{Secret: e.Secret, Digits: e.Digits, Period: time.Duration(e.Period) * time.Second, Algorithm: e.Algorithm}
+	return Account{Secret: e.Secret, Digits: e.Digits, Period: time.Duration(e.Period) * time.Second, Algorithm: e.Algorithm, LastStep: e.LastStep}
 }
 
 // Check rejects an enrollment that could never verify a code.
@@ -145,7 +146,15 @@ func (s *FileStore) Enrollments() map[string]Enrollment {
 	defer s.mu.RUnlock()
 	out := make(map[string]Enrollment, len(s.users))
 	for name, u := range s.users {
-		out[name] = Enrollment{Secret: u.Secret, Digits: u.Digits, Period: u.Period, Algorithm: u.Algorithm, Issuer: u.Issuer, Enrolled: u.Enrolled}
+		out[name] = Enrollment{Secret: u.Secret, Digits: u.Digits, Period: u.Period, Algorithm: u.Algorithm, Issuer: u.Issuer, Enrolled: u.Enrolled, LastStep: u.LastStep}
 	}
 	return out
 }
+
+// CodeFor returns acct's code at t (`pgmfa code` on any store).
+func CodeFor(acct Account, t time.Time) (string, error) {
+	return accountCode(acct, Options{}.withDefaults(), t)
+}
+
+// ValidUser reports whether user is a name a store accepts.
+func ValidUser(user string) error { return validUser(user) }

@@ -35,7 +35,7 @@ test-short:
 # Long fuzzing runs stay out of `make test` (which replays the seed corpus).
 FUZZTIME ?= 2m
 fuzz:
-	@for pkg in ./proto ./proto/session; do \
+	@for pkg in ./proto ./proto/session ./mfa; do \
 	  for f in $$($(GO) test -list 'Fuzz.*' $$pkg | grep ^Fuzz); do \
 	    echo "== $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
 	  done; \

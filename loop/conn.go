@@ -359,24 +359,33 @@ func (c *conn) dial() {
 }
 
 // askMFA answers the machine's MFA request through the server's gate,
-// bringing a late (out-of-band) answer back onto this connection's loop.
+// bringing the answer back onto this connection's loop. Every answer may
+// need the store (a code's claim, a remember grant, the enrollment; with a
+// PostgreSQL store each is a round trip), so it is resolved on a goroutine,
+// never on the loop: a slow store delays only the logins that wait on it.
 func (c *conn) askMFA(req *session.MFARequest) {
-	if req.Code != "" {
-		// Verifying a code claims its time step in the store (a file lock,
-		// a read and a synced write): never on the loop.
-		go func() {
-			path, o, _, _, _ := c.srv.ResolveMFA(req, c.id, c.addr, nil)
+	go func() {
+		path, o, _, cancel, waiting := c.srv.ResolveMFA(req, c.id, c.addr, func(path mfa.Path, o mfa.Outcome) {
 			c.exec(func() { c.decide(path, o) })
-		}()
-		return
-	}
-	path, o, _, cancel, waiting := c.srv.ResolveMFA(req, c.id, c.addr, func(path mfa.Path, o mfa.Outcome) {
-		c.exec(func() { c.decide(path, o) })
-	})
-	if !waiting {
-		c.decide(path, o)
-		return
-	}
+		})
+		c.exec(func() {
+			if !waiting {
+				c.decide(path, o)
+				return
+			}
+			if c.closed || c.mfaPath != "" {
+				// Gone, or already released by an approval that came
+				// before this event: withdraw the wait.
+				cancel()
+				return
+			}
+			c.waitApproval(req, cancel)
+		})
+	}()
+}
+
+// waitApproval arms the --mfa-timeout of a login waiting for approval.
+func (c *conn) waitApproval(req *session.MFARequest, cancel func()) {
 	c.cancelWait = cancel
 	c.deadline.Stop()
 	c.deadline = c.after(c.srv.cfg.MFATimeout, func() {
@@ -391,8 +400,8 @@ func (c *conn) askMFA(req *session.MFARequest) {
 // now, or a wait for `pgmfa approve`. When it can decide now it returns the
 // decision; otherwise waiting is true and later is called exactly once from
 // another goroutine, unless cancel is called first. A request with a code
-// is always decided now, but verifying it does store I/O: callers on an
-// event loop run it elsewhere. Safe for concurrent use.
+// is always decided now. Every branch but exemption may do store I/O:
+// callers on an event loop run it elsewhere. Safe for concurrent use.
 //
 // connID is the connection's id in the log; it is also the approval id
 // (`pgmfa approve --conn ID`) when the login waits.
@@ -413,8 +422,10 @@ func (s *Server) ResolveMFA(req *session.MFARequest, connID uint64, addr string,
 			path = mfa.PathRemembered
 		}
 		return path, o, 0, nil, false
-	case !cfg.Guard.Enrolled(req.User):
-		return mfa.PathCode, mfa.NotEnrolled(req.User), 0, nil, false
+	}
+	if o := cfg.Guard.CheckEnrolled(req.User); !o.OK {
+		// Not enrolled, or the store cannot say (fail closed).
+		return mfa.PathCode, o, 0, nil, false
 	}
 	p, others, cancel := cfg.Approvals.Wait(mfa.Login{ConnID: connID, User: req.User, Addr: addr, Database: req.Database, AppName: req.AppName},
 		func(o mfa.Outcome) { later(mfa.PathApproval, o) })

@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode"
 )
@@ -33,7 +34,7 @@ var (
 // would be on an inode the next writer no longer opens.
 type FileStore struct {
 	path string
-	keys *Keyring // nil: secrets are written in plaintext
+	keys atomic.Pointer[Keyring] // nil: secrets are written in plaintext
 
 	mu    sync.RWMutex // guards users and plain; never held across file I/O
 	users map[string]storedUser
@@ -54,8 +55,13 @@ func OpenFileStoreKeyed(path string, keys *Keyring) (*FileStore, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &FileStore{path: path, keys: keys, users: users, plain: plain}, nil
+	s := &FileStore{path: path, users: users, plain: plain}
+	s.keys.Store(keys)
+	return s, nil
 }
+
+// SetKeys replaces the keyring (SIGHUP); the next Reload or write uses it.
+func (s *FileStore) SetKeys(keys *Keyring) { s.keys.Store(keys) }
 
 // Plaintext is how many secrets the file held unencrypted when it was last
 // read (a store written before encryption, or without a key).
@@ -69,7 +75,7 @@ func (s *FileStore) Plaintext() int {
 // of the store's keyring (`pgmfa store rotate-key`, and encrypting a store
 // written before encryption). It returns how many secrets it wrote.
 func (s *FileStore) Reseal() (int, error) {
-	if s.keys == nil {
+	if s.keys.Load() == nil {
 		return 0, ErrNoKey
 	}
 	var n int
@@ -87,7 +93,7 @@ func (s *FileStore) Path() string { return s.path }
 // A file that was deleted reloads as empty: removing the store removes
 // everyone's access, which is the safe reading of that action.
 func (s *FileStore) Reload() error {
-	users, plain, err := readStore(s.path, s.keys)
+	users, plain, err := readStore(s.path, s.keys.Load())
 	if err != nil {
 		return err
 	}
@@ -194,7 +200,7 @@ func (s *FileStore) update(change func(map[string]storedUser) error) error {
 		return err
 	}
 	defer unlock()
-	users, plain, err := readStore(s.path, s.keys)
+	users, plain, err := readStore(s.path, s.keys.Load())
 	if err != nil {
 		return err
 	}
@@ -207,11 +213,12 @@ func (s *FileStore) update(change func(map[string]storedUser) error) error {
 		}
 		return err
 	}
-	if err := writeStore(s.path, users, s.keys); err != nil {
+	keys := s.keys.Load()
+	if err := writeStore(s.path, users, keys); err != nil {
 		return err
 	}
 	plain = 0
-	if s.keys == nil {
+	if keys == nil {
 		plain = len(users)
 	}
 	// Still under the flock, so stores adopt contents in the order the

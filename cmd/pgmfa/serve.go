@@ -41,6 +41,7 @@ type serveFlags struct {
 	maxBacklog           int64
 	relayBuffer, sockBuf int
 	store, adminAddr     string
+	storeKeyFile         string
 	adminToken           string
 	digits               int
 	period               time.Duration
@@ -72,7 +73,8 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.Int64Var(&f.maxBacklog, "max-backlog", 0, "sockmap hard bound: a session is ended (reason \"backlog limit\") when the kernel holds more than this many bytes of one direction outside both sockets' buffers; with flow control on only a peer that keeps sending while it reads nothing reaches it (0: the default, 64 MiB)")
 	fs.IntVar(&f.relayBuffer, "relay-buffer", 64<<10, "user-space relay: bytes buffered per direction of a session")
 	fs.IntVar(&f.sockBuf, "socket-buffer", 0, "SO_SNDBUF/SO_RCVBUF for client and database sockets (0: kernel default, autotuned)")
-	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll (env PGMFA_STORE)")
+	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll: a JSON file, or a PostgreSQL connection string (postgres://USER@HOST/DB or \"host=… dbname=…\") shared by every pgmfa of a fleet, initialised with `pgmfa store init` (env PGMFA_STORE)")
+	fs.StringVar(&f.storeKeyFile, "store-key-file", defaultKeyFile(), keyFileUsage)
 	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for pgmfa approve: a unix-socket path (access: file permissions) or a loopback host:port (access: the --admin-token-file token); empty disables it (env PGMFA_ADMIN)")
 	fs.StringVar(&f.adminToken, "admin-token-file", defaultTokenFile(), "with a TCP --admin: the file holding the token every admin request must carry; created (0600, random) when missing; must not be readable by group or others (env PGMFA_ADMIN_TOKEN_FILE)")
 	fs.IntVar(&f.digits, "totp-digits", 6, "TOTP code length for users enrolled without their own (6 or 8); with --auth password, also the length of the code split off the end of the password")
@@ -128,7 +130,7 @@ flags:
 // proxy is a configured server with its store and admin listener.
 type proxy struct {
 	srv    *loop.Server
-	store  *mfa.FileStore
+	store  mfaStore
 	certs  *tlsproxy.Certs // nil without client TLS
 	admin  *http.Server
 	log    *slog.Logger
@@ -158,12 +160,23 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	store, err := mfa.OpenFileStore(f.store)
+	store, err := openStore(f.store, f.storeKeyFile)
 	if err != nil {
 		return nil, err
 	}
-	if required && len(store.Users()) == 0 {
-		logger.Warn("the secret store has no enrolled users; logins will be refused until `pgmfa enroll USER`", "store", f.store)
+	if ps, ok := store.(*pgStore); ok {
+		// A store that is down at start is refused at once, with what to
+		// do; one that goes down later only refuses logins until it is back.
+		if err := ps.Check(); err != nil {
+			store.Close()
+			return nil, err
+		}
+	}
+	if users, err := store.Users(); err == nil && required && len(users) == 0 {
+		logger.Warn("the secret store has no enrolled users; logins will be refused until `pgmfa enroll USER`", "store", store.String())
+	}
+	if note := plaintextNote(store, f.storeKeyFile); note != "" {
+		logger.Warn(note)
 	}
 	mopts := mfa.Options{
 		Digits: f.digits, Period: f.period, Skew: f.skew, Algorithm: f.algorithm,
@@ -207,7 +220,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &proxy{srv: srv, store: store, certs: certs, log: logger}
+	p := &proxy{srv: srv, store: store, certs: certs, log: logger, onStop: []func(){store.Close}}
 	if f.adminAddr != "" {
 		var token string
 		if !admin.IsUnix(f.adminAddr) {
@@ -257,7 +270,8 @@ func (p *proxy) runUntilSignal() int {
 				if err := p.store.Reload(); err != nil {
 					p.log.Error("reload of the secret store failed; keeping the old one", "err", err)
 				} else {
-					p.log.Info("secret store reloaded", "users", len(p.store.Users()))
+					users, _ := p.store.Users()
+					p.log.Info("secret store reloaded", "users", len(users))
 				}
 				if p.certs != nil {
 					if err := p.certs.Reload(); err != nil {

@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -50,7 +51,7 @@ type Options struct {
 // use.
 type Store struct {
 	pool    *pgxpool.Pool
-	keys    *mfa.Keyring
+	keyring atomic.Pointer[mfa.Keyring]
 	schema  string // quoted identifier
 	timeout time.Duration
 	conn    string // the connection string with its password masked, for messages
@@ -104,14 +105,20 @@ func Open(connString string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--store: %w", err)
 	}
-	return &Store{
+	s := &Store{
 		pool:    pool,
-		keys:    opts.Keys,
 		schema:  pgx.Identifier{opts.Schema}.Sanitize(),
 		timeout: opts.Timeout,
 		conn:    describe(cfg),
-	}, nil
+	}
+	s.keyring.Store(opts.Keys)
+	return s, nil
 }
+
+// SetKeys replaces the keyring (SIGHUP): the next call uses it.
+func (s *Store) SetKeys(keys *mfa.Keyring) { s.keyring.Store(keys) }
+
+func (s *Store) keys() *mfa.Keyring { return s.keyring.Load() }
 
 func describe(cfg *pgxpool.Config) string {
 	c := cfg.ConnConfig
@@ -124,8 +131,6 @@ func (s *Store) String() string { return s.conn }
 // Close closes the pool.
 func (s *Store) Close() { s.pool.Close() }
 
-// Keys is the keyring the store seals with.
-func (s *Store) Keys() *mfa.Keyring { return s.keys }
 
 func (s *Store) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), s.timeout)
@@ -197,7 +202,7 @@ func (s *Store) LoadAccount(user string) (mfa.Account, bool, error) {
 	if err != nil {
 		return mfa.Account{}, false, s.wrap(err)
 	}
-	if e.Secret, err = s.keys.Open(user, sealed); err != nil {
+	if e.Secret, err = s.keys().Open(user, sealed); err != nil {
 		return mfa.Account{}, false, fmt.Errorf("store %s: user %q: %w", s.conn, user, err)
 	}
 	return e.Account(), true, nil
@@ -233,7 +238,7 @@ func (s *Store) Enroll(user string, opts mfa.EnrollOptions, force bool) (*otp.Ke
 	if err != nil {
 		return nil, err
 	}
-	sealed, err := s.keys.Seal(user, e.Secret)
+	sealed, err := s.keys().Seal(user, e.Secret)
 	if err != nil {
 		return nil, err
 	}
@@ -249,7 +254,7 @@ func (s *Store) Enroll(user string, opts mfa.EnrollOptions, force bool) (*otp.Ke
 	} else {
 		q += `NOTHING`
 	}
-	tag, err := s.pool.Exec(ctx, q, user, sealed, s.keys.CurrentID(), mfa.SecretTag(e.Secret), e.Digits, e.Period, e.Algorithm, e.Issuer, e.Enrolled)
+	tag, err := s.pool.Exec(ctx, q, user, sealed, s.keys().CurrentID(), mfa.SecretTag(e.Secret), e.Digits, e.Period, e.Algorithm, e.Issuer, e.Enrolled)
 	if err != nil {
 		return nil, s.wrap(err)
 	}
@@ -411,13 +416,13 @@ func (s *Store) Import(es map[string]mfa.Enrollment) error {
 			if err := e.Check(); err != nil {
 				return fmt.Errorf("user %q: %w", name, err)
 			}
-			sealed, err := s.keys.Seal(name, e.Secret)
+			sealed, err := s.keys().Seal(name, e.Secret)
 			if err != nil {
 				return err
 			}
 			tag, err := tx.Exec(ctx, `INSERT INTO `+s.t("users")+` (name, secret, key_id, secret_tag, digits, period, algorithm, issuer, enrolled, last_step)
 				VALUES ($1, $2, NULLIF($3, ''), $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (name) DO NOTHING`,
-				name, sealed, s.keys.CurrentID(), mfa.SecretTag(e.Secret), e.Digits, e.Period, e.Algorithm, e.Issuer, e.Enrolled, e.LastStep)
+				name, sealed, s.keys().CurrentID(), mfa.SecretTag(e.Secret), e.Digits, e.Period, e.Algorithm, e.Issuer, e.Enrolled, e.LastStep)
 			if err != nil {
 				return s.wrap(err)
 			}
@@ -437,7 +442,7 @@ func (s *Store) Import(es map[string]mfa.Enrollment) error {
 // (unknown key id, tampered) fails the whole rotation and nothing is
 // written. It returns how many secrets it rewrote.
 func (s *Store) Reseal() (int, error) {
-	if s.keys == nil {
+	if s.keys() == nil {
 		return 0, mfa.ErrNoKey
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*s.timeout)
@@ -457,15 +462,15 @@ func (s *Store) Reseal() (int, error) {
 			return s.wrap(err)
 		}
 		for _, r := range recs {
-			plain, err := s.keys.Open(r.name, r.secret)
+			plain, err := s.keys().Open(r.name, r.secret)
 			if err != nil {
 				return fmt.Errorf("user %q: %w; nothing was re-encrypted", r.name, err)
 			}
-			sealed, err := s.keys.Seal(r.name, plain)
+			sealed, err := s.keys().Seal(r.name, plain)
 			if err != nil {
 				return err
 			}
-			if _, err := tx.Exec(ctx, `UPDATE `+s.t("users")+` SET secret = $2, key_id = $3 WHERE name = $1`, r.name, sealed, s.keys.CurrentID()); err != nil {
+			if _, err := tx.Exec(ctx, `UPDATE `+s.t("users")+` SET secret = $2, key_id = $3 WHERE name = $1`, r.name, sealed, s.keys().CurrentID()); err != nil {
 				return s.wrap(err)
 			}
 			n++

@@ -191,6 +191,12 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	}
 	guard := mfa.NewGuard(mopts, store)
 	approvals := mfa.NewApprovals(guard)
+	ps, fleet := store.(*pgStore)
+	if fleet {
+		// Waiting logins are the fleet's: an approval given to any
+		// instance reaches the one holding the login by NOTIFY.
+		approvals = mfa.NewFleetApprovals(guard, ps)
+	}
 
 	srv, err := loop.New(loop.Config{
 		Listen:                 splitList(f.listen),
@@ -221,6 +227,17 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		return nil, err
 	}
 	p := &proxy{srv: srv, store: store, certs: certs, log: logger, onStop: []func(){store.Close}}
+	if fleet {
+		ctx, stopListen := context.WithCancel(context.Background())
+		p.onStop = []func(){stopListen, store.Close}
+		go ps.Listen(ctx, approvals.Notify, func() {
+			if err := approvals.Reconcile(); err != nil {
+				logger.Error("could not check the store for approvals given while it was unreachable", "err", err)
+			}
+		}, func(err error) {
+			logger.Error("lost the store's approval notifications; reconnecting", "err", err)
+		})
+	}
 	if f.adminAddr != "" {
 		var token string
 		if !admin.IsUnix(f.adminAddr) {

@@ -18,6 +18,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -50,11 +51,12 @@ type Options struct {
 // mfa.AccountLoader, mfa.StepClaimer and mfa.Shared. Safe for concurrent
 // use.
 type Store struct {
-	pool    *pgxpool.Pool
-	keyring atomic.Pointer[mfa.Keyring]
-	schema  string // quoted identifier
-	timeout time.Duration
-	conn    string // the connection string with its password masked, for messages
+	pool     *pgxpool.Pool
+	keyring  atomic.Pointer[mfa.Keyring]
+	schema   string // quoted identifier
+	timeout  time.Duration
+	conn     string // the connection string with its password masked, for messages
+	instance string
 }
 
 // IsURL reports whether a --store value names a PostgreSQL store rather
@@ -111,6 +113,11 @@ func Open(connString string, opts Options) (*Store, error) {
 		timeout: opts.Timeout,
 		conn:    describe(cfg),
 	}
+	if opts.Instance == "" {
+		host, _ := os.Hostname()
+		opts.Instance = fmt.Sprintf("%s:%d", host, os.Getpid())
+	}
+	s.instance = opts.Instance
 	s.keyring.Store(opts.Keys)
 	return s, nil
 }
@@ -130,7 +137,6 @@ func (s *Store) String() string { return s.conn }
 
 // Close closes the pool.
 func (s *Store) Close() { s.pool.Close() }
-
 
 func (s *Store) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), s.timeout)

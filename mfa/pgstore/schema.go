@@ -47,8 +47,10 @@ var migrations = []string{
 		addr      text NOT NULL,
 		database  text NOT NULL DEFAULT '',
 		app_name  text NOT NULL DEFAULT '',
-		since     timestamptz NOT NULL
-	);`,
+		since     timestamptz NOT NULL,
+		released  boolean NOT NULL DEFAULT false  -- approved; the instance holding it lets it in
+	);
+	CREATE INDEX pending_since ON {s}.pending (since);`,
 }
 
 // version reads the schema's version; 0 when there is no schema.
@@ -117,7 +119,7 @@ func (s *Store) GrantSQL(role string) []string {
 		`GRANT SELECT, UPDATE (last_step) ON ` + s.t("users") + ` TO ` + r,
 		`GRANT SELECT, INSERT, DELETE ON ` + s.t("failures") + ` TO ` + r,
 		`GRANT SELECT, INSERT, UPDATE, DELETE ON ` + s.t("grants") + ` TO ` + r,
-		`GRANT SELECT, INSERT, DELETE ON ` + s.t("pending") + ` TO ` + r,
+		`GRANT SELECT, INSERT, DELETE, UPDATE (released) ON ` + s.t("pending") + ` TO ` + r,
 		`GRANT USAGE ON SEQUENCE ` + s.t("pending_id_seq") + ` TO ` + r,
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"time"
-
 )
 
 func init() {

@@ -73,10 +73,10 @@ type fileStore struct {
 	keyFile string
 }
 
-func (f *fileStore) Users() ([]string, error)  { return f.FileStore.Users(), nil }
-func (f *fileStore) Plaintext() (int, error)   { return f.FileStore.Plaintext(), nil }
-func (f *fileStore) String() string            { return f.Path() }
-func (f *fileStore) Close()                    {}
+func (f *fileStore) Users() ([]string, error) { return f.FileStore.Users(), nil }
+func (f *fileStore) Plaintext() (int, error)  { return f.FileStore.Plaintext(), nil }
+func (f *fileStore) String() string           { return f.Path() }
+func (f *fileStore) Close()                   {}
 func (f *fileStore) Reload() error {
 	keys, err := mfa.LoadKeyring(f.keyFile)
 	if err != nil {

@@ -87,7 +87,7 @@ func startFleet(t *testing.T, users []string, serveFlags ...string) *fleet {
 		f.pgmfa("enroll", "--store", f.ownerDSN, "--store-key-file", f.keyFile, "--qr=false", u)
 	}
 	for i := 0; i < 2; i++ {
-		f.procs = append(f.procs, f.serve(serveFlags...))
+		f.procs = append(f.procs, f.serve(0, serveFlags...))
 	}
 	return f
 }
@@ -109,11 +109,13 @@ func (f *fleet) run(args ...string) (string, error) {
 	return string(out), err
 }
 
-func (f *fleet) serve(extra ...string) *fleetProc {
+func (f *fleet) serve(port int, extra ...string) *fleetProc {
 	t := f.t
-	port, err := pgcluster.FreePort()
-	if err != nil {
-		t.Fatal(err)
+	if port == 0 {
+		var err error
+		if port, err = pgcluster.FreePort(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	p := &fleetProc{port: port, admin: filepath.Join(t.TempDir(), "admin.sock"), done: make(chan struct{})}
 	args := append([]string{"serve", "--listen", "127.0.0.1:" + strconv.Itoa(port), "--upstream", f.db.Addr(),
@@ -338,6 +340,58 @@ func TestFleet(t *testing.T) {
 		t.Logf("released %v after the approval returned", time.Since(start).Round(time.Millisecond))
 		if list, _ := f.run("approve", "--list", "--admin", f.procs[1].admin); strings.Contains(list, "dave") {
 			t.Fatalf("the released login is still listed:\n%s", list)
+		}
+	})
+
+	t.Run("--reuse-port: two processes on one address share the logins", func(t *testing.T) {
+		port, err := pgcluster.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := f.serve(port, "--reuse-port", "--mfa-remember", "1h")
+		b := f.serve(port, "--reuse-port", "--mfa-remember", "1h")
+		// Bob is remembered from 127.0.2.1 (above): no code needed, from
+		// either process. The kernel picks the process by a hash of the
+		// connection's addresses and ports: 30 logins all landing on one
+		// of two processes has a chance of 2^-29.
+		dsn := pgcluster.DSN("127.0.0.1", port, "bob", fleetPW, "app")
+		var wg sync.WaitGroup
+		for w := 0; w < 6; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; i < 5; i++ {
+					cfg, err := pgx.ParseConfig(dsn)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.2.1")}}
+					cfg.DialFunc = d.DialContext
+					ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+					c, err := pgx.ConnectConfig(ctx, cfg)
+					cancel()
+					if err != nil {
+						t.Errorf("login: %v", err)
+						return
+					}
+					c.Close(context.Background())
+				}
+			}()
+		}
+		wg.Wait()
+		if t.Failed() {
+			return
+		}
+		na, nb := strings.Count(a.log(), "user=bob"), strings.Count(b.log(), "user=bob")
+		if na == 0 || nb == 0 {
+			t.Fatalf("logins seen by the two processes: %d and %d; want both used", na, nb)
+		}
+		// Without the flag the address is refused, naming the problem.
+		out, err := f.run("serve", "--listen", "127.0.0.1:"+strconv.Itoa(port), "--upstream", f.db.Addr(),
+			"--store", f.storeDSN, "--store-key-file", f.keyFile, "--admin", "")
+		if err == nil || !strings.Contains(out, "address already in use") {
+			t.Fatalf("a third process without --reuse-port: %v\n%s", err, out)
 		}
 	})
 

@@ -42,6 +42,7 @@ type serveFlags struct {
 	relayBuffer, sockBuf int
 	store, adminAddr     string
 	storeKeyFile         string
+	reusePort            bool
 	adminToken           string
 	digits               int
 	period               time.Duration
@@ -75,6 +76,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.sockBuf, "socket-buffer", 0, "SO_SNDBUF/SO_RCVBUF for client and database sockets (0: kernel default, autotuned)")
 	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll: a JSON file, or a PostgreSQL connection string (postgres://USER@HOST/DB or \"host=… dbname=…\") shared by every pgmfa of a fleet, initialised with `pgmfa store init` (env PGMFA_STORE)")
 	fs.StringVar(&f.storeKeyFile, "store-key-file", defaultKeyFile(), keyFileUsage)
+	fs.BoolVar(&f.reusePort, "reuse-port", false, "let several pgmfa processes listen on the same TCP --listen address (SO_REUSEPORT; the kernel spreads connections over them). Every process needs this flag, its own --admin, and the same PostgreSQL --store so MFA state is shared")
 	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for pgmfa approve: a unix-socket path (access: file permissions) or a loopback host:port (access: the --admin-token-file token); empty disables it (env PGMFA_ADMIN)")
 	fs.StringVar(&f.adminToken, "admin-token-file", defaultTokenFile(), "with a TCP --admin: the file holding the token every admin request must carry; created (0600, random) when missing; must not be readable by group or others (env PGMFA_ADMIN_TOKEN_FILE)")
 	fs.IntVar(&f.digits, "totp-digits", 6, "TOTP code length for users enrolled without their own (6 or 8); with --auth password, also the length of the code split off the end of the password")
@@ -218,6 +220,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		MaxBacklog:             f.maxBacklog,
 		RelayBuffer:            f.relayBuffer,
 		SocketBuf:              f.sockBuf,
+		ReusePort:              f.reusePort,
 		TLSCerts:               certs,
 		TLSMode:                tlsMode,
 		UpstreamTLS:            upTLS,

@@ -403,3 +403,67 @@ func TestLeastPrivilegeRole(t *testing.T) {
 		t.Fatal("the proxy's role could run init")
 	}
 }
+
+// Approvals over two stores (two proxies): a login waiting on B is listed
+// and approved on A; B, not listening at that moment, lets it in when it
+// reconciles (as after a lost connection), and never a login whose row
+// vanished without a release.
+func TestFleetApprovalsReconcile(t *testing.T) {
+	a, opts := open(t, nil)
+	if _, err := a.Enroll("dave", mfa.EnrollOptions{}, false); err != nil {
+		t.Fatal(err)
+	}
+	b, err := pgstore.Open(startCluster(t).DSN(pgcluster.Superuser, "postgres", "postgres"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	apA := mfa.NewFleetApprovals(mfa.NewGuard(mfa.Options{}, a), a)
+	apB := mfa.NewFleetApprovals(mfa.NewGuard(mfa.Options{}, b), b)
+
+	released := make(chan mfa.Outcome, 2)
+	p1, _, cancel1 := apB.Wait(mfa.Login{User: "dave", Addr: "10.0.0.1:1"}, func(o mfa.Outcome) { released <- o })
+	defer cancel1()
+	if ls := apA.List(); len(ls) != 1 || ls[0].ID != p1.ID || ls[0].User != "dave" {
+		t.Fatalf("A lists %+v, want B's login %d", ls, p1.ID)
+	}
+	c, _ := a.Code("dave", time.Now())
+	r := apA.Approve(mfa.Approval{User: "dave", Code: c})
+	if !r.OK || len(r.Released) != 1 || r.Released[0].ID != p1.ID {
+		t.Fatalf("approve on A: %+v", r)
+	}
+	select {
+	case o := <-released:
+		t.Fatalf("released without a notification or a reconcile: %+v", o)
+	default:
+	}
+	if err := apB.Reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case o := <-released:
+		if !o.OK {
+			t.Fatalf("release outcome %+v", o)
+		}
+	default:
+		t.Fatal("reconcile did not release the approved login")
+	}
+	if ls := apA.List(); len(ls) != 0 {
+		t.Fatalf("still listed after the release: %+v", ls)
+	}
+
+	// A row deleted by hand releases nothing.
+	p2, _, cancel2 := apB.Wait(mfa.Login{User: "dave", Addr: "10.0.0.2:1"}, func(o mfa.Outcome) { released <- o })
+	defer cancel2()
+	if err := a.Withdraw(p2.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := apB.Reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case o := <-released:
+		t.Fatalf("a vanished row released a login: %+v", o)
+	default:
+	}
+}

@@ -66,6 +66,18 @@ func open(t *testing.T, keys *mfa.Keyring) (*pgstore.Store, pgstore.Options) {
 	return s, opts
 }
 
+// another opens a second store on the same schema, as a second proxy
+// would (its own pool); closed at the test's end.
+func another(t *testing.T, opts pgstore.Options) *pgstore.Store {
+	t.Helper()
+	s, err := pgstore.Open(startCluster(t).DSN(pgcluster.Superuser, "postgres", "postgres"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 
 func keyring(t *testing.T, n int) (*mfa.Keyring, string) {
@@ -134,11 +146,7 @@ func TestClaimStepIsSingleUseAcrossStores(t *testing.T) {
 	if _, err := a.Enroll("alice", mfa.EnrollOptions{}, false); err != nil {
 		t.Fatal(err)
 	}
-	b, err := pgstore.Open(startCluster(t).DSN(pgcluster.Superuser, "postgres", "postgres"), opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := another(t, opts)
 	acct, ok, err := a.LoadAccount("alice")
 	if err != nil || !ok {
 		t.Fatal(ok, err)
@@ -190,11 +198,7 @@ func TestGuardsShareThrottleSingleUseAndRemember(t *testing.T) {
 	if _, err := a.Enroll("alice", mfa.EnrollOptions{}, false); err != nil {
 		t.Fatal(err)
 	}
-	b, err := pgstore.Open(startCluster(t).DSN(pgcluster.Superuser, "postgres", "postgres"), opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := another(t, opts)
 	mopts := mfa.Options{MaxFailures: 3, Remember: time.Hour}
 	ga, gb := mfa.NewGuard(mopts, a), mfa.NewGuard(mopts, b)
 
@@ -350,11 +354,7 @@ func TestRotateKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	opts.Keys = both
-	r, err := pgstore.Open(startCluster(t).DSN(pgcluster.Superuser, "postgres", "postgres"), opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	r := another(t, opts)
 	if n, err := r.Reseal(); err != nil || n != 1 {
 		t.Fatal(n, err)
 	}
@@ -413,11 +413,7 @@ func TestFleetApprovalsReconcile(t *testing.T) {
 	if _, err := a.Enroll("dave", mfa.EnrollOptions{}, false); err != nil {
 		t.Fatal(err)
 	}
-	b, err := pgstore.Open(startCluster(t).DSN(pgcluster.Superuser, "postgres", "postgres"), opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := another(t, opts)
 	apA := mfa.NewFleetApprovals(mfa.NewGuard(mfa.Options{}, a), a)
 	apB := mfa.NewFleetApprovals(mfa.NewGuard(mfa.Options{}, b), b)
 

@@ -289,6 +289,11 @@ func (g *Guard) settle(a attempt, c checked) Outcome {
 	if g.shared != nil && a.client() && g.opts.Remember > 0 {
 		grantKey = rememberKey(a.user, a.addr)
 	}
+	// The store's failures of the user were just loaded (preload): reset
+	// them in the store only if there are any (a round trip saved per login).
+	g.mu.Lock()
+	hadFailures := len(g.byUser.m[a.user]) > 0
+	g.mu.Unlock()
 	for _, start := range c.claim {
 		var claimed bool
 		if g.shared != nil {
@@ -308,7 +313,7 @@ func (g *Guard) settle(a attempt, c checked) Outcome {
 		g.storeError(a.user, err)
 	}
 	if g.shared != nil && err == nil {
-		if accepted != 0 {
+		if accepted != 0 && hadFailures {
 			if rerr := g.shared.ResetFailures(userKey(a.user)); rerr != nil {
 				g.storeError(a.user, rerr)
 			}

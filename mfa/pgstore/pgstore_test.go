@@ -229,6 +229,26 @@ func TestGuardsShareThrottleSingleUseAndRemember(t *testing.T) {
 		t.Fatal("B remembers an address nobody verified from")
 	}
 
+	// A success on B forgives the failures counted on A: 2 + 2 failures
+	// around it stay under the limit of 3.
+	if _, err := a.Enroll("erin", mfa.EnrollOptions{}, false); err != nil {
+		t.Fatal(err)
+	}
+	erin, _ := a.Code("erin", now)
+	for i := 0; i < 2; i++ {
+		if o := ga.Verify("erin", "10.0.2.1:1", bad); o.Reason != mfa.ReasonBadCode {
+			t.Fatalf("erin's failure %d: %+v", i, o)
+		}
+	}
+	if o := gb.Verify("erin", "10.0.2.1:1", erin); !o.OK {
+		t.Fatalf("erin's success on B: %+v", o)
+	}
+	for i := 0; i < 2; i++ {
+		if o := ga.Verify("erin", "10.0.2.1:1", bad); o.Reason != mfa.ReasonBadCode {
+			t.Fatalf("erin's failure %d after the success: %+v", i, o)
+		}
+	}
+
 	// Throttling: 2 failures on A, 1 on B: the user is throttled on both.
 	for i, g := range []*mfa.Guard{ga, ga, gb} {
 		if o := g.Verify("alice", "10.0.1.1:1", bad); o.Reason != mfa.ReasonBadCode {

@@ -48,7 +48,7 @@ func dispatch(args []string) int {
 
 func usage() {
 	fmt.Fprintf(os.Stderr, "usage: pgmfa [subcommand] [flags]\n\nsubcommands:\n")
-	for _, n := range []string{"serve", "enroll", "approve", "demo", "version"} {
+	for _, n := range []string{"serve", "enroll", "approve", "store", "demo", "version"} {
 		if sc, ok := subcommands[n]; ok {
 			fmt.Fprintf(os.Stderr, "  %-8s %s\n", n, sc.summary)
 		}

@@ -240,6 +240,21 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		}, func(err error) {
 			logger.Error("lost the store's approval notifications; reconnecting", "err", err)
 		})
+		go func() {
+			// Old failures, expired grants and abandoned waiting logins.
+			t := time.NewTicker(10 * time.Minute)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case now := <-t.C:
+					if err := ps.Prune(now); err != nil {
+						logger.Warn("could not prune old rows of the store", "err", err)
+					}
+				}
+			}
+		}()
 	}
 	if f.adminAddr != "" {
 		var token string

@@ -495,3 +495,16 @@ func (s *Store) Plaintext() (int, error) {
 	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM `+s.t("users")+` WHERE key_id IS NULL`).Scan(&n)
 	return n, s.wrap(err)
 }
+
+// Prune deletes what no decision reads any more: failures older than a
+// day, remember grants expired for a day, waiting logins older than
+// PendingMaxAge (left by an instance that died). pgmfa serve runs it every
+// few minutes; every instance may, the deletes are idempotent.
+func (s *Store) Prune(now time.Time) error {
+	ctx, cancel := s.ctx()
+	defer cancel()
+	_, err := s.pool.Exec(ctx, `WITH f AS (DELETE FROM `+s.t("failures")+` WHERE at < $1),
+		g AS (DELETE FROM `+s.t("grants")+` WHERE until < $1)
+		DELETE FROM `+s.t("pending")+` WHERE since < $2`, now.Add(-failureRetention), now.Add(-PendingMaxAge))
+	return s.wrap(err)
+}

@@ -483,3 +483,32 @@ func TestFleetApprovalsReconcile(t *testing.T) {
 	default:
 	}
 }
+
+// Prune deletes old failures, expired grants and abandoned waiting logins,
+// and nothing a decision still reads.
+func TestPrune(t *testing.T) {
+	s, opts := open(t, nil)
+	now := time.Now()
+	if err := s.AddFailure([]string{"user:old"}, now.Add(-48*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddFailure([]string{"user:new"}, now); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.PutGrant("a\x0010.0.0.1", mfa.Grant{Until: now.Add(-48 * time.Hour), SecretTag: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.PutGrant("b\x0010.0.0.1", mfa.Grant{Until: now.Add(time.Hour), SecretTag: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Prune(now); err != nil {
+		t.Fatal(err)
+	}
+	out, err := startCluster(t).Psql(`SELECT string_agg(key, ',') FROM ` + opts.Schema + `.failures; SELECT string_agg(name, ',') FROM ` + opts.Schema + `.grants`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out != "user:new\nb" {
+		t.Fatalf("after prune:\n%s", out)
+	}
+}

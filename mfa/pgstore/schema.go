@@ -32,6 +32,7 @@ var migrations = []string{
 		at  timestamptz NOT NULL
 	);
 	CREATE INDEX failures_key_at ON {s}.failures (key, at);
+	CREATE INDEX failures_at ON {s}.failures (at);
 	CREATE TABLE {s}.grants (
 		name       text NOT NULL,
 		addr       text NOT NULL,
@@ -40,6 +41,7 @@ var migrations = []string{
 		secret_tag text NOT NULL,
 		PRIMARY KEY (name, addr)
 	);
+	CREATE INDEX grants_until ON {s}.grants (until);
 	CREATE TABLE {s}.pending (
 		id        bigserial PRIMARY KEY,
 		instance  text NOT NULL,

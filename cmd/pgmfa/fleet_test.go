@@ -239,8 +239,12 @@ func TestFleet(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts two PostgreSQL clusters and two proxies")
 	}
-	f := startFleet(t, []string{"alice", "bob", "carol", "dave", "erin"},
-		"--mfa-remember", "1h", "--mfa-max-failures", "3", "--mfa-timeout", "60s")
+	f := startFleet(t, []string{"alice", "bob", "carol", "dave", "erin", "frank"},
+		"--mfa-remember", "1h", "--mfa-max-failures", "3", "--mfa-timeout", "60s",
+		// Long enough that a store call blocked on a row lock (below) stays
+		// blocked until the test lets it go; an unreachable store still
+		// fails at once (connection refused).
+		"--store-timeout", "2m")
 
 	t.Run("single use: 50 logins with one code over two instances, one admitted", func(t *testing.T) {
 		code := f.code("alice")
@@ -392,6 +396,62 @@ func TestFleet(t *testing.T) {
 			"--store", f.storeDSN, "--store-key-file", f.keyFile, "--admin", "")
 		if err == nil || !strings.Contains(out, "address already in use") {
 			t.Fatalf("a third process without --reuse-port: %v\n%s", err, out)
+		}
+	})
+
+	t.Run("store calls that hang delay only their own logins, not the event loop", func(t *testing.T) {
+		ctx := context.Background()
+		owner, err := pgx.Connect(ctx, f.ownerDSN)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer owner.Close(ctx)
+		tx, err := owner.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback(ctx)
+		// The remember grants locked: every MFA decision with
+		// --mfa-remember reads them, so frank's code and bob's remembered
+		// login both wait for the lock.
+		if _, err := tx.Exec(ctx, `LOCK TABLE pgmfa.grants IN ACCESS EXCLUSIVE MODE`); err != nil {
+			t.Fatal(err)
+		}
+		code := f.code("frank")
+		errc := make(chan error, 2)
+		go func() { errc <- f.login(0, "frank", code, "127.0.6.1") }()
+		go func() { errc <- f.login(0, "bob", "", "127.0.2.1") }()
+		if !eventually(20*time.Second, func() bool {
+			var n int
+			_ = owner.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgmfa' AND wait_event_type = 'Lock'`).Scan(&n)
+			return n >= 2
+		}) {
+			t.Fatal("the two logins' store calls never waited for the lock")
+		}
+		// Instance 0 runs one event loop: had either store call run on
+		// it, this login could not even be told its password is wrong
+		// until the lock is gone (the store's deadline is 2 minutes, the
+		// login's 30 s).
+		var pe *pgconn.PgError
+		ctx30, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		cfg, _ := pgx.ParseConfig(pgcluster.DSN("127.0.0.1", f.procs[0].port, "carol", "wrong", "app"))
+		_, err = pgx.ConnectConfig(ctx30, cfg)
+		if !errors.As(err, &pe) || pe.Code != "28P01" {
+			t.Fatalf("a wrong password while store calls hang: %v", err)
+		}
+		select {
+		case err := <-errc:
+			t.Fatalf("a login ended while its store call was blocked: %v", err)
+		default:
+		}
+		if err := tx.Rollback(ctx); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 2; i++ {
+			if err := <-errc; err != nil {
+				t.Fatalf("a login after the lock was released: %v", err)
+			}
 		}
 	})
 

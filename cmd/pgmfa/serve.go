@@ -17,6 +17,7 @@ import (
 	"github.com/pgmfa/pgmfa/loop/admin"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/mfa/pgstore"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
 
@@ -43,6 +44,7 @@ type serveFlags struct {
 	store, adminAddr     string
 	storeKeyFile         string
 	reusePort            bool
+	storeTimeout         time.Duration
 	adminToken           string
 	digits               int
 	period               time.Duration
@@ -76,6 +78,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.sockBuf, "socket-buffer", 0, "SO_SNDBUF/SO_RCVBUF for client and database sockets (0: kernel default, autotuned)")
 	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll: a JSON file, or a PostgreSQL connection string (postgres://USER@HOST/DB or \"host=… dbname=…\") shared by every pgmfa of a fleet, initialised with `pgmfa store init` (env PGMFA_STORE)")
 	fs.StringVar(&f.storeKeyFile, "store-key-file", defaultKeyFile(), keyFileUsage)
+	fs.DurationVar(&f.storeTimeout, "store-timeout", pgstore.DefaultTimeout, "with a PostgreSQL --store: the most one store call may take (connecting included) before the login that needs it is refused")
 	fs.BoolVar(&f.reusePort, "reuse-port", false, "let several pgmfa processes listen on the same TCP --listen address (SO_REUSEPORT; the kernel spreads connections over them). Every process needs this flag, its own --admin, and the same PostgreSQL --store so MFA state is shared")
 	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for pgmfa approve: a unix-socket path (access: file permissions) or a loopback host:port (access: the --admin-token-file token); empty disables it (env PGMFA_ADMIN)")
 	fs.StringVar(&f.adminToken, "admin-token-file", defaultTokenFile(), "with a TCP --admin: the file holding the token every admin request must carry; created (0600, random) when missing; must not be readable by group or others (env PGMFA_ADMIN_TOKEN_FILE)")
@@ -162,7 +165,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	store, err := openStore(f.store, f.storeKeyFile)
+	store, err := openStoreTimeout(f.store, f.storeKeyFile, f.storeTimeout)
 	if err != nil {
 		return nil, err
 	}

@@ -49,12 +49,18 @@ const storeUsage = "the secret store: a JSON file path, or a PostgreSQL connecti
 // openStore opens spec as a PostgreSQL store (a connection string) or a
 // file store (a path), with the keyring of keyFile.
 func openStore(spec, keyFile string) (mfaStore, error) {
+	return openStoreTimeout(spec, keyFile, 0)
+}
+
+// openStoreTimeout is openStore with a deadline for every call of a
+// PostgreSQL store (0: pgstore.DefaultTimeout).
+func openStoreTimeout(spec, keyFile string, timeout time.Duration) (mfaStore, error) {
 	keys, err := mfa.LoadKeyring(keyFile)
 	if err != nil {
 		return nil, err
 	}
 	if pgstore.IsURL(spec) {
-		s, err := pgstore.Open(spec, pgstore.Options{Keys: keys})
+		s, err := pgstore.Open(spec, pgstore.Options{Keys: keys, Timeout: timeout})
 		if err != nil {
 			return nil, err
 		}

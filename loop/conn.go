@@ -365,7 +365,7 @@ func (c *conn) dial() {
 // never on the loop: a slow store delays only the logins that wait on it.
 func (c *conn) askMFA(req *session.MFARequest) {
 	go func() {
-		path, o, _, cancel, waiting := c.srv.ResolveMFA(req, c.id, c.addr, func(path mfa.Path, o mfa.Outcome) {
+		path, o, waitID, cancel, waiting := c.srv.ResolveMFA(req, c.id, c.addr, func(path mfa.Path, o mfa.Outcome) {
 			c.exec(func() { c.decide(path, o) })
 		})
 		c.exec(func() {
@@ -379,20 +379,22 @@ func (c *conn) askMFA(req *session.MFARequest) {
 				cancel()
 				return
 			}
-			c.waitApproval(req, cancel)
+			c.waitApproval(req, waitID, cancel)
 		})
 	}()
 }
 
 // waitApproval arms the --mfa-timeout of a login waiting for approval.
-func (c *conn) waitApproval(req *session.MFARequest, cancel func()) {
+// waitID is the login's id for `pgmfa approve --conn` (the conn id, or
+// with a PostgreSQL store the fleet's id).
+func (c *conn) waitApproval(req *session.MFARequest, waitID uint64, cancel func()) {
 	c.cancelWait = cancel
 	c.deadline.Stop()
 	c.deadline = c.after(c.srv.cfg.MFATimeout, func() {
 		c.mfaReason = "timeout"
 		c.act(c.m.Timeout(true))
 	})
-	c.srv.log.Info("login waiting for MFA approval", "conn", c.id, "client", c.addr,
+	c.srv.log.Info("login waiting for MFA approval", "conn", c.id, "approval_id", waitID, "client", c.addr,
 		"user", req.User, "approve_with", "pgmfa approve "+req.User+" CODE")
 }
 

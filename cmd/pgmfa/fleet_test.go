@@ -455,6 +455,24 @@ func TestFleet(t *testing.T) {
 		}
 	})
 
+	t.Run("a store that is unreachable or not initialised stops serve at start, saying so", func(t *testing.T) {
+		port, err := pgcluster.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for store, want := range map[string]string{
+			"postgres://pgmfa_proxy@127.0.0.1:1/postgres?sslmode=disable": "connect",
+			f.st.DSN(pgcluster.Superuser, "postgres", "template1"):        "pgmfa store init",
+			"postgres://pgmfa_proxy@127.0.0.1:notaport/postgres":          "not a valid PostgreSQL connection string",
+		} {
+			out, err := f.run("serve", "--listen", "127.0.0.1:"+strconv.Itoa(port), "--upstream", f.db.Addr(),
+				"--store", store, "--store-key-file", f.keyFile, "--admin", "")
+			if err == nil || !strings.Contains(out, "cannot start") || !strings.Contains(out, want) {
+				t.Errorf("serve --store %s: %v\n%s", store, err, out)
+			}
+		}
+	})
+
 	t.Run("store outage: logins refused with a hint, sessions untouched, recovery on its own", func(t *testing.T) {
 		ctx := context.Background()
 		session, err := f.connect(ctx, 0, "erin", f.code("erin"), "127.0.5.1")

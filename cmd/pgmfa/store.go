@@ -340,6 +340,13 @@ nothing is changed.
 		fs.Usage()
 		return 2
 	}
+	if !pgstore.IsURL(*store) {
+		// A missing file would be created empty: say so instead.
+		if _, err := os.Stat(*store); err != nil {
+			fmt.Fprintln(stderr, "pgmfa store rotate-key: --store:", err)
+			return 1
+		}
+	}
 	s, err := openStore(*store, *keyFile)
 	if err != nil {
 		fmt.Fprintln(stderr, "pgmfa store rotate-key:", err)

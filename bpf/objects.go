@@ -129,6 +129,13 @@ func (l *loaded) close() error {
 	return errors.Join(errs...)
 }
 
+// minKernel is the oldest Linux that can load the verdict program: it calls
+// the kfunc bpf_cast_to_kern_ctx (commit fd264ca02094, first released in
+// 6.2) and the helper bpf_skc_to_unix_sock (commit 9eeb3aa33ae0, 5.16); the
+// rest (SOCKHASH, ring buffers, sk_skb stream verdicts, the sockmap
+// iterator) is older. Only 6.18 is tested here.
+const minKernel = "Linux 6.2"
+
 // explainLoadError turns a load failure into one sentence naming the cause
 // an operator can act on.
 func explainLoadError(err error) error {
@@ -140,11 +147,11 @@ func explainLoadError(err error) error {
 		}
 		return fmt.Errorf("the kernel refused BPF to root (lockdown, a seccomp filter or a missing capability): %v", err)
 	case errors.Is(err, ebpf.ErrNotSupported) || errors.Is(err, unix.EINVAL) && strings.Contains(err.Error(), "map create"):
-		return fmt.Errorf("this kernel lacks SOCKHASH or ring-buffer maps or sk_skb programs (needs Linux 5.15 or later with CONFIG_BPF_STREAM_PARSER): %v", err)
+		return fmt.Errorf("this kernel lacks SOCKHASH or ring-buffer maps or sk_skb programs (needs %s or later with CONFIG_BPF_STREAM_PARSER): %v", minKernel, err)
 	case errors.Is(err, unix.ENOMEM):
 		return fmt.Errorf("the locked-memory limit is too low for the BPF maps (raise RLIMIT_MEMLOCK): %v", err)
 	case errors.As(err, &verr):
-		return fmt.Errorf("the kernel refused the sk_skb verdict program (too old for its helpers or without BTF): %v", oneLine(verr.Error()))
+		return fmt.Errorf("the kernel refused the sk_skb verdict program (it needs %s or later, with BTF): %v", minKernel, oneLine(verr.Error()))
 	}
 	return fmt.Errorf("the kernel refused the splice BPF objects: %v", oneLine(err.Error()))
 }

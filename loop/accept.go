@@ -184,9 +184,9 @@ func newAcceptor(s *Server, lns []net.Listener) *acceptor {
 	a := &acceptor{
 		s: s, lns: lns, quit: make(chan struct{}), inflight: make(chan struct{}, acceptInFlight), reserve: -1,
 		errLog: everyLog{every: 10 * time.Second}, refusedLog: everyLog{every: 10 * time.Second},
-		tooMany: proto.Append(nil, proto.Fatal("53300", "sorry, too many clients already",
+		tooMany: proto.Append(nil, proto.Fatal(proto.CodeTooManyConnections, "sorry, too many clients already",
 			"pgmfa's --max-conns limit is reached; try again later")),
-		outOfFDReply: proto.Append(nil, proto.Fatal("53300", "sorry, too many clients already",
+		outOfFDReply: proto.Append(nil, proto.Fatal(proto.CodeTooManyConnections, "sorry, too many clients already",
 			"pgmfa has no file descriptor left; try again later (if this persists, raise its open-file limit or lower --max-conns)")),
 	}
 	a.openReserve()

@@ -7,7 +7,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -326,20 +325,41 @@ func TestCancelRequest(t *testing.T) {
 	}
 }
 
-// TestManyLoginsAndSlowLoris: 200 concurrent logins succeed while a client
-// that never finishes its startup packet is closed at the handshake timeout.
+// TestManyLoginsAndSlowLoris: 200 concurrent logins succeed while two
+// clients stall: one never finishes its startup packet (the startup
+// timeout closes it), one sends its StartupMessage and never answers the
+// authentication request (the handshake timeout closes it). Which timeout
+// ended each is read from what the client receives and from the proxy's
+// login line, never from a clock.
 func TestManyLoginsAndSlowLoris(t *testing.T) {
-	p := startProxy(t, mfa.Options{Remember: time.Minute}, func(c *loop.Config) { c.HandshakeTimeout = 8 * time.Second })
+	p := startProxy(t, mfa.Options{Remember: time.Minute}, func(c *loop.Config) {
+		// 200 SCRAM logins at once on two loaded cores can take several
+		// seconds each: both timeouts leave them room (the stalled
+		// clients' refusals come after these, whatever the load).
+		c.StartupTimeout = 10 * time.Second
+		c.HandshakeTimeout = 30 * time.Second
+	})
+	// The refusal a login timeout sends (proto/session Machine.Timeout).
+	refusedInTime := func(r *rawClient) <-chan *pgproto3.ErrorResponse {
+		// The read deadline only keeps a broken proxy from hanging the
+		// test; nothing is asserted about when the refusal comes.
+		_ = r.conn.SetDeadline(time.Now().Add(5 * time.Minute))
+		done := make(chan *pgproto3.ErrorResponse, 1)
+		go func() { done <- r.expectRefusal() }()
+		return done
+	}
 	loris := dialRaw(t, p)
 	full := startup(alice, "app", "")
 	loris.write(full[:len(full)/2])
-	lorisClosed := make(chan time.Duration, 1)
-	start := time.Now()
-	go func() {
-		_, err := io.ReadAll(loris.conn)
-		_ = err
-		lorisClosed <- time.Since(start)
-	}()
+	lorisDone := refusedInTime(loris)
+	stalled := dialRaw(t, p)
+	stalled.write(full)
+	if m, err := stalled.next(); err != nil {
+		t.Fatalf("no authentication request: %v", err)
+	} else if _, ok := m.(*pgproto3.AuthenticationSASL); !ok {
+		t.Fatalf("got %T, want AuthenticationSASL", m)
+	}
+	stalledDone := refusedInTime(stalled)
 
 	// Prime --mfa-remember with one code, as a pool would.
 	conn, err := pgx.Connect(context.Background(), p.dsn(alice, alicePW, "app", p.code(alice)))
@@ -386,16 +406,40 @@ func TestManyLoginsAndSlowLoris(t *testing.T) {
 	for c := range conns {
 		c.Close(context.Background())
 	}
-	select {
-	case d := <-lorisClosed:
-		t.Logf("slow-loris closed after %v", d.Round(time.Millisecond))
-	case <-time.After(20 * time.Second):
-		t.Fatal("slow-loris client was never closed")
+	for _, c := range []struct {
+		name string
+		r    *rawClient
+		e    *pgproto3.ErrorResponse
+	}{{"half a startup packet", loris, <-lorisDone}, {"no answer to the authentication request", stalled, <-stalledDone}} {
+		if c.e == nil || c.e.Code != proto.CodeProtocolViolation || c.e.Message != "login did not complete in time" {
+			t.Errorf("%s: want 08P01 \"login did not complete in time\", got %+v", c.name, c.e)
+		}
+		if _, err := c.r.next(); err == nil {
+			t.Errorf("%s: the connection stayed open after the refusal", c.name)
+		}
+	}
+	// The stalled login was past its StartupMessage (it received the SASL
+	// request, and its login line names the method), where the only timer
+	// is the handshake timeout (loop/conn.go, once the StartupMessage is
+	// in). The half packet named no user, so it has no login line.
+	addr := stalled.conn.LocalAddr().String()
+	var line string
+	for _, l := range strings.Split(p.logs.String(), "\n") {
+		if strings.Contains(l, `msg=login`) && strings.Contains(l, "client="+addr+" ") {
+			line = l
+		}
+	}
+	if !strings.Contains(line, "result=refused") || !strings.Contains(line, "method=scram-sha-256") ||
+		!strings.Contains(line, `error="08P01: login did not complete in time"`) {
+		t.Fatalf("the stalled login's line should show a refused SCRAM login that timed out: %q\n%s", line, p.logs.String())
 	}
 }
 
-// TestGarbageAtEveryState: hostile bytes at each pre-auth state get a
-// clean error or close, and the proxy keeps serving.
+// TestGarbageAtEveryState: hostile bytes at each pre-auth state get a FATAL
+// ErrorResponse with a real SQLSTATE, then a close (PostgreSQL closes
+// silently on a bad startup length; the proxy says why); only a client's
+// own Terminate is answered by a close alone, as PostgreSQL does. The proxy
+// keeps serving.
 func TestGarbageAtEveryState(t *testing.T) {
 	p := startProxy(t, mfa.Options{}, func(c *loop.Config) { c.MaxMessageLen = 64 << 10 })
 	bigLen := func(n uint32) []byte { b := make([]byte, 8); binary.BigEndian.PutUint32(b, n); return b }
@@ -403,18 +447,19 @@ func TestGarbageAtEveryState(t *testing.T) {
 		name  string
 		first []byte // before startup
 		after []byte // after the first auth request
+		code  string // the SQLSTATE of the refusal; "": a close without one
 	}{
-		{name: "random bytes", first: []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")},
-		{name: "zero length", first: []byte{0, 0, 0, 0}},
-		{name: "huge startup length", first: bigLen(1 << 30)},
-		{name: "startup just over 10000", first: bigLen(10001)},
-		{name: "bad protocol version", first: append(bigLen(8)[:4], 0, 2, 0, 0)},
-		{name: "startup without terminator", first: append(bigLen(16)[:4], 0, 3, 0, 0, 'u', 's', 'e', 'r', 0, 'x', 'x', 'x')},
-		{name: "no user", first: proto.Append(nil, &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: map[string]string{"database": "app"}})},
-		{name: "oversized SASL response", after: append([]byte{'p'}, bigLen(100 << 20)[:4]...)},
-		{name: "negative message length", after: []byte{'p', 0xff, 0xff, 0xff, 0xff}},
-		{name: "unknown message type", after: []byte{'?', 0, 0, 0, 4}},
-		{name: "malformed SASL initial", after: []byte{'p', 0, 0, 0, 6, 'x', 'y'}},
+		{name: "random bytes", first: []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), code: proto.CodeProtocolViolation},
+		{name: "zero length", first: []byte{0, 0, 0, 0}, code: proto.CodeProtocolViolation},
+		{name: "huge startup length", first: bigLen(1 << 30), code: proto.CodeProtocolViolation},
+		{name: "startup just over 10000", first: bigLen(10001), code: proto.CodeProtocolViolation},
+		{name: "bad protocol version", first: append(bigLen(8)[:4], 0, 2, 0, 0), code: proto.CodeProtocolViolation},
+		{name: "startup without terminator", first: append(bigLen(16)[:4], 0, 3, 0, 0, 'u', 's', 'e', 'r', 0, 'x', 'x', 'x'), code: proto.CodeProtocolViolation},
+		{name: "no user", first: proto.Append(nil, &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: map[string]string{"database": "app"}}), code: proto.CodeInvalidAuthorization},
+		{name: "oversized SASL response", after: append([]byte{'p'}, bigLen(100 << 20)[:4]...), code: proto.CodeProtocolViolation},
+		{name: "negative message length", after: []byte{'p', 0xff, 0xff, 0xff, 0xff}, code: proto.CodeProtocolViolation},
+		{name: "unknown message type", after: []byte{'?', 0, 0, 0, 4}, code: proto.CodeProtocolViolation},
+		{name: "malformed SASL initial", after: []byte{'p', 0, 0, 0, 6, 'x', 'y'}, code: proto.CodeProtocolViolation},
 		{name: "terminate", after: []byte{'X', 0, 0, 0, 4}},
 	}
 	for _, tc := range cases {
@@ -432,8 +477,13 @@ func TestGarbageAtEveryState(t *testing.T) {
 				c.write(tc.after)
 			}
 			e := c.expectRefusal()
-			if e != nil && e.Severity != "FATAL" {
-				t.Fatalf("error is not FATAL: %+v", e)
+			switch {
+			case tc.code == "" && e != nil:
+				t.Fatalf("want a close without an error, got %s: %s", e.Code, e.Message)
+			case tc.code != "" && e == nil:
+				t.Fatalf("want ErrorResponse %s, got a close without one", tc.code)
+			case e != nil && (e.Code != tc.code || e.Severity != "FATAL"):
+				t.Fatalf("want FATAL %s, got %s %s: %s", tc.code, e.Severity, e.Code, e.Message)
 			}
 			// The connection ends.
 			if _, err := c.next(); err == nil {

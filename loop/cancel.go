@@ -12,7 +12,7 @@ import (
 // Cancel requests.
 //
 // A client of pgmfa receives its database backend's own BackendKeyData,
-// unchanged (DESIGN.md, data path step 5): the PID it knows is the one
+// unchanged: the PID it knows is the one
 // pg_backend_pid() returns, NotificationResponse carries, and
 // pg_terminate_backend and pg_stat_activity use. A CancelRequest carrying
 // that key is therefore valid at the database itself, and pgmfa forwards
@@ -46,10 +46,6 @@ const (
 	// bucket, so a flood from many addresses is limited as a whole.
 	cancelSources = 4096
 )
-
-// cancelForwardTimeout bounds a forwarded cancel: connecting to the
-// database, and waiting for it to close the connection once processed.
-const cancelForwardTimeout = 5 * time.Second
 
 // routeCancel decides a CancelRequest from the client at addr and logs the
 // decision: true means forward it to the database.
@@ -147,13 +143,6 @@ func (cm *cancelMap) route(req *pgproto3.CancelRequest, addr string, now time.Ti
 		return cancelVerdict{forward: true, known: true, conn: o.conn}
 	}
 	return cancelVerdict{forward: cm.limiter.allow(sourceKey(addr), now)}
-}
-
-// registered reports how many keys are registered (tests).
-func (cm *cancelMap) registered() int {
-	cm.mu.Lock()
-	defer cm.mu.Unlock()
-	return len(cm.m)
 }
 
 // cancelLimiter is a token bucket per source, in a table of bounded size.

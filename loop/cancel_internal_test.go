@@ -141,3 +141,10 @@ func TestSourceKey(t *testing.T) {
 		}
 	}
 }
+
+// registered reports how many keys are registered.
+func (cm *cancelMap) registered() int {
+	cm.mu.Lock()
+	defer cm.mu.Unlock()
+	return len(cm.m)
+}

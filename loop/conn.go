@@ -10,6 +10,7 @@ import (
 	"github.com/panjf2000/gnet/v2"
 	"golang.org/x/sys/unix"
 
+	"github.com/pgmfa/pgmfa/loop/login"
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/proto"
 	"github.com/pgmfa/pgmfa/proto/session"
@@ -24,13 +25,11 @@ type conn struct {
 	upstream gnet.Conn
 	loop     gnet.EventLoop
 	m        *session.Machine
-	addr     string // client address for throttling and the log
+	rec      *login.Record // the MFA outcome and wait, the audit and session-end lines
+	addr     string        // client address for throttling and the log (rec.Addr())
 	start    time.Time
 
-	deadline   *time.Timer // handshake, then MFA wait
-	cancelWait func()      // out-of-band approval registration
-	mfaPath    mfa.Path
-	mfaReason  string
+	deadline *time.Timer // startup, handshake, then MFA wait
 
 	// A client that half-closed (FIN) once nothing more was needed from it
 	// is closed by gnet (it has no half-close); we keep a dup of its socket
@@ -43,13 +42,12 @@ type conn struct {
 	cancelConn gnet.Conn // a CancelRequest being forwarded for this client
 	cancelling bool      // this client sent a CancelRequest; it is being forwarded
 
-	inStartup bool  // the startup timeout runs, not yet the handshake's
-	upBytes   int64 // bytes taken from the database during the login
+	inStartup bool // the startup timeout runs, not yet the handshake's
 
-	logged    bool // the one audit line per login was written
-	closed    bool
-	handedOff bool
-	released  bool // the conns slot was given back
+	closed     bool
+	handedOff  bool
+	released   bool // the conns slot was given back
+	mfaDecided bool // the MFA decision reached the machine
 }
 
 // The contexts gnet carries for us, to tell a connection's role.
@@ -111,17 +109,17 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		return nil, gnet.Close
 	}
 	s.stats.Active.Add(1)
+	id := s.nextID.Add(1)
+	rec := login.NewRecord(s.log, id, gc.RemoteAddr().String(), s.countLogin)
 	c := &conn{
 		srv:    s,
-		id:     s.nextID.Add(1),
+		id:     id,
 		client: gc,
 		loop:   gc.EventLoop(),
-		addr:   gc.RemoteAddr().String(),
-		start:  time.Now(),
+		rec:    rec,
+		addr:   rec.Addr(),
+		start:  rec.Start(),
 		m:      session.New(s.sessionConfig()),
-	}
-	if c.addr == "" || c.addr == "@" {
-		c.addr = "unix" // an unnamed unix-socket peer
 	}
 	gc.SetContext(&clientSide{c})
 	if s.upstreamTLS {
@@ -161,16 +159,15 @@ func (s *Server) OnTraffic(gc gnet.Conn) gnet.Action {
 	return gnet.None
 }
 
+// drain feeds what gc holds to the machine. Peek(-1) is everything gnet
+// has buffered, so the machine sees all the unparsed bytes of that side
+// (it bounds them: session.Config.MaxPipelined, MaxFromUpstream).
 func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
-	fromUpstream := gc == c.upstream
 	for !c.closed && !c.handedOff {
 		buf, _ := gc.Peek(-1)
 		n, out := step(buf)
 		if n > 0 {
 			_, _ = gc.Discard(n)
-			if fromUpstream {
-				c.upBytes += int64(n)
-			}
 		}
 		c.act(out)
 		if n == 0 {
@@ -186,14 +183,6 @@ func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
 	// A half-closed client cannot answer a further authentication request.
 	if !c.closed && !c.handedOff && c.clientFD > 0 && c.m.NeedsClient() {
 		c.act(c.m.ClientClosed())
-		return
-	}
-	// A database that keeps talking while the client's login is held is
-	// cut off before it can make the proxy buffer without bound: what it
-	// sends after its AuthenticationOk is held until the MFA decision.
-	if !c.closed && !c.handedOff && fromUpstream &&
-		(gc.InboundBuffered() > 1<<20 || c.upBytes > c.srv.maxLoginFromDatabase()) {
-		c.cutUpstream(errTooChatty)
 	}
 }
 
@@ -206,13 +195,6 @@ func (c *conn) cutUpstream(err error) {
 		return
 	}
 	c.close(err)
-}
-
-// maxLoginFromDatabase bounds what a database may send during one login
-// (authentication requests, then the ParameterStatus, notices and
-// BackendKeyData held until MFA passes): far more than any real login.
-func (s *Server) maxLoginFromDatabase() int64 {
-	return max(4<<20, 2*int64(s.cfg.MaxMessageLen))
 }
 
 // OnClose tears the login down when either side goes away before the
@@ -365,7 +347,7 @@ func (c *conn) dial() {
 // never on the loop: a slow store delays only the logins that wait on it.
 func (c *conn) askMFA(req *session.MFARequest) {
 	go func() {
-		path, o, waitID, cancel, waiting := c.srv.ResolveMFA(req, c.id, c.addr, func(path mfa.Path, o mfa.Outcome) {
+		path, o, cancel, waiting := c.srv.gate.Resolve(req, c.id, c.addr, func(path mfa.Path, o mfa.Outcome) {
 			c.exec(func() { c.decide(path, o) })
 		})
 		c.exec(func() {
@@ -373,81 +355,28 @@ func (c *conn) askMFA(req *session.MFARequest) {
 				c.decide(path, o)
 				return
 			}
-			if c.closed || c.mfaPath != "" {
+			if c.closed || c.mfaDecided {
 				// Gone, or already released by an approval that came
 				// before this event: withdraw the wait.
 				cancel()
 				return
 			}
-			c.waitApproval(req, waitID, cancel)
+			c.rec.Wait(req, cancel)
+			c.deadline.Stop()
+			c.deadline = c.after(c.srv.cfg.MFATimeout, func() {
+				c.rec.TimedOut()
+				c.act(c.m.Timeout(true))
+			})
 		})
 	}()
-}
-
-// waitApproval arms the --mfa-timeout of a login waiting for approval.
-// waitID is the login's id for `pgmfa approve --conn` (the conn id, or
-// with a PostgreSQL store the fleet's id).
-func (c *conn) waitApproval(req *session.MFARequest, waitID uint64, cancel func()) {
-	c.cancelWait = cancel
-	c.deadline.Stop()
-	c.deadline = c.after(c.srv.cfg.MFATimeout, func() {
-		c.mfaReason = "timeout"
-		c.act(c.m.Timeout(true))
-	})
-	c.srv.log.Info("login waiting for MFA approval", "conn", c.id, "approval_id", waitID, "client", c.addr,
-		"user", req.User, "approve_with", "pgmfa approve "+req.User+" CODE")
-}
-
-// ResolveMFA decides an MFA request: exempt, remembered, a code verified
-// now, or a wait for `pgmfa approve`. When it can decide now it returns the
-// decision; otherwise waiting is true and later is called exactly once from
-// another goroutine, unless cancel is called first. A request with a code
-// is always decided now. Every branch but exemption may do store I/O:
-// callers on an event loop run it elsewhere. Safe for concurrent use.
-//
-// connID is the connection's id in the log; it is also the approval id
-// (`pgmfa approve --conn ID`) when the login waits.
-func (s *Server) ResolveMFA(req *session.MFARequest, connID uint64, addr string, later func(mfa.Path, mfa.Outcome)) (path mfa.Path, o mfa.Outcome, waitID uint64, cancel func(), waiting bool) {
-	cfg := s.cfg
-	switch {
-	case !cfg.MFARequired || cfg.MFAExempt[req.User]:
-		return mfa.PathExempt, mfa.Outcome{OK: true}, 0, nil, false
-	case cfg.Guard.Remembered(req.User, addr):
-		return mfa.PathRemembered, mfa.Outcome{OK: true}, 0, nil, false
-	case req.Code != "":
-		path := mfa.PathCode
-		if req.Source == session.SourcePassword {
-			path = mfa.PathPassword
-		}
-		o := cfg.Guard.Verify(req.User, addr, req.Code)
-		if o.OK && o.Reason == mfa.ReasonRemembered {
-			path = mfa.PathRemembered
-		}
-		return path, o, 0, nil, false
-	}
-	if o := cfg.Guard.CheckEnrolled(req.User); !o.OK {
-		// Not enrolled, or the store cannot say (fail closed).
-		return mfa.PathCode, o, 0, nil, false
-	}
-	p, others, cancel := cfg.Approvals.Wait(mfa.Login{ConnID: connID, User: req.User, Addr: addr, Database: req.Database, AppName: req.AppName},
-		func(o mfa.Outcome) { later(mfa.PathApproval, o) })
-	for _, w := range others {
-		// Whoever has the password may be racing the real user for the
-		// approval: say so, with both addresses.
-		s.log.Warn("another login of the user is already waiting for MFA approval", "user", req.User,
-			"conn", p.ID, "client", addr, "waiting_conn", w.ID, "waiting_client", w.Addr,
-			"waiting_since", w.Since.Format(time.RFC3339))
-	}
-	return mfa.PathApproval, mfa.Outcome{}, p.ID, cancel, true
 }
 
 func (c *conn) decide(path mfa.Path, o mfa.Outcome) {
 	if c.closed {
 		return
 	}
-	c.mfaPath = path
-	c.mfaReason = o.Reason
-	c.act(c.m.MFADecided(session.Decision{OK: o.OK, Code: o.Code, Message: o.Message, Hint: o.Hint}))
+	c.mfaDecided = true
+	c.act(c.rec.Decide(c.m, path, o))
 }
 
 // close ends a login that did not make it to the handoff.
@@ -457,7 +386,7 @@ func (c *conn) close(err error) {
 	}
 	c.closed = true
 	c.stopWaiting()
-	c.audit(false, err)
+	c.rec.Audit(c.m, false, err)
 	if c.client != nil {
 		_ = c.client.Close()
 	}
@@ -479,10 +408,7 @@ func (c *conn) stopWaiting() {
 	if c.deadline != nil {
 		c.deadline.Stop()
 	}
-	if c.cancelWait != nil {
-		c.cancelWait()
-		c.cancelWait = nil
-	}
+	c.rec.StopWaiting()
 }
 
 // finish gives the connection slot back, once.
@@ -491,41 +417,7 @@ func (c *conn) finish() {
 		return
 	}
 	c.released = true
-	c.srv.conns.Add(-1)
-	c.srv.stats.Active.Add(-1)
-}
-
-// audit writes the one structured line per login.
-func (c *conn) audit(ok bool, err error) {
-	if c.logged || c.m.User() == "" {
-		return
-	}
-	c.logged = true
-	attrs := []any{
-		"conn", c.id, "client", c.addr, "user", c.m.User(), "database", c.m.Database(),
-		"method", orDash(c.m.Method()), "mfa", orDash(string(c.mfaPath)),
-		"duration", time.Since(c.start).Round(time.Microsecond),
-	}
-	if ok {
-		c.srv.stats.LoginsOK.Add(1)
-		c.srv.log.Info("login", append(attrs, "result", "ok")...)
-		return
-	}
-	c.srv.stats.LoginsFailed.Add(1)
-	if c.mfaReason != "" {
-		attrs = append(attrs, "mfa_result", c.mfaReason)
-	}
-	if err != nil {
-		attrs = append(attrs, "error", err.Error())
-	}
-	c.srv.log.Warn("login", append(attrs, "result", "refused", "phase", c.m.Phase().String())...)
-}
-
-func orDash(s string) string {
-	if s == "" {
-		return "-"
-	}
-	return s
+	c.srv.release()
 }
 
 // after runs f on this connection's loop after d.
@@ -547,7 +439,7 @@ func (c *conn) exec(f func()) {
 // is then closed only once the database has closed the forwarded one, as
 // PostgreSQL closes a cancel connection only after it has signalled the
 // backend (libpq waits for that close so that a cancel cannot hit the
-// client's next query). cancelForwardTimeout bounds the wait.
+// client's next query). login.CancelTimeout bounds the wait.
 func (c *conn) forwardCancel(req *pgproto3.CancelRequest) bool {
 	if !c.srv.routeCancel(req, c.addr) {
 		return false
@@ -569,12 +461,11 @@ func (c *conn) forwardCancel(req *pgproto3.CancelRequest) bool {
 	}()
 	c.cancelling = true
 	c.stopWaiting()
-	c.deadline = c.after(cancelForwardTimeout, func() { c.close(nil) })
+	c.deadline = c.after(login.CancelTimeout, func() { c.close(nil) })
 	return true
 }
 
 var (
-	errTooChatty          = errors.New("the database sent more than pgmfa holds for one login")
 	errClientNotReading   = errors.New("the client does not read what it is sent (more than 64 KiB unsent)")
 	errDatabaseNotReading = errors.New("the database does not read what it is sent")
 )

@@ -8,6 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pgmfa/pgmfa/bpf"
+	"github.com/pgmfa/pgmfa/loop/login"
 	"github.com/pgmfa/pgmfa/loop/relay"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
@@ -45,13 +46,10 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 	toClient := append(c.clientOut, release...)
 	toClient = append(toClient, takeAll(c.upstream)...)
 	if c.client != nil {
-		toServer = takeAll(c.client)
-		fd, err := c.client.Dup()
-		if err != nil {
-			c.closeOnError(err)
+		var ok bool
+		if cfd, toServer, ok = c.dupClient(); !ok {
 			return
 		}
-		cfd = fd
 	} else {
 		// The client half-closed during the login (see OnClose).
 		cfd, toServer = c.clientFD, c.clientHeld
@@ -63,22 +61,15 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 		c.closeOnError(err)
 		return
 	}
-	c.handedOff = true
-	c.stopWaiting()
-	if c.client != nil {
-		_ = c.loop.Close(c.client)
-	}
-	_ = c.loop.Close(c.upstream)
-	c.client, c.upstream = nil, nil
+	c.detach(false)
 
 	c.uncancel = c.srv.cancels.add(est.Key, c.id)
-	c.audit(true, nil)
-	c.start = time.Now()
+	c.rec.Audit(c.m, true, nil)
 
 	if sp := c.srv.splicer; sp != nil {
 		err := sp.Splice(cfd, ufd, toServer, toClient, func(st bpf.Stats) {
-			c.ended(sessionEnd{mode: "sockmap", c2s: st.ClientToServer, s2c: st.ServerToClient, dur: st.Duration,
-				reason: st.Reason, flowControl: st.FlowControl, relayed: st.Relayed})
+			c.ended(login.Stats{Mode: login.ModeSockmap, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
+				Duration: st.Duration, Reason: st.Reason, FlowControl: st.FlowControl, Relayed: st.Relayed})
 		})
 		if err == nil {
 			c.srv.stats.Spliced.Add(1)
@@ -90,21 +81,34 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 			// continue this byte stream faithfully.
 			unix.Close(cfd)
 			unix.Close(ufd)
-			c.ended(sessionEnd{mode: "sockmap", reason: "handoff failed: " + err.Error()})
+			c.ended(login.Stats{Mode: login.ModeSockmap, Reason: "handoff failed: " + err.Error()})
 			return
 		}
 		c.srv.log.Info("session not spliced; using the user-space relay", "conn", c.id, "reason", err.Error())
 	}
 	err = c.srv.relay.Add(cfd, ufd, toServer, toClient, func(st relay.Stats) {
-		c.ended(sessionEnd{mode: "relay", c2s: st.ClientToServer, s2c: st.ServerToClient, dur: st.Duration, reason: st.Reason})
+		c.ended(login.Stats{Mode: login.ModeRelay, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
+			Duration: st.Duration, Reason: st.Reason})
 	})
 	if err != nil {
 		unix.Close(cfd)
 		unix.Close(ufd)
-		c.ended(sessionEnd{mode: "relay", reason: "handoff failed: " + err.Error()})
+		c.ended(login.Stats{Mode: login.ModeRelay, Reason: "handoff failed: " + err.Error()})
 		return
 	}
 	c.srv.stats.Relayed.Add(1)
+}
+
+// dupClient takes what gnet holds of the client's bytes and a duplicate of
+// its socket, for the session's next owner. On failure the login is ended.
+func (c *conn) dupClient() (fd int, held []byte, ok bool) {
+	held = takeAll(c.client)
+	fd, err := c.client.Dup()
+	if err != nil {
+		c.closeOnError(err)
+		return 0, nil, false
+	}
+	return fd, held, true
 }
 
 // takeAll removes and copies everything gnet holds for a connection (the
@@ -117,24 +121,33 @@ func takeAll(gc gnet.Conn) []byte {
 	return append([]byte(nil), b...)
 }
 
-// sessionEnd is what the session-end line reports.
-type sessionEnd struct {
-	mode        string
-	c2s, s2c    uint64
-	dur         time.Duration
-	reason      string
-	flowControl uint64 // sockmap: flow-control episodes
-	relayed     uint64 // sockmap: bytes flow control moved in user space
+// detach takes the connection out of gnet for good, once its sockets are
+// duplicated (or, for a TLS handoff at open, about to be closed by gnet
+// itself: atOpen): gnet's conns are closed synchronously so that gnet
+// never polls them again, while the sockets stay open through the dups.
+// The login's timers and its out-of-band wait end here.
+func (c *conn) detach(atOpen bool) {
+	c.handedOff = true
+	c.stopWaiting()
+	switch {
+	case c.client == nil:
+	case atOpen:
+		// OnOpen returns gnet.Close for it; the context tells OnClose that
+		// the conn is no longer a login's.
+		c.client.SetContext(&tlsSide{})
+	default:
+		_ = c.loop.Close(c.client)
+	}
+	if c.upstream != nil {
+		_ = c.loop.Close(c.upstream)
+	}
+	c.client, c.upstream = nil, nil
 }
 
 // ended logs the end of a handed-off session and frees what it held. It
 // runs on the splicer's or the relay's goroutine.
-func (c *conn) ended(e sessionEnd) {
+func (c *conn) ended(st login.Stats) {
 	c.uncancel()
-	c.srv.log.Info("session end", "conn", c.id, "client", c.addr, "user", c.m.User(), "database", c.m.Database(),
-		"mode", e.mode, "bytes_client_to_server", e.c2s, "bytes_server_to_client", e.s2c,
-		"flow_control", e.flowControl, "relayed_bytes", e.relayed,
-		"duration", e.dur.Round(time.Millisecond), "reason", e.reason)
-	c.srv.conns.Add(-1)
-	c.srv.stats.Active.Add(-1)
+	c.rec.End(c.m, st)
+	c.srv.release()
 }

@@ -148,6 +148,26 @@ func TestSilentPeerCannotGrowTheProxy(t *testing.T) {
 				t.Fatalf("the proxy neither hung up nor stopped reading (%d bytes taken)", db.written.Load())
 			}
 			t.Logf("the proxy hung up after %d bytes from the database", db.written.Load())
+			if !tc.authOk {
+				return // the client's unread backlog may end it first
+			}
+			// The login machine's bound (session.Config.MaxFromUpstream,
+			// 4 MiB by default), the same through both drivers: never
+			// before it. Through the loop, past it by no more than the
+			// sockets (--socket-buffer) and one read hold; the TLS driver
+			// dials the database without --socket-buffer, so there the
+			// kernel may buffer up to tcp_rmem's maximum on top.
+			if w := db.written.Load(); w <= 4<<20 || (!tc.tls && w > 5<<20) {
+				t.Errorf("the proxy hung up after %d bytes; the bound is 4 MiB", w)
+			}
+			_ = cc.SetReadDeadline(time.Now().Add(20 * time.Second))
+			got, _ := io.ReadAll(cc)
+			msg, _, err := proto.NextMessage(got, 1<<20)
+			var e pgproto3.ErrorResponse
+			if err != nil || msg.Type != 'E' || e.Decode(msg.Body) != nil || e.Code != "08006" ||
+				e.Message != session.ErrUpstreamOverLimit.Error() {
+				t.Errorf("the client got %q, want 08006 %q", got, session.ErrUpstreamOverLimit)
+			}
 		})
 	}
 }

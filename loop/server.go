@@ -32,6 +32,7 @@ import (
 	"github.com/panjf2000/gnet/v2"
 
 	"github.com/pgmfa/pgmfa/bpf"
+	"github.com/pgmfa/pgmfa/loop/login"
 	"github.com/pgmfa/pgmfa/loop/relay"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
@@ -60,11 +61,12 @@ type Config struct {
 	AllowCleartextPassword bool
 	MaxMessageLen          int
 
-	HandshakeTimeout time.Duration // whole login up to the MFA wait; 0 = 15s
-	MFATimeout       time.Duration // out-of-band approval wait; 0 = 60s
+	// The bounds of a login (zero: the defaults of package login).
+	HandshakeTimeout time.Duration // whole login up to the MFA wait
+	MFATimeout       time.Duration // out-of-band approval wait
 	// StartupTimeout bounds the time from accept to the StartupMessage
 	// (TLS handshake included): a connection that says nothing is closed
-	// after it. 0 = 5s; never longer than HandshakeTimeout.
+	// after it. Never longer than HandshakeTimeout.
 	StartupTimeout time.Duration
 	// MaxConns bounds the client connections at once, logins and sessions
 	// alike; more are answered 53300 and closed. 0 = DefaultMaxConns, what
@@ -109,6 +111,7 @@ type Server struct {
 
 	splicer     *bpf.Splicer
 	relay       *relay.Relay
+	gate        *login.Gate
 	tls         *tlsproxy.Driver // nil without TLS
 	upstreamTLS bool             // every connection goes to the TLS driver
 	cancels     cancelMap
@@ -142,18 +145,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Upstream == "" {
 		return nil, errors.New("no --upstream address")
 	}
-	if cfg.HandshakeTimeout <= 0 {
-		cfg.HandshakeTimeout = 15 * time.Second
-	}
-	if cfg.MFATimeout <= 0 {
-		cfg.MFATimeout = 60 * time.Second
-	}
-	if cfg.StartupTimeout <= 0 {
-		cfg.StartupTimeout = 5 * time.Second
-	}
-	if cfg.StartupTimeout > cfg.HandshakeTimeout {
-		cfg.StartupTimeout = cfg.HandshakeTimeout
-	}
+	t := login.Timeouts{Startup: cfg.StartupTimeout, Handshake: cfg.HandshakeTimeout, MFA: cfg.MFATimeout}.WithDefaults()
+	cfg.StartupTimeout, cfg.HandshakeTimeout, cfg.MFATimeout = t.Startup, t.Handshake, t.MFA
 	if cfg.MaxConns < 0 {
 		return nil, errors.New("--max-conns must not be negative")
 	}
@@ -175,7 +168,9 @@ func New(cfg Config) (*Server, error) {
 		cfg.Logger.Warn("--max-conns is more than the open-file limit allows; past that, connections are refused with 53300 when descriptors run out",
 			"max_conns", cfg.MaxConns, "fits", fit, "open_file_limit", limit)
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, booted: make(chan struct{})}
+	s := &Server{cfg: cfg, log: cfg.Logger, booted: make(chan struct{}), gate: &login.Gate{
+		Required: cfg.MFARequired, Exempt: cfg.MFAExempt, Guard: cfg.Guard, Approvals: cfg.Approvals, Logger: cfg.Logger,
+	}}
 	var err error
 	if s.upAddr, s.upName, err = resolveUpstream(cfg.Upstream); err != nil {
 		return nil, err
@@ -230,6 +225,22 @@ func (s *Server) setUpHandoff() error {
 	}
 	s.relay = r
 	return nil
+}
+
+// countLogin counts a login that got an audit line, for either driver.
+func (s *Server) countLogin(ok bool) {
+	if ok {
+		s.stats.LoginsOK.Add(1)
+	} else {
+		s.stats.LoginsFailed.Add(1)
+	}
+}
+
+// release gives a client connection's slot back (--max-conns), whichever
+// path ended it: a login, a spliced or relayed session, or the TLS driver.
+func (s *Server) release() {
+	s.conns.Add(-1)
+	s.stats.Active.Add(-1)
 }
 
 // Splicing reports whether sessions go to the kernel.

@@ -2,7 +2,6 @@ package loop
 
 import (
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
-	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
 
@@ -32,23 +31,10 @@ func (s *Server) setUpTLS() error {
 		MFATimeout:       s.cfg.MFATimeout,
 		Logger:           s.log,
 		Hooks: tlsproxy.Hooks{
-			MFA: func(req *session.MFARequest, id uint64, addr string, decide func(mfa.Path, mfa.Outcome)) (func(), bool) {
-				path, o, _, cancel, waiting := s.ResolveMFA(req, id, addr, decide)
-				if !waiting {
-					decide(path, o)
-					return func() {}, false
-				}
-				return cancel, true
-			},
+			MFA:            s.gate.Ask,
 			RegisterCancel: s.cancels.add,
 			RouteCancel:    s.routeCancel,
-			LoginDone: func(ok bool) {
-				if ok {
-					s.stats.LoginsOK.Add(1)
-				} else {
-					s.stats.LoginsFailed.Add(1)
-				}
-			},
+			LoginDone:      s.countLogin,
 		},
 	})
 	s.upstreamTLS = s.cfg.UpstreamTLS.NeedsDriver()
@@ -94,10 +80,8 @@ func (c *conn) handoffTLS(reply []byte, start, direct, atOpen bool) {
 		c.close(nil)
 		return
 	}
-	readAhead := takeAll(c.client)
-	fd, err := c.client.Dup()
-	if err != nil {
-		c.closeOnError(err)
+	fd, readAhead, ok := c.dupClient()
+	if !ok {
 		return
 	}
 	nc, err := tlsproxy.FileConn(fd)
@@ -105,23 +89,12 @@ func (c *conn) handoffTLS(reply []byte, start, direct, atOpen bool) {
 		c.closeOnError(err)
 		return
 	}
-	c.handedOff = true
-	c.stopWaiting()
-	if atOpen {
-		c.client.SetContext(&tlsSide{})
-	} else {
-		_ = c.loop.Close(c.client)
-	}
-	c.client = nil
-	srv := c.srv
-	srv.stats.TLS.Add(1)
-	srv.tls.Serve(tlsproxy.Handoff{
+	c.detach(atOpen)
+	c.srv.stats.TLS.Add(1)
+	c.srv.tls.Serve(tlsproxy.Handoff{
 		Conn: nc, ReadAhead: readAhead, Reply: reply,
 		StartTLS: start, Direct: direct, ID: c.id, Addr: c.addr,
-	}, func() {
-		srv.conns.Add(-1)
-		srv.stats.Active.Add(-1)
-	})
+	}, c.srv.release)
 }
 
 // tlsSide marks a gnet conn handed to the TLS driver at open.

@@ -243,7 +243,7 @@ func (g *Guard) check(a attempt) (c checked) {
 		g.fail(a, now)
 		return checked{o: malformed(a.user, p)}
 	}
-	steps, err := matchingSteps(acct.Secret, a.code, now, g.opts.Skew, p)
+	steps, err := matchingSteps(acct.Secret, a.code, now, uint(max(g.opts.Skew, 0)), p)
 	if err != nil {
 		return checked{o: badAccount(a.user)}
 	}

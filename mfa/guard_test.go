@@ -20,11 +20,14 @@ func newTestGuard(opts Options, users ...string) (*Guard, *clock) {
 }
 
 func TestVerifySkewWindow(t *testing.T) {
-	for _, skew := range []uint{0, 1, 2} {
+	for _, skew := range []int{NoSkew, 0, 1, 2} {
 		t.Run(fmt.Sprint("skew=", skew), func(t *testing.T) {
-			eff := int(skew)
-			if skew == 0 {
-				eff = 1 // zero means the default
+			eff := skew
+			switch skew {
+			case 0:
+				eff = DefaultSkew // zero means the default
+			case NoSkew:
+				eff = 0 // the current step only
 			}
 			for d := -eff - 1; d <= eff+1; d++ {
 				g, clk := newTestGuard(Options{Skew: skew}, "alice")

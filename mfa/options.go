@@ -19,13 +19,17 @@ const (
 	DefaultMaxAddrFailures = 20
 )
 
+// NoSkew in Options.Skew accepts a code of the current time step only (the
+// zero value stands for DefaultSkew, like every zero in Options).
+const NoSkew = -1
+
 // Options for TOTP and the policy around it. Zero values mean the defaults
 // shown. Digits, Period and Algorithm are the defaults for users whose secret
 // source does not record their own (FileStore records them at enrollment).
 type Options struct {
 	Digits          int           // 6 (6 or 8)
 	Period          time.Duration // 30s; whole seconds
-	Skew            uint          // 1 step either side (the zero value means 1; there is no way to ask for 0)
+	Skew            int           // steps accepted either side of now: 1; NoSkew (negative): the current step only
 	Algorithm       string        // "SHA1" | "SHA256" | "SHA512"
 	MaxFailures     int           // per user, and per approver (Approvals), within FailureWindow: 5; negative: no limit
 	FailureWindow   time.Duration // 5m
@@ -78,8 +82,11 @@ func (o Options) withDefaults() Options {
 	if o.Period == 0 {
 		o.Period = DefaultPeriod
 	}
-	if o.Skew == 0 {
+	switch {
+	case o.Skew == 0:
 		o.Skew = DefaultSkew
+	case o.Skew < 0:
+		o.Skew = NoSkew
 	}
 	if o.Algorithm == "" {
 		o.Algorithm = DefaultAlgorithm

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/pgmfa/pgmfa/proto"
 )
 
 // Path says how MFA was satisfied (for the audit log).
@@ -19,7 +21,7 @@ const (
 )
 
 // SQLState is the SQLSTATE of every MFA refusal: invalid_authorization_specification.
-const SQLState = "28000"
+const SQLState = proto.CodeInvalidAuthorization
 
 // Reasons in Outcome.Reason: short machine words for logs.
 const (
@@ -86,14 +88,6 @@ func NotEnrolled(user string) Outcome {
 	return refuse(ReasonNotEnrolled,
 		fmt.Sprintf("user %q has no MFA secret enrolled", user),
 		"ask an administrator to run: pgmfa enroll "+user)
-}
-
-// TimedOut is the refusal for a login that waited for `pgmfa approve` longer
-// than the proxy allows.
-func TimedOut(user string, waited time.Duration) Outcome {
-	return refuse(ReasonTimeout,
-		fmt.Sprintf("no MFA code for user %q arrived within %v", user, waited),
-		codeHint(6, "send a code with the login")+", or have it approved while the login waits: pgmfa approve "+user+" CODE")
 }
 
 func throttled(user string, byUser bool, until, now time.Time) Outcome {

@@ -19,14 +19,8 @@ type QROptions struct {
 	DarkOnLight bool
 }
 
-// WriteQR renders text as a QR code for a light-on-dark terminal: one module
-// per character cell horizontally and two per cell vertically (Unicode half
-// blocks), with a quiet zone of 4 modules.
-func WriteQR(w io.Writer, text string) error {
-	return WriteQRCode(w, text, QROptions{})
-}
-
-// WriteQRCode renders text as a QR code with opts.
+// WriteQRCode renders text as a QR code with opts: one module per character
+// cell horizontally and two per cell vertically (Unicode half blocks).
 func WriteQRCode(w io.Writer, text string, opts QROptions) error {
 	code, err := qr.Encode(text, qr.M, qr.Auto)
 	if err != nil {

@@ -35,6 +35,9 @@ const (
 	CodeInvalidAuthorization = "28000" // invalid_authorization_specification
 	CodeInvalidPassword      = "28P01" // invalid_password
 	CodeProtocolViolation    = "08P01" // protocol_violation
+	CodeConnectionFailure    = "08006" // connection_failure
+	CodeFeatureNotSupported  = "0A000" // feature_not_supported
+	CodeTooManyConnections   = "53300" // too_many_connections
 )
 
 // ServerError is an ErrorResponse the PostgreSQL server sent. It is kept

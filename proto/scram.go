@@ -20,14 +20,13 @@ import (
 
 // scramHash is one SCRAM-H instantiation.
 type scramHash struct {
-	mechanism string
-	new       func() hash.Hash
-	size      int
+	new  func() hash.Hash
+	size int
 }
 
 var (
-	scramSHA256 = &scramHash{mechanism: "SCRAM-SHA-256", new: sha256.New, size: sha256.Size}
-	scramSHA1   = &scramHash{mechanism: "SCRAM-SHA-1", new: sha1.New, size: sha1.Size}
+	scramSHA256 = &scramHash{new: sha256.New, size: sha256.Size}
+	scramSHA1   = &scramHash{new: sha1.New, size: sha1.Size}
 )
 
 const (
@@ -131,7 +130,6 @@ func newNonce(rand io.Reader) (string, error) {
 // scramClient is the client side of one SCRAM exchange.
 type scramClient struct {
 	h             *scramHash
-	user          string // sent in client-first; PostgreSQL ignores it and uses the startup user
 	password      string
 	clientNonce   string
 	maxIterations int
@@ -141,15 +139,12 @@ type scramClient struct {
 	serverKey       []byte
 }
 
-// clientFirst returns the client-first-message.
+// clientFirst returns the client-first-message. Its user name is empty, as
+// libpq sends it: PostgreSQL ignores the SCRAM user and authenticates the
+// startup packet's user (auth-scram.c, read_client_first_message).
 func (c *scramClient) clientFirst() string {
-	c.clientFirstBare = "n=" + saslName(c.user) + ",r=" + c.clientNonce
+	c.clientFirstBare = "n=,r=" + c.clientNonce
 	return gs2NoCB + c.clientFirstBare
-}
-
-// saslName escapes ',' and '=' in a SCRAM user name (RFC 5802 §5.1).
-func saslName(s string) string {
-	return strings.NewReplacer("=", "=3D", ",", "=2C").Replace(s)
 }
 
 // clientFinal consumes the server-first-message and returns the

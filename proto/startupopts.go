@@ -76,24 +76,6 @@ func StripMFA(params []StartupParam) (kept []StartupParam, code string, err erro
 	return kept, code, nil
 }
 
-// StripMFACode is StripMFA for parameters held in a map (one of each name),
-// in place.
-func StripMFACode(params map[string]string) (code string, err error) {
-	list := make([]StartupParam, 0, len(params))
-	for k, v := range params {
-		list = append(list, StartupParam{Name: k, Value: v})
-	}
-	kept, code, err := StripMFA(list)
-	if err != nil {
-		return "", err
-	}
-	clear(params)
-	for _, p := range kept {
-		params[p.Name] = p.Value
-	}
-	return code, nil
-}
-
 func hasMFAPrefix(name string) bool {
 	return len(name) >= len(mfaPrefix) && strings.EqualFold(name[:len(mfaPrefix)], mfaPrefix)
 }

@@ -135,3 +135,21 @@ func TestStripMFAKeepsOrder(t *testing.T) {
 		t.Fatal("two different codes in two options accepted")
 	}
 }
+
+// StripMFACode is StripMFA for parameters held in a map (one of each name),
+// in place: the tests and FuzzStripMFACode state cases as maps.
+func StripMFACode(params map[string]string) (code string, err error) {
+	list := make([]StartupParam, 0, len(params))
+	for k, v := range params {
+		list = append(list, StartupParam{Name: k, Value: v})
+	}
+	kept, code, err := StripMFA(list)
+	if err != nil {
+		return "", err
+	}
+	clear(params)
+	for _, p := range kept {
+		params[p.Name] = p.Value
+	}
+	return code, nil
+}

@@ -8,7 +8,10 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"maps"
 	"os"
+	"slices"
 )
 
 // subcommand runs with the arguments after its name and returns an exit code.
@@ -17,9 +20,14 @@ type subcommand struct {
 	summary string
 }
 
+// subcommands is the one table of subcommands: each file registers its own
+// in init, and both dispatch and the help text read only this table.
 var subcommands = map[string]subcommand{}
 
 func register(name, summary string, run func(args []string) int) {
+	if _, dup := subcommands[name]; dup {
+		panic("pgmfa: subcommand " + name + " registered twice")
+	}
 	subcommands[name] = subcommand{run: run, summary: summary}
 }
 
@@ -32,28 +40,26 @@ func dispatch(args []string) int {
 	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
 		name, args = args[0], args[1:]
 	}
-	switch name {
-	case "help":
-		usage()
+	if name == "help" {
+		usage(os.Stdout)
 		return 0
 	}
 	sc, ok := subcommands[name]
 	if !ok {
 		fmt.Fprintf(os.Stderr, "pgmfa: unknown subcommand %q\n\n", name)
-		usage()
+		usage(os.Stderr)
 		return 2
 	}
 	return sc.run(args)
 }
 
-func usage() {
-	fmt.Fprintf(os.Stderr, "usage: pgmfa [subcommand] [flags]\n\nsubcommands:\n")
-	for _, n := range []string{"serve", "enroll", "approve", "store", "demo", "version"} {
-		if sc, ok := subcommands[n]; ok {
-			fmt.Fprintf(os.Stderr, "  %-8s %s\n", n, sc.summary)
-		}
+// usage lists every registered subcommand, in name order.
+func usage(w io.Writer) {
+	fmt.Fprintf(w, "usage: pgmfa [subcommand] [flags]\n\nsubcommands:\n")
+	for _, n := range slices.Sorted(maps.Keys(subcommands)) {
+		fmt.Fprintf(w, "  %-8s %s\n", n, subcommands[n].summary)
 	}
-	fmt.Fprintf(os.Stderr, "\nWith no subcommand pgmfa runs serve. `pgmfa SUBCOMMAND --help` lists its flags.\n")
+	fmt.Fprintf(w, "\nWith no subcommand pgmfa runs serve. `pgmfa SUBCOMMAND --help` lists its flags.\n")
 }
 
 // flagExit is the exit code for a flag-parsing error: 0 after --help (the

@@ -15,9 +15,12 @@ import (
 
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/loop/admin"
+	"github.com/pgmfa/pgmfa/loop/login"
+	"github.com/pgmfa/pgmfa/loop/relay"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/mfa/pgstore"
+	"github.com/pgmfa/pgmfa/proto"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
 
@@ -48,7 +51,7 @@ type serveFlags struct {
 	adminToken           string
 	digits               int
 	period               time.Duration
-	skew                 uint
+	skew                 int
 	algorithm            string
 	maxFailures          int
 	failureWindow        time.Duration
@@ -66,15 +69,15 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.mfaMode, "mfa", "required", "required: every login needs a second factor; off: none (the proxy then only relays)")
 	fs.StringVar(&f.exempt, "mfa-exempt", "", "comma-separated users that skip MFA (service accounts)")
 	fs.DurationVar(&f.remember, "mfa-remember", 0, "after a successful MFA, further logins of the same user from the same client address pass without a code for this long (0: off); lets a connection pool open many connections with one code")
-	fs.DurationVar(&f.mfaTimeout, "mfa-timeout", 60*time.Second, "how long a login without a code waits for pgmfa approve")
-	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", 15*time.Second, "the whole login up to the MFA decision (slow clients are closed after it)")
-	fs.DurationVar(&f.startupTimeout, "startup-timeout", 5*time.Second, "from accept to the client's StartupMessage (TLS handshake included); a connection that says nothing is closed after it")
+	fs.DurationVar(&f.mfaTimeout, "mfa-timeout", login.DefaultMFATimeout, "how long a login without a code waits for pgmfa approve")
+	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", login.DefaultHandshakeTimeout, "the whole login up to the MFA decision (slow clients are closed after it)")
+	fs.DurationVar(&f.startupTimeout, "startup-timeout", login.DefaultStartupTimeout, "from accept to the client's StartupMessage (TLS handshake included); a connection that says nothing is closed after it")
 	fs.IntVar(&f.maxConns, "max-conns", 0, "most client connections at once, logins and sessions alike; more get SQLSTATE 53300 (0: what the open-file limit allows, about (limit - a reserve) / 3; logged at start)")
-	fs.IntVar(&f.maxMessage, "max-message-len", 1<<20, "largest protocol message accepted during login, bytes")
+	fs.IntVar(&f.maxMessage, "max-message-len", proto.DefaultMaxMessageLen, "largest protocol message accepted during login, bytes")
 	fs.StringVar(&f.splice, "splice", "auto", "after login: auto (kernel sockmap when available, else the user-space relay), sockmap (or refuse to start), off (always the relay)")
 	fs.Int64Var(&f.flowThreshold, "flow-threshold", 0, "sockmap flow control: bytes the kernel may queue between the two sockets of one direction of a session before that direction is moved through user space until its reader catches up (a slow reader, a bulk COPY FROM); the sender is slowed by TCP as on a direct connection, nothing is ended (0: the default, 4 MiB; -1: off, then --max-backlog ends such sessions)")
 	fs.Int64Var(&f.maxBacklog, "max-backlog", 0, "sockmap hard bound: a session is ended (reason \"backlog limit\") when the kernel holds more than this many bytes of one direction outside both sockets' buffers; with flow control on only a peer that keeps sending while it reads nothing reaches it (0: the default, 64 MiB)")
-	fs.IntVar(&f.relayBuffer, "relay-buffer", 64<<10, "user-space relay: bytes buffered per direction of a session")
+	fs.IntVar(&f.relayBuffer, "relay-buffer", relay.DefaultBufferSize, "user-space relay: bytes buffered per direction of a session")
 	fs.IntVar(&f.sockBuf, "socket-buffer", 0, "SO_SNDBUF/SO_RCVBUF for client and database sockets (0: kernel default, autotuned)")
 	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll: a JSON file, or a PostgreSQL connection string (postgres://USER@HOST/DB or \"host=… dbname=…\") shared by every pgmfa of a fleet, initialised with `pgmfa store init` (env PGMFA_STORE)")
 	fs.StringVar(&f.storeKeyFile, "store-key-file", defaultKeyFile(), keyFileUsage)
@@ -82,13 +85,13 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.reusePort, "reuse-port", false, "let several pgmfa processes listen on the same TCP --listen address (SO_REUSEPORT; the kernel spreads connections over them). Every process needs this flag, its own --admin, and the same PostgreSQL --store so MFA state is shared")
 	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for pgmfa approve: a unix-socket path (access: file permissions) or a loopback host:port (access: the --admin-token-file token); empty disables it (env PGMFA_ADMIN)")
 	fs.StringVar(&f.adminToken, "admin-token-file", defaultTokenFile(), "with a TCP --admin: the file holding the token every admin request must carry; created (0600, random) when missing; must not be readable by group or others (env PGMFA_ADMIN_TOKEN_FILE)")
-	fs.IntVar(&f.digits, "totp-digits", 6, "TOTP code length for users enrolled without their own (6 or 8); with --auth password, also the length of the code split off the end of the password")
-	fs.DurationVar(&f.period, "totp-period", 30*time.Second, "TOTP time step")
-	fs.UintVar(&f.skew, "totp-skew", 1, "TOTP steps accepted either side of now (clock drift)")
-	fs.StringVar(&f.algorithm, "totp-algorithm", "SHA1", "TOTP HMAC: SHA1, SHA256 or SHA512")
-	fs.IntVar(&f.maxFailures, "mfa-max-failures", 5, "failed MFA attempts per user within --mfa-failure-window before further attempts are refused unchecked")
-	fs.DurationVar(&f.failureWindow, "mfa-failure-window", 5*time.Minute, "window for --mfa-max-failures and --mfa-max-addr-failures")
-	fs.IntVar(&f.maxAddrFailures, "mfa-max-addr-failures", 20, "failed MFA attempts per client address within the window")
+	fs.IntVar(&f.digits, "totp-digits", mfa.DefaultDigits, "TOTP code length for users enrolled without their own (6 or 8); with --auth password, also the length of the code split off the end of the password")
+	fs.DurationVar(&f.period, "totp-period", mfa.DefaultPeriod, "TOTP time step")
+	fs.IntVar(&f.skew, "totp-skew", mfa.DefaultSkew, "TOTP steps accepted either side of now (clock drift); 0 accepts the current step only")
+	fs.StringVar(&f.algorithm, "totp-algorithm", mfa.DefaultAlgorithm, "TOTP HMAC: SHA1, SHA256 or SHA512")
+	fs.IntVar(&f.maxFailures, "mfa-max-failures", mfa.DefaultMaxFailures, "failed MFA attempts per user within --mfa-failure-window before further attempts are refused unchecked")
+	fs.DurationVar(&f.failureWindow, "mfa-failure-window", mfa.DefaultFailureWindow, "window for --mfa-max-failures and --mfa-max-addr-failures")
+	fs.IntVar(&f.maxAddrFailures, "mfa-max-addr-failures", mfa.DefaultMaxAddrFailures, "failed MFA attempts per client address within the window")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 	f.tls.register(fs)
@@ -161,7 +164,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	default:
 		return nil, fmt.Errorf("--auth must be passthrough or password, not %q", f.auth)
 	}
-	certs, tlsMode, upTLS, err := f.tls.build(nil)
+	certs, tlsMode, upTLS, err := f.tls.build()
 	if err != nil {
 		return nil, err
 	}
@@ -183,8 +186,12 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if note := plaintextNote(store, f.storeKeyFile); note != "" {
 		logger.Warn(note)
 	}
+	skew, err := skewOption(f.skew)
+	if err != nil {
+		return nil, err
+	}
 	mopts := mfa.Options{
-		Digits: f.digits, Period: f.period, Skew: f.skew, Algorithm: f.algorithm,
+		Digits: f.digits, Period: f.period, Skew: skew, Algorithm: f.algorithm,
 		MaxFailures: f.maxFailures, FailureWindow: f.failureWindow, MaxAddrFailures: f.maxAddrFailures,
 		Remember: f.remember,
 		OnStoreError: func(user string, err error) {
@@ -370,4 +377,16 @@ func toSet(xs []string) map[string]bool {
 		m[x] = true
 	}
 	return m
+}
+
+// skewOption turns --totp-skew into mfa.Options.Skew, where a zero stands
+// for the default: the flag's 0 means what it says, the current step only.
+func skewOption(steps int) (int, error) {
+	switch {
+	case steps < 0:
+		return 0, fmt.Errorf("--totp-skew must be 0 (the current step only) or more, not %d", steps)
+	case steps == 0:
+		return mfa.NoSkew, nil
+	}
+	return steps, nil
 }

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net"
 
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/proto/session"
@@ -29,11 +28,11 @@ func (f *tlsFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.upServerName, "upstream-sslservername", "", "the name verify-full checks PostgreSQL's certificate against (default: the host of --upstream)")
 }
 
-// build checks the flags and loads the certificate. upstream is the
-// resolved --upstream address; the upstream TLS settings are checked
-// against it (files readable, no TLS over a unix socket) so that mistakes
+// build checks the flags and loads the certificate. The upstream TLS
+// settings are checked against the resolved --upstream (files readable, no
+// TLS over a unix socket) by loop.New, which dials with them, so mistakes
 // stop the start rather than every login.
-func (f *tlsFlags) build(upstream net.Addr) (certs *tlsproxy.Certs, mode session.TLSMode, up tlsproxy.UpstreamTLS, err error) {
+func (f *tlsFlags) build() (certs *tlsproxy.Certs, mode session.TLSMode, up tlsproxy.UpstreamTLS, err error) {
 	if (f.cert == "") != (f.key == "") {
 		return nil, 0, up, errors.New("--tls-cert and --tls-key go together")
 	}
@@ -66,11 +65,6 @@ func (f *tlsFlags) build(upstream net.Addr) (certs *tlsproxy.Certs, mode session
 		Cert:       f.upCert,
 		Key:        f.upKey,
 		ServerName: f.upServerName,
-	}
-	if upstream != nil {
-		if _, err := tlsproxy.Dialer(upstream, up); err != nil {
-			return nil, 0, up, err
-		}
 	}
 	return certs, mode, up, nil
 }

@@ -63,18 +63,6 @@ func (c Client) List(ctx context.Context) ([]mfa.Pending, error) {
 	return resp.Pending, err
 }
 
-// Stats returns the raw JSON of GET /v1/stats.
-func (c Client) Stats(ctx context.Context) (json.RawMessage, error) {
-	var raw json.RawMessage
-	err := c.call(ctx, http.MethodGet, "/v1/stats", nil, &raw)
-	return raw, err
-}
-
-// Health reports whether the admin API answers.
-func (c Client) Health(ctx context.Context) error {
-	return c.call(ctx, http.MethodGet, "/v1/healthz", nil, nil)
-}
-
 // call does one request; every call gets its own transport, as the CLI
 // makes one or two calls per run.
 func (c Client) call(ctx context.Context, method, path string, in, out any) error {

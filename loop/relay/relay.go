@@ -30,12 +30,17 @@ import (
 
 // Options configure a Relay.
 type Options struct {
-	// BufferSize is the most a direction holds in user space. Zero: 64 KiB.
+	// BufferSize is the most a direction holds in user space. Zero:
+	// DefaultBufferSize.
 	BufferSize int
 	// Workers is the number of epoll goroutines. Zero: GOMAXPROCS.
 	Workers int
 	Logger  *slog.Logger
 }
+
+// DefaultBufferSize is the most a direction holds in user space unless
+// Options.BufferSize says otherwise.
+const DefaultBufferSize = 64 << 10
 
 // Stats describe a finished session.
 type Stats struct {
@@ -60,7 +65,7 @@ var ErrClosed = errors.New("relay: closed")
 // New starts the workers.
 func New(opts Options) (*Relay, error) {
 	if opts.BufferSize <= 0 {
-		opts.BufferSize = 64 << 10
+		opts.BufferSize = DefaultBufferSize
 	}
 	if opts.Workers <= 0 {
 		opts.Workers = runtime.GOMAXPROCS(0)

@@ -7,12 +7,9 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/pgmfa/pgmfa/loop/login"
 	"github.com/pgmfa/pgmfa/proto"
 )
-
-// cancelTimeout bounds a forwarded CancelRequest: the connection to the
-// database (TLS included) and the wait for the database to close it.
-const cancelTimeout = 5 * time.Second
 
 // forwardCancel forwards the client's CancelRequest to the database, byte
 // for byte, when the RouteCancel hook allows it, and waits (bounded) until
@@ -26,7 +23,7 @@ func (s *sess) forwardCancel(req *pgproto3.CancelRequest) {
 	if f := s.d.cfg.Hooks.RouteCancel; f != nil && !f(req, s.h.Addr) {
 		return
 	}
-	ctx, cancel := context.WithTimeout(s.d.ctx, cancelTimeout)
+	ctx, cancel := context.WithTimeout(s.d.ctx, login.CancelTimeout)
 	defer cancel()
 	c, err := s.d.cfg.DialUpstream(ctx)
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/pgmfa/pgmfa/loop/login"
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
@@ -59,14 +60,15 @@ type Config struct {
 	UpstreamName string
 	// HandshakeTimeout bounds the whole login (TLS handshake included) up
 	// to the MFA wait; MFATimeout bounds the wait for an out-of-band
-	// approval. Zero: 15s and 60s, as package loop.
+	// approval. Zero: the defaults of package login, as package loop.
 	HandshakeTimeout, MFATimeout time.Duration
 	Logger                       *slog.Logger
 	Hooks                        Hooks
 
-	// StartupTimeout, when shorter than HandshakeTimeout, bounds the part
-	// of the login up to the StartupMessage (TLS handshake included): a
-	// connection that says nothing is closed after it. Zero: no such bound.
+	// StartupTimeout bounds the part of the login up to the StartupMessage
+	// (TLS handshake included): a connection that says nothing is closed
+	// after it. Zero: package login's default; never longer than
+	// HandshakeTimeout.
 	StartupTimeout time.Duration
 }
 
@@ -110,12 +112,8 @@ type Driver struct {
 
 // New returns a driver; it serves nothing until Serve.
 func New(cfg Config) *Driver {
-	if cfg.HandshakeTimeout <= 0 {
-		cfg.HandshakeTimeout = 15 * time.Second
-	}
-	if cfg.MFATimeout <= 0 {
-		cfg.MFATimeout = 60 * time.Second
-	}
+	t := login.Timeouts{Startup: cfg.StartupTimeout, Handshake: cfg.HandshakeTimeout, MFA: cfg.MFATimeout}.WithDefaults()
+	cfg.StartupTimeout, cfg.HandshakeTimeout, cfg.MFATimeout = t.Startup, t.Handshake, t.MFA
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}

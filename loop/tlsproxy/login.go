@@ -7,7 +7,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
 
@@ -16,10 +15,7 @@ import (
 // deadline has passed.
 const closeGrace = time.Second
 
-var (
-	errShutdown = errors.New("proxy shutting down")
-	errChatty   = errors.New("the database sent more than pgmfa holds for one login")
-)
+var errShutdown = errors.New("proxy shutting down")
 
 // login is the session's first goroutine and the only one that drives the
 // machine. It returns at the release (the readers carry on as the relay)
@@ -73,7 +69,6 @@ func (s *sess) login() {
 			}
 		case u := <-s.uin:
 			s.ubuf = append(s.ubuf, u.data...)
-			s.upBytes += int64(len(u.data))
 			s.drain()
 			if u.err != nil && !s.closed && !s.established {
 				err := u.err
@@ -83,12 +78,11 @@ func (s *sess) login() {
 				s.act(s.m.UpstreamClosed(err))
 			}
 		case dd := <-s.decisions:
-			s.mfaPath, s.mfaReason = dd.path, dd.o.Reason
-			s.act(s.m.MFADecided(session.Decision{OK: dd.o.OK, Code: dd.o.Code, Message: dd.o.Message, Hint: dd.o.Hint}))
+			s.act(s.rec.Decide(s.m, dd.path, dd.o))
 			s.drain()
 		case <-s.timer.C:
 			if s.mfaWait {
-				s.mfaReason = mfa.ReasonTimeout
+				s.rec.TimedOut()
 			}
 			s.setDeadline(time.Now().Add(closeGrace))
 			s.act(s.m.Timeout(s.mfaWait))
@@ -140,15 +134,11 @@ func (s *sess) endStartup() {
 	}
 }
 
-// maxFromDatabase bounds what a database may send during one login (as
-// package loop does): far more than any real login.
-func (s *sess) maxFromDatabase() int64 {
-	return max(4<<20, 2*int64(s.d.cfg.Session.MaxMessageLen))
-}
-
 // drain feeds buffered bytes of both sides to the machine until it makes no
 // more progress. Both sides every time: a step on one side can make the
-// machine ready for bytes the other side sent earlier.
+// machine ready for bytes the other side sent earlier. The machine sees
+// every unparsed byte of a side, and bounds them
+// (session.Config.MaxPipelined, MaxFromUpstream).
 func (s *sess) drain() {
 	for !s.closed && !s.established {
 		progress := false
@@ -170,13 +160,5 @@ func (s *sess) drain() {
 		if !progress {
 			break
 		}
-	}
-	// A database that keeps talking while the client's login is held is
-	// cut off before it can make the proxy buffer without bound: neither
-	// its unparsed bytes nor what the machine holds until the MFA decision
-	// (ParameterStatus, notices) may grow without limit.
-	if !s.closed && !s.established && (len(s.ubuf) > 1<<20 || s.upBytes > s.maxFromDatabase()) {
-		s.act(s.m.UpstreamClosed(errChatty))
-		s.close(errChatty) // in case the machine held a refusal and had nothing to say
 	}
 }

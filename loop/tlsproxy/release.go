@@ -77,8 +77,5 @@ func (s *sess) stopWaiting() {
 	if s.timer != nil {
 		s.timer.Stop()
 	}
-	if s.cancelWait != nil {
-		s.cancelWait()
-		s.cancelWait = nil
-	}
+	s.rec.StopWaiting()
 }

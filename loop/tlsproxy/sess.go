@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/pgmfa/pgmfa/loop/login"
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
@@ -21,6 +22,7 @@ type sess struct {
 	h     Handoff
 	done  func()
 	m     *session.Machine
+	rec   *login.Record // the MFA outcome and wait, the audit and session-end lines
 	start time.Time
 
 	live  atomic.Int32  // goroutines of this session still running
@@ -39,10 +41,6 @@ type sess struct {
 	deadline    time.Time
 	timer       *time.Timer
 	mfaWait     bool
-	cancelWait  func()
-	mfaPath     mfa.Path
-	mfaReason   string
-	logged      bool
 	closed      bool
 	established bool
 	clientErr   error // a write to the client failed
@@ -50,7 +48,6 @@ type sess struct {
 
 	// login goroutine only: the bounds of the login
 	handshakeDeadline time.Time // deadline is earlier until the StartupMessage is in
-	upBytes           int64     // bytes received from the database during the login
 
 	// the relayed session
 	est          *session.Established
@@ -73,15 +70,15 @@ type decision struct {
 }
 
 func newSess(d *Driver, h Handoff, done func()) *sess {
-	if h.Addr == "" {
-		h.Addr = "unix"
-	}
+	rec := login.NewRecord(d.log, h.ID, h.Addr, d.cfg.Hooks.LoginDone)
+	h.Addr = rec.Addr()
 	return &sess{
 		d:         d,
 		h:         h,
 		done:      done,
 		m:         session.New(d.cfg.Session),
-		start:     time.Now(),
+		rec:       rec,
+		start:     rec.Start(),
 		quit:      make(chan struct{}),
 		relay:     make(chan struct{}),
 		client:    h.Conn,

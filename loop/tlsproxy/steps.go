@@ -81,11 +81,9 @@ func (s *sess) askMFA(req *session.MFARequest) {
 		}
 	})
 	if waiting {
-		s.cancelWait = cancel
 		s.mfaWait = true
 		s.setDeadline(time.Now().Add(s.d.cfg.MFATimeout))
-		s.d.log.Info("login waiting for MFA approval", "conn", s.h.ID, "client", s.h.Addr, "user", req.User,
-			"approve_with", "pgmfa approve "+req.User+" CODE", "tls", s.m.Encrypted())
+		s.rec.Wait(req, cancel, "tls", s.m.Encrypted())
 	}
 }
 

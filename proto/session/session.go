@@ -71,6 +71,15 @@ type Config struct {
 	// authentication response is expected (a client pipelining queries
 	// behind its last auth message). Zero means 1 MiB.
 	MaxPipelined int
+	// MaxFromUpstream bounds the bytes the database may send during one
+	// login, parsed or still unparsed in the caller's buffer: its
+	// authentication requests, then the ParameterStatus, notices and
+	// BackendKeyData held until the MFA decision, and anything it says
+	// after ReadyForQuery. Far more than any real login; a database that
+	// keeps talking while the login is held is cut off before it can make
+	// the proxy buffer without bound. Zero means 4 MiB or two of the
+	// largest messages (MaxMessageLen), whichever is more.
+	MaxFromUpstream int64
 	// CodeDigits is the length of a TOTP code split off a password in
 	// AuthPassword mode. Zero means 6.
 	CodeDigits int
@@ -182,10 +191,9 @@ type Machine struct {
 	code    string
 	source  MFASource
 
-	pt       *proto.Passthrough   // AuthPassthrough
-	up       *proto.UpstreamLogin // AuthPassword
-	password string               // AuthPassword, until handed to up
-	result   *proto.LoginResult   // the upstream's login, once known
+	pt     *proto.Passthrough   // AuthPassthrough
+	up     *proto.UpstreamLogin // AuthPassword
+	result *proto.LoginResult   // the upstream's login, once known
 
 	// wantClient: the database has asked for an authentication response the
 	// client has not sent yet. Only then are client bytes parsed.
@@ -196,9 +204,10 @@ type Machine struct {
 	decided    bool // positive MFA decision received
 	heldErr    *proto.ServerError
 	method     string
-	encrypted  bool // the client side is inside TLS
-	sslDone    bool // an SSLRequest was answered
-	gssDone    bool // a GSSENCRequest was answered
+	encrypted  bool  // the client side is inside TLS
+	upTaken    int64 // upstream bytes consumed (see Config.MaxFromUpstream)
+	sslDone    bool  // an SSLRequest was answered
+	gssDone    bool  // a GSSENCRequest was answered
 }
 
 // New returns a machine waiting for the client's first packet.
@@ -211,6 +220,9 @@ func New(cfg Config) *Machine {
 	}
 	if cfg.MaxPipelined <= 0 {
 		cfg.MaxPipelined = 1 << 20
+	}
+	if cfg.MaxFromUpstream <= 0 {
+		cfg.MaxFromUpstream = max(4<<20, 2*int64(cfg.MaxMessageLen))
 	}
 	if cfg.CodeDigits <= 0 {
 		cfg.CodeDigits = 6
@@ -366,14 +378,14 @@ const (
 // version (0A000, checked against PostgreSQL 15). Answering every one would
 // let a client that never reads pile answers up in the proxy.
 func repeatedRequest(v uint32) error {
-	return &proto.AuthError{Code: "0A000",
+	return &proto.AuthError{Code: proto.CodeFeatureNotSupported,
 		Message: fmt.Sprintf("unsupported frontend protocol %d.%d: server supports 3.0 to 3.2", v>>16, v&0xffff),
 		Hint:    "a client sends at most one SSLRequest and one GSSENCRequest per connection"}
 }
 
 func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 	if m.cfg.TLS == TLSRequire && !m.encrypted {
-		return m.fail(&proto.AuthError{Code: "28000",
+		return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization,
 			Message: "pgmfa requires an encrypted connection",
 			Hint:    "connect with sslmode=require (or verify-full)"})
 	}
@@ -387,7 +399,7 @@ func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 	m.startup = &proto.StartupMessage{ProtocolVersion: msg.ProtocolVersion, Params: params}
 	m.user, _ = m.startup.Get("user")
 	if m.user == "" {
-		return m.fail(&proto.AuthError{Code: "28000", Message: "no PostgreSQL user name specified in startup packet"})
+		return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization, Message: "no PostgreSQL user name specified in startup packet"})
 	}
 	m.db, _ = m.startup.Get("database")
 	if m.db == "" {
@@ -399,7 +411,7 @@ func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 	switch m.cfg.Auth {
 	case AuthPassword:
 		if !m.cfg.AllowCleartext && !m.encrypted {
-			return m.fail(&proto.AuthError{Code: "28000",
+			return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization,
 				Message: "pgmfa will not ask for a cleartext password over an unencrypted connection",
 				Hint:    "connect with sslmode=require, or start pgmfa with --allow-cleartext-password on a loopback-only setup"})
 		}
@@ -484,11 +496,11 @@ func (m *Machine) UpstreamFailed(addr string, err error) Output {
 	if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
 		// The proxy is out of descriptors, not the database out of reach:
 		// the client should try again, as after "too many clients".
-		return m.fail(&proto.AuthError{Code: "53300",
+		return m.fail(&proto.AuthError{Code: proto.CodeTooManyConnections,
 			Message: "pgmfa has no file descriptor left for the database connection",
 			Hint:    "try again later; if this persists, raise pgmfa's open-file limit (LimitNOFILE) or lower --max-conns"})
 	}
-	return m.fail(&proto.AuthError{Code: "08006",
+	return m.fail(&proto.AuthError{Code: proto.CodeConnectionFailure,
 		Message: fmt.Sprintf("pgmfa could not connect to the database at %s: %v", addr, err),
 		Hint:    "check that PostgreSQL is running and that pgmfa's --upstream points at it"})
 }
@@ -497,6 +509,9 @@ func (m *Machine) UpstreamFailed(addr string, err error) Output {
 func (m *Machine) FromUpstream(buf []byte) (int, Output) {
 	if m.phase != PhaseAuth && m.phase != PhaseMFA {
 		return 0, Output{}
+	}
+	if m.upTaken+int64(len(buf)) > m.cfg.MaxFromUpstream {
+		return 0, m.upstreamOverLimit()
 	}
 	if m.readyUp {
 		// The database says nothing after ReadyForQuery until asked; what
@@ -510,6 +525,7 @@ func (m *Machine) FromUpstream(buf []byte) (int, Output) {
 	if n == 0 {
 		return 0, Output{}
 	}
+	m.upTaken += int64(n)
 	if m.up != nil {
 		return n, m.upstreamLogin(msg)
 	}
@@ -561,13 +577,13 @@ func (m *Machine) noteAuthRequest(msg proto.Message) {
 		return
 	}
 	switch binary.BigEndian.Uint32(msg.Body) {
-	case 3: // cleartext
+	case pgproto3.AuthTypeCleartextPassword:
 		m.wantClient, m.method = true, "password"
-	case 5: // md5
+	case pgproto3.AuthTypeMD5Password:
 		m.wantClient, m.method = true, "md5"
-	case 10: // SASL
+	case pgproto3.AuthTypeSASL:
 		m.wantClient, m.method = true, "scram-sha-256"
-	case 11: // SASLContinue
+	case pgproto3.AuthTypeSASLContinue:
 		m.wantClient = true
 	}
 }
@@ -636,7 +652,7 @@ func (m *Machine) MFADecided(d Decision) Output {
 	if !d.OK {
 		code := d.Code
 		if code == "" {
-			code = "28000"
+			code = proto.CodeInvalidAuthorization
 		}
 		return m.fail(&proto.AuthError{Code: code, Message: d.Message, Hint: d.Hint})
 	}
@@ -657,7 +673,8 @@ func (m *Machine) maybeRelease(out Output) Output {
 		return out
 	}
 	// The database's own key, unchanged (protocol 3.0 and 3.2 lengths
-	// alike): a client must see its real backend PID (DESIGN.md, step 5).
+	// alike): a client must see its real backend PID, which
+	// pg_terminate_backend, NOTIFY and pg_stat_activity name.
 	m.phase = PhaseReady
 	out.ToClient = m.result.AppendReady(out.ToClient, m.result.Key)
 	out.Established = &Established{Key: m.result.Key, Result: m.result}
@@ -671,12 +688,12 @@ func (m *Machine) Timeout(mfaWait bool) Output {
 		return Output{}
 	}
 	if mfaWait || (m.phase == PhaseMFA && m.asked && !m.decided) {
-		return m.fail(&proto.AuthError{Code: "28000",
+		return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization,
 			Message: fmt.Sprintf("MFA for user %q was not completed in time", m.user),
 			Hint: fmt.Sprintf("send a current code with the login: PGOPTIONS='-c pgmfa.code=NNNNNN', "+
 				"or approve a waiting login with: pgmfa approve %s NNNNNN", m.user)})
 	}
-	return m.fail(&proto.AuthError{Code: "08P01", Message: "login did not complete in time"})
+	return m.fail(&proto.AuthError{Code: proto.CodeProtocolViolation, Message: "login did not complete in time"})
 }
 
 // UpstreamClosed is called when the database side closed before the
@@ -695,7 +712,22 @@ func (m *Machine) UpstreamClosed(err error) Output {
 	if err != nil {
 		msg += ": " + strings.TrimPrefix(err.Error(), "read: ")
 	}
-	return m.fail(&proto.AuthError{Code: "08006", Message: msg})
+	return m.fail(&proto.AuthError{Code: proto.CodeConnectionFailure, Message: msg})
+}
+
+// ErrUpstreamOverLimit is the Err of a login ended because the database
+// sent more than Config.MaxFromUpstream.
+var ErrUpstreamOverLimit = errors.New("the database sent more than pgmfa holds for one login")
+
+// upstreamOverLimit ends a login whose database sent more than
+// MaxFromUpstream. While a refusal of the database is held until the MFA
+// decision (see holdError), the client may not learn anything yet, not
+// even this: the connection is closed without words.
+func (m *Machine) upstreamOverLimit() Output {
+	if m.heldErr != nil {
+		return m.end(ErrUpstreamOverLimit)
+	}
+	return m.fail(&proto.AuthError{Code: proto.CodeConnectionFailure, Message: ErrUpstreamOverLimit.Error()})
 }
 
 // ClientClosed is called when the client went away before the handoff.
@@ -721,7 +753,7 @@ func (m *Machine) fail(err error) Output {
 // failUpstream handles garbage from the database: the client gets a generic
 // error, not the bytes.
 func (m *Machine) failUpstream(err error) Output {
-	return m.fail(&proto.AuthError{Code: "08P01", Message: "pgmfa received an invalid message from the database: " + err.Error()})
+	return m.fail(&proto.AuthError{Code: proto.CodeProtocolViolation, Message: "pgmfa received an invalid message from the database: " + err.Error()})
 }
 
 // end closes without an error to the client.

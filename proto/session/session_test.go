@@ -426,3 +426,81 @@ func TestReleaseCarriesDatabaseKey(t *testing.T) {
 		})
 	}
 }
+
+// TestDatabaseOverLimit: what the database sends during one login, parsed
+// or held unparsed, is bounded by MaxFromUpstream; past it the login ends
+// with 08006 and a Terminate to the database, and without a word to the
+// client while a refusal of the database is held for the MFA decision.
+func TestDatabaseOverLimit(t *testing.T) {
+	t.Run("default", func(t *testing.T) {
+		for _, tc := range []struct{ maxMsg, want int64 }{{0, 4 << 20}, {1 << 20, 4 << 20}, {3 << 20, 6 << 20}} {
+			if got := New(Config{MaxMessageLen: int(tc.maxMsg)}).cfg.MaxFromUpstream; got != tc.want {
+				t.Errorf("MaxMessageLen %d: MaxFromUpstream %d, want %d", tc.maxMsg, got, tc.want)
+			}
+		}
+	})
+	overLimit := func(t *testing.T, out Output) {
+		t.Helper()
+		if !out.Close || !bytes.Equal(out.ToUpstream, enc(&pgproto3.Terminate{})) {
+			t.Fatalf("over the limit: %+v", out)
+		}
+		msgs := decodeAll(t, out.ToClient)
+		var e pgproto3.ErrorResponse
+		if len(msgs) != 1 || msgs[0].Type != 'E' || e.Decode(msgs[0].Body) != nil || e.Code != "08006" ||
+			e.Message != ErrUpstreamOverLimit.Error() {
+			t.Fatalf("client got %q", out.ToClient)
+		}
+	}
+	t.Run("held after ReadyForQuery", func(t *testing.T) {
+		const limit = 4096
+		m := New(Config{MaxFromUpstream: limit})
+		loginToHeld(t, m)
+		// Up to the limit the bytes stay with the caller, unparsed.
+		held := make([]byte, limit-m.upTaken)
+		if n, out := m.FromUpstream(held); n != 0 || out.Close || len(out.ToClient) != 0 {
+			t.Fatalf("at the limit: n=%d out=%+v", n, out)
+		}
+		_, out := m.FromUpstream(append(held, 'N'))
+		overLimit(t, out)
+		if m.Phase() != PhaseClosed {
+			t.Fatalf("phase %v", m.Phase())
+		}
+	})
+	t.Run("parsed messages count", func(t *testing.T) {
+		const limit = 8192
+		m := New(Config{MaxFromUpstream: limit})
+		feed(t, m.FromClient, startupBytes(map[string]string{"user": "alice"}))
+		m.UpstreamConnected()
+		feed(t, m.FromUpstream, enc(&pgproto3.AuthenticationOk{}))
+		// ParameterStatus one at a time, each parsed and held by the
+		// machine until the MFA decision: the caller's buffer never grows.
+		ps := enc(&pgproto3.ParameterStatus{Name: "x", Value: string(make([]byte, 100))})
+		for sent := 0; ; sent += len(ps) {
+			n, out := m.FromUpstream(ps)
+			if out.Close {
+				if sent+len(ps) <= limit {
+					t.Fatalf("ended after %d bytes, limit %d", sent, limit)
+				}
+				overLimit(t, out)
+				return
+			}
+			if n != len(ps) {
+				t.Fatalf("ParameterStatus not consumed: n=%d", n)
+			}
+			if sent > limit {
+				t.Fatalf("%d bytes taken, limit %d", sent, limit)
+			}
+		}
+	})
+	t.Run("refusal held", func(t *testing.T) {
+		m := New(Config{MaxFromUpstream: 4096})
+		feed(t, m.FromClient, startupBytes(map[string]string{"user": "alice", "database": "missing"}))
+		m.UpstreamConnected()
+		feed(t, m.FromUpstream, enc(&pgproto3.AuthenticationOk{},
+			&pgproto3.ErrorResponse{Severity: "FATAL", Code: "3D000", Message: "no such database"}))
+		_, out := m.FromUpstream(make([]byte, 4096))
+		if !out.Close || len(out.ToClient) != 0 || !errors.Is(out.Err, ErrUpstreamOverLimit) {
+			t.Fatalf("over the limit with a held refusal: %+v", out)
+		}
+	})
+}

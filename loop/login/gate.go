@@ -1,0 +1,94 @@
+package login
+
+import (
+	"log/slog"
+	"time"
+
+	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/proto/session"
+)
+
+// Gate is the MFA policy of a proxy, shared by every connection of both
+// drivers. Safe for concurrent use.
+type Gate struct {
+	// Required: every login needs a second factor (--mfa required); when
+	// false every login passes as exempt.
+	Required bool
+	// Exempt users skip MFA (--mfa-exempt).
+	Exempt map[string]bool
+	// Guard verifies codes and remembers recent successes; Approvals holds
+	// the logins waiting for `pgmfa approve`. Both are needed when Required.
+	Guard     *mfa.Guard
+	Approvals *mfa.Approvals
+	// Logger receives the warning about a second login of a user waiting
+	// at the same time.
+	Logger *slog.Logger
+}
+
+// Resolve decides an MFA request: exempt, remembered, a code verified now,
+// or a wait for `pgmfa approve`. When it can decide now it returns the
+// decision; otherwise waiting is true and later is called exactly once from
+// another goroutine, unless cancel is called first. A request with a code
+// is always decided now. Every branch but exemption may do store I/O (a
+// file lock and a synced write; with a PostgreSQL store, round trips):
+// callers on an event loop run it elsewhere.
+//
+// connID is the connection's id in the log; it is also the approval id
+// (`pgmfa approve --conn ID`) when the login waits.
+func (g *Gate) Resolve(req *session.MFARequest, connID uint64, addr string, later func(mfa.Path, mfa.Outcome)) (path mfa.Path, o mfa.Outcome, cancel func(), waiting bool) {
+	switch {
+	case !g.Required || g.Exempt[req.User]:
+		return mfa.PathExempt, mfa.Outcome{OK: true}, nil, false
+	case g.Guard.Remembered(req.User, addr):
+		return mfa.PathRemembered, mfa.Outcome{OK: true}, nil, false
+	case req.Code != "":
+		path := mfa.PathCode
+		if req.Source == session.SourcePassword {
+			path = mfa.PathPassword
+		}
+		o := g.Guard.Verify(req.User, addr, req.Code)
+		if o.OK && o.Reason == mfa.ReasonRemembered {
+			path = mfa.PathRemembered
+		}
+		return path, o, nil, false
+	}
+	if o := g.Guard.CheckEnrolled(req.User); !o.OK {
+		// Not enrolled, or the store cannot say (fail closed).
+		return mfa.PathCode, o, nil, false
+	}
+	p, others, cancel := g.Approvals.Wait(mfa.Login{ConnID: connID, User: req.User, Addr: addr, Database: req.Database, AppName: req.AppName},
+		func(o mfa.Outcome) { later(mfa.PathApproval, o) })
+	for _, w := range others {
+		// Whoever has the password may be racing the real user for the
+		// approval: say so, with both addresses.
+		g.logger().Warn("another login of the user is already waiting for MFA approval", "user", req.User,
+			"conn", p.ID, "client", addr, "waiting_conn", w.ID, "waiting_client", w.Addr,
+			"waiting_since", w.Since.Format(time.RFC3339))
+	}
+	return mfa.PathApproval, mfa.Outcome{}, cancel, true
+}
+
+// Ask is Resolve for a caller that takes every decision the same way:
+// decide is called now when Resolve decides now, else later (once, from
+// another goroutine) unless cancel is called first. It has the shape of
+// the TLS driver's MFA hook.
+func (g *Gate) Ask(req *session.MFARequest, connID uint64, addr string, decide func(mfa.Path, mfa.Outcome)) (cancel func(), waiting bool) {
+	path, o, cancel, waiting := g.Resolve(req, connID, addr, decide)
+	if !waiting {
+		decide(path, o)
+		return func() {}, false
+	}
+	return cancel, true
+}
+
+func (g *Gate) logger() *slog.Logger {
+	if g.Logger == nil {
+		return slog.Default()
+	}
+	return g.Logger
+}
+
+// Decision turns an MFA outcome into the login machine's decision.
+func Decision(o mfa.Outcome) session.Decision {
+	return session.Decision{OK: o.OK, Code: o.Code, Message: o.Message, Hint: o.Hint}
+}

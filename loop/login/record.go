@@ -1,0 +1,148 @@
+package login
+
+import (
+	"log/slog"
+	"time"
+
+	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/proto/session"
+)
+
+// Record is what pgmfa knows and says about one client connection: its
+// MFA outcome, its out-of-band wait, its one audit line and its one
+// "session end" line. A driver keeps one per connection and calls it only
+// from whatever drives that connection's login (the event loop, or the TLS
+// driver's login goroutine); End may then be called once from the
+// goroutine that ran the session.
+//
+// No line ever carries a code or a password: the login machine exposes
+// neither, and the errors it returns carry none.
+type Record struct {
+	log     *slog.Logger
+	id      uint64
+	addr    string
+	start   time.Time
+	onLogin func(ok bool)
+
+	path   mfa.Path // how MFA was decided (empty until it was)
+	reason string   // the MFA outcome's reason, for a refused login's line
+	logged bool     // the audit line was written
+	cancel func()   // unregisters an out-of-band wait
+}
+
+// NewRecord starts the record of connection id from the client at addr
+// (an unnamed unix-socket peer, "" or "@", is called "unix"). onLogin, if
+// not nil, is told of every login that gets an audit line (the proxy's
+// counters).
+func NewRecord(log *slog.Logger, id uint64, addr string, onLogin func(ok bool)) *Record {
+	if log == nil {
+		log = slog.Default()
+	}
+	if addr == "" || addr == "@" {
+		addr = "unix"
+	}
+	return &Record{log: log, id: id, addr: addr, start: time.Now(), onLogin: onLogin}
+}
+
+// Addr is the client's address, as the log and MFA throttling name it.
+func (r *Record) Addr() string { return r.addr }
+
+// Start is when the connection was accepted.
+func (r *Record) Start() time.Time { return r.start }
+
+// Decide records an MFA decision and hands it to the login machine; the
+// caller performs the returned Output.
+func (r *Record) Decide(m *session.Machine, path mfa.Path, o mfa.Outcome) session.Output {
+	r.path, r.reason = path, o.Reason
+	return m.MFADecided(Decision(o))
+}
+
+// Wait records that the login waits for `pgmfa approve` (cancel unregisters
+// it) and says so in the log, with how to approve it. extra are the
+// driver's own attributes.
+func (r *Record) Wait(req *session.MFARequest, cancel func(), extra ...any) {
+	r.cancel = cancel
+	r.log.Info("login waiting for MFA approval", append([]any{"conn", r.id, "client", r.addr,
+		"user", req.User, "approve_with", "pgmfa approve " + req.User + " CODE"}, extra...)...)
+}
+
+// TimedOut records that nobody approved the waiting login in time.
+func (r *Record) TimedOut() { r.reason = mfa.ReasonTimeout }
+
+// StopWaiting unregisters an out-of-band wait, if there is one. The login
+// is over (decided, refused, or handed off): a late approval must find
+// nothing to approve.
+func (r *Record) StopWaiting() {
+	if r.cancel != nil {
+		r.cancel()
+		r.cancel = nil
+	}
+}
+
+// Audit writes the one structured line per login, once: ok, or refused
+// with the phase it got to, the MFA outcome and the error. A connection
+// that never named a user (a port scan, a cancel request) gets no line.
+// extra are the driver's own attributes (the TLS driver says which sides
+// were encrypted). It reports whether it wrote the line.
+func (r *Record) Audit(m *session.Machine, ok bool, err error, extra ...any) bool {
+	if r.logged || m.User() == "" {
+		return false
+	}
+	r.logged = true
+	if r.onLogin != nil {
+		r.onLogin(ok)
+	}
+	attrs := append([]any{
+		"conn", r.id, "client", r.addr, "user", m.User(), "database", m.Database(),
+		"method", orDash(m.Method()), "mfa", orDash(string(r.path)),
+		"duration", time.Since(r.start).Round(time.Microsecond),
+	}, extra...)
+	if ok {
+		r.log.Info("login", append(attrs, "result", "ok")...)
+		return true
+	}
+	if r.reason != "" {
+		attrs = append(attrs, "mfa_result", r.reason)
+	}
+	if err != nil {
+		attrs = append(attrs, "error", err.Error())
+	}
+	r.log.Warn("login", append(attrs, "result", "refused", "phase", m.Phase().String())...)
+	return true
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// How a handed-off session was carried, as its "session end" line says.
+const (
+	ModeSockmap  = "sockmap"   // spliced in the kernel
+	ModeRelay    = "relay"     // the user-space relay (plaintext)
+	ModeTLSRelay = "tls-relay" // the TLS driver's relay (either side encrypted)
+)
+
+// Stats describe a handed-off session when it ends, whichever path
+// carried it.
+type Stats struct {
+	Mode string // ModeSockmap, ModeRelay or ModeTLSRelay
+	// ClientToServer and ServerToClient count the bytes moved each way,
+	// the bytes held at the handoff included.
+	ClientToServer, ServerToClient uint64
+	Duration                       time.Duration // from the handoff
+	Reason                         string        // why it ended
+	// Sockmap only (zero elsewhere): the times a direction entered flow
+	// control, and the bytes flow control moved in user space.
+	FlowControl, Relayed uint64
+}
+
+// End writes the one "session end" line of a handed-off session.
+func (r *Record) End(m *session.Machine, st Stats) {
+	r.log.Info("session end", "conn", r.id, "client", r.addr, "user", m.User(), "database", m.Database(),
+		"mode", st.Mode, "bytes_client_to_server", st.ClientToServer, "bytes_server_to_client", st.ServerToClient,
+		"flow_control", st.FlowControl, "relayed_bytes", st.Relayed,
+		"duration", st.Duration.Round(time.Millisecond), "reason", st.Reason)
+}

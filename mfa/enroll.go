@@ -130,7 +130,7 @@ func (s *FileStore) Enroll(user string, opts EnrollOptions, force bool) (*otp.Ke
 		if err != nil {
 			return err
 		}
-		users[user] = storedUser{Secret: e.Secret, Digits: e.Digits, Period: e.Period, Algorithm: e.Algorithm, Issuer: e.Issuer, Enrolled: e.Enrolled}
+		users[user] = storedUser(e)
 		key = k
 		return nil
 	})
@@ -146,7 +146,7 @@ func (s *FileStore) Enrollments() map[string]Enrollment {
 	defer s.mu.RUnlock()
 	out := make(map[string]Enrollment, len(s.users))
 	for name, u := range s.users {
-		out[name] = Enrollment{Secret: u.Secret, Digits: u.Digits, Period: u.Period, Algorithm: u.Algorithm, Issuer: u.Issuer, Enrolled: u.Enrolled, LastStep: u.LastStep}
+		out[name] = Enrollment(u)
 	}
 	return out
 }

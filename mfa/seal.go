@@ -178,16 +178,6 @@ func (k *Keyring) IDs() []string {
 // secret written before encryption).
 func Sealed(v string) bool { return strings.HasPrefix(v, sealPrefix) }
 
-// SealedKeyID is the key id a sealed value names ("" if it is not sealed or
-// malformed).
-func SealedKeyID(v string) string {
-	id, _, err := splitSealed(v)
-	if err != nil {
-		return ""
-	}
-	return id
-}
-
 // Seal encrypts secret for user with the current key. A nil keyring
 // returns secret unchanged (plaintext store).
 func (k *Keyring) Seal(user, secret string) (string, error) {

@@ -1,7 +1,8 @@
 # pgmfa — build, test, run and benchmark.
 #
 #   make run      scratch PostgreSQL + demo user + proxy in the foreground
-#   make test     every test (installs the distribution's PostgreSQL when missing)
+#   make test     every test (installs PostgreSQL 15 from apt and the 13-18
+#                 server builds of the version matrix when missing)
 #   make bench    the benchmark suite (installs pgbouncer when missing)
 #   make lint     staticcheck, deadcode, go mod tidy -diff (fails on findings)
 #   make race     the race detector on the packages where it is affordable
@@ -10,12 +11,13 @@ GO        ?= go
 # The binary lives beside its package (ignored by git), so the top level
 # holds only the agreed layout.
 BIN       := cmd/pgmfa/bin/pgmfa
+DEMO      := cmd/pgmfa-demo/bin/pgmfa-demo
 PGBIN     ?= $(firstword $(wildcard /usr/lib/postgresql/15/bin) $(wildcard /usr/lib/postgresql/*/bin))
 TESTFLAGS ?=
 BENCHFLAGS ?=
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: all build test test-short vet lint race generate run bench bench-smoke fuzz deps deps-pg deps-clang deps-bench clean
+.PHONY: all build test test-short vet lint race check-deps generate run bench bench-smoke fuzz deps deps-pg deps-pg-servers deps-clang deps-bench clean
 
 all: build
 
@@ -52,9 +54,16 @@ RACEPKGS ?= ./proto/... ./mfa/... ./loop/relay ./loop/admin ./cmd/pgmfa
 race: deps-pg
 	$(GO) test -race -count=1 -timeout 20m $(RACEPKGS)
 
+# The shipped binary must not link the test framework or the cluster
+# harness (which runs initdb as the postgres user): those belong to tests
+# and to pgmfa-demo.
+check-deps:
+	@bad=$$($(GO) list -deps ./cmd/pgmfa | grep -E '^testing($$|/)|/bench/' || true); \
+	if [ -n "$$bad" ]; then echo "cmd/pgmfa links test-only packages:"; echo "$$bad"; exit 1; fi
+
 # The whole suite. Tests that need root, BPF or PostgreSQL skip with a reason
 # elsewhere; under CI=true they must run.
-test: deps-pg deps-bench build vet
+test: deps-pg deps-pg-servers deps-bench build vet check-deps
 	$(GO) test -count=1 -timeout 40m $(TESTFLAGS) ./...
 
 # The pure packages alone: fast, no PostgreSQL, no root.
@@ -79,7 +88,8 @@ generate: deps-clang
 	$(GO) generate ./bpf/...
 
 run: deps-pg build
-	./$(BIN) demo
+	$(GO) build -o $(DEMO) ./cmd/pgmfa-demo
+	./$(DEMO) --pgmfa $(BIN)
 
 bench: deps-pg deps-bench build
 	$(GO) run ./bench $(BENCHFLAGS)
@@ -87,13 +97,19 @@ bench: deps-pg deps-bench build
 bench-smoke: deps-pg deps-bench build
 	$(GO) run ./bench -smoke $(BENCHFLAGS)
 
-deps: deps-pg
+deps: deps-pg deps-pg-servers
 
 deps-pg:
 	@if [ -z "$(PGBIN)" ] || ! command -v psql >/dev/null || ! command -v pgbench >/dev/null; then \
 	  echo "installing PostgreSQL (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-contrib >/dev/null; \
 	fi
+
+# PostgreSQL 13, 14, 16, 17 and 18 server builds for the version matrix,
+# from the npm registry into a cache outside the repository (see the script);
+# a no-op when present.
+deps-pg-servers:
+	@bash bench/pgcluster/install-servers.sh
 
 deps-clang:
 	@command -v clang >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang llvm libbpf-dev >/dev/null; }
@@ -102,4 +118,4 @@ deps-bench:
 	@command -v pgbouncer >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; }
 
 clean:
-	rm -rf cmd/pgmfa/bin
+	rm -rf cmd/pgmfa/bin cmd/pgmfa-demo/bin

@@ -15,6 +15,8 @@ type config struct {
 	Workloads  []string      `json:"workloads"`
 	Duration   time.Duration `json:"duration_ns"`
 	Rounds     int           `json:"rounds"`
+	MaxRounds  int           `json:"max_rounds"`
+	Spread     float64       `json:"spread"`
 	Scale      int           `json:"scale"`
 	Clients    []int         `json:"clients"`
 	BulkMB     int           `json:"bulk_mb"`
@@ -51,7 +53,9 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 		paths     = fs.String("paths", "all", "comma-separated paths to measure: "+strings.Join(allPaths, ", ")+" (all: every one)")
 		workloads = fs.String("workloads", "all", "comma-separated workloads (all: every one); names: "+strings.Join(workloadNames([]int{1, 16, 64}), ", ")+"; select-N follows -clients")
 		duration  = fs.Duration("duration", 8*time.Second, "length of each timed run (pgbench -T, login-latency loop)")
-		rounds    = fs.Int("rounds", 3, "rounds; every figure is the median of the rounds, with min and max")
+		rounds    = fs.Int("rounds", 3, "rounds at least; every figure is the median of the rounds, with min and max")
+		maxRounds = fs.Int("max-rounds", 8, "rounds at most: after -rounds, a workload gets further rounds (all its paths again, interleaved) while any of its ratios is spread wider than -spread")
+		spread    = fs.Float64("spread", 0.03, "target spread of a ratio: the median absolute deviation of its per-round values; wider figures get more rounds, and are marked too noisy to read when -max-rounds did not bring them under it")
 		scale     = fs.Int("scale", 20, "pgbench scale factor (pgbench -i -s N; 20 is ~300 MB)")
 		clients   = fs.String("clients", "1,16,64", "client counts for the pgbench -S workloads (one workload select-N each); -j is min(N, cores)")
 		bulkMB    = fs.Int("bulk-mb", 500, "size in MB of the copy-out (COPY TO STDOUT) and copy-in (COPY FROM STDIN into an unlogged table, truncated before each run and verified by row count and checksum after) workloads; select-bulk returns 3/5 of it")
@@ -83,11 +87,12 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 		}
 		def("duration", func() { *duration = time.Second })
 		def("rounds", func() { *rounds = 1 })
+		def("max-rounds", func() { *maxRounds = 1 })
 		def("scale", func() { *scale = 1 })
 		def("bulk-mb", func() { *bulkMB = 20 })
 		def("sessions", func() { *sessions = 50 })
 	}
-	c := &config{Duration: *duration, Rounds: *rounds, Scale: *scale, BulkMB: *bulkMB, Sessions: *sessions,
+	c := &config{Duration: *duration, Rounds: *rounds, MaxRounds: max(*maxRounds, *rounds), Spread: *spread, Scale: *scale, BulkMB: *bulkMB, Sessions: *sessions,
 		Pgmfa: *pgmfa, PgmfaFlags: strings.Fields(*pgmfaFl), Out: *out, Smoke: *smoke, Keep: *keep}
 	var err error
 	if c.Clients, err = parseInts(*clients); err != nil {
@@ -104,6 +109,8 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 		return nil, fmt.Errorf("-duration %v is too short", c.Duration)
 	case c.Rounds < 1 || c.Scale < 1 || c.BulkMB < 1 || c.Sessions < 1:
 		return nil, fmt.Errorf("-rounds, -scale, -bulk-mb and -sessions must be at least 1")
+	case !(c.Spread > 0):
+		return nil, fmt.Errorf("-spread must be above 0")
 	}
 	return c, nil
 }

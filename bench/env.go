@@ -100,6 +100,8 @@ func setup(ctx context.Context, cfg *config, repo string, logf func(string, ...a
 		switch {
 		case p == pathDirect:
 			ep = &endpoint{Name: p, Host: e.cluster.Host, Port: e.cluster.Port}
+		case p == pathBare:
+			ep = startBare(&e.procs, e.cluster, filepath.Join(e.tmp, p))
 		case isPgbouncer(p):
 			ep = startPgbouncer(&e.procs, p, e.cluster, filepath.Join(e.tmp, p), e.pki, []string{benchUser, benchWaitUser}, cfg.Sessions)
 		default:

@@ -7,11 +7,17 @@ import (
 )
 
 // loginLatency logs in and out one login after another for -duration and
-// returns the median milliseconds from dial to ReadyForQuery. On pgmfa paths
-// the code is sent every time (and --mfa-remember is on, as with pgbench),
-// so the figure is what MFA adds to a login a pool or a script makes.
+// returns the median milliseconds from dial to ReadyForQuery. On pgmfa
+// paths the code is sent every time (and --mfa-remember is on, as with
+// pgbench), so the figure is what MFA adds to a login a pool or a script
+// makes; the median of each step of pgmfa's own login timing is kept too
+// (breakdown.go).
 func (e *env) loginLatency(ctx context.Context, ep *endpoint) (float64, map[string]float64, error) {
 	var ms []float64
+	from := int64(-1)
+	if isPgmfa(ep.Name) && ep.LogFile != "" {
+		from = logSize(ep.LogFile)
+	}
 	deadline := time.Now().Add(e.cfg.Duration)
 	for time.Now().Before(deadline) || len(ms) < 5 {
 		if len(ms) >= 5 && ctx.Err() != nil {
@@ -29,5 +35,9 @@ func (e *env) loginLatency(ctx context.Context, ep *endpoint) (float64, map[stri
 		ms = append(ms, float64(d.Microseconds())/1000)
 	}
 	s := summarize(ms)
-	return s.Median, map[string]float64{"logins": float64(len(ms)), "min_ms": s.Min, "max_ms": s.Max}, nil
+	detail := map[string]float64{"logins": float64(len(ms)), "min_ms": s.Min, "max_ms": s.Max}
+	if from >= 0 {
+		addBreakdown(detail, ep.LogFile, from)
+	}
+	return s.Median, detail, nil
 }

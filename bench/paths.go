@@ -10,6 +10,7 @@ import (
 // Path names. Their order is the order of the table and the chart.
 const (
 	pathDirect       = "direct"
+	pathBare         = "sockmap-bare"
 	pathSockmap      = "pgmfa-sockmap"
 	pathSockmapUnix  = "pgmfa-sockmap-unix"
 	pathRelay        = "pgmfa-relay"
@@ -18,11 +19,12 @@ const (
 	pathPgbouncerTLS = "pgbouncer-tls"
 )
 
-var allPaths = []string{pathDirect, pathSockmap, pathSockmapUnix, pathRelay, pathPgbouncer, pathPgmfaTLS, pathPgbouncerTLS}
+var allPaths = []string{pathDirect, pathBare, pathSockmap, pathSockmapUnix, pathRelay, pathPgbouncer, pathPgmfaTLS, pathPgbouncerTLS}
 
 // pathDescriptions say what each path is, for the JSON file and --help.
 var pathDescriptions = map[string]string{
 	pathDirect:       "TCP straight to PostgreSQL (the limit)",
+	pathBare:         "a bare sockmap pair: accept, connect, splice at once with a redirect-only verdict, no proxy logic (the kernel's floor; the login is spliced too)",
 	pathSockmap:      "pgmfa --splice sockmap, TCP upstream",
 	pathSockmapUnix:  "pgmfa --splice sockmap, unix-socket upstream",
 	pathRelay:        "pgmfa --splice off (user-space relay), TCP upstream",
@@ -32,7 +34,7 @@ var pathDescriptions = map[string]string{
 }
 
 // isPgmfa reports whether a path goes through pgmfa.
-func isPgmfa(path string) bool { return path != pathDirect && !isPgbouncer(path) }
+func isPgmfa(path string) bool { return path != pathDirect && path != pathBare && !isPgbouncer(path) }
 
 // isPgbouncer reports whether a path goes through pgbouncer.
 func isPgbouncer(path string) bool { return path == pathPgbouncer || path == pathPgbouncerTLS }

@@ -112,16 +112,26 @@ func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, 
 		// before the memory is read.
 		"--mfa-timeout", "10m",
 		"--loops", strconv.Itoa(runtime.NumCPU()),
+		// One "login timing" line per login: the login-latency breakdown.
+		"--log-level", "debug",
 	}
 	if ep.TLS {
 		args = append(args, "--tls-cert", pki.CertFile, "--tls-key", pki.KeyFile, "--tls", "require")
 	}
 	args = append(args, extra...)
-	ep.LogFile = filepath.Join(dir, "pgmfa.log")
+	startServer(ps, ep, "pgmfa", dir, "pgmfa.log", bin, args...)
+	return ep
+}
+
+// startServer starts a path's own process in dir with its output in
+// dir/logName, records it in ep (or why it failed in ep.Err) and waits
+// until it listens on ep.Addr().
+func startServer(ps *procs, ep *endpoint, what, dir, logName, bin string, args ...string) {
+	ep.LogFile = filepath.Join(dir, logName)
 	logf, err := os.Create(ep.LogFile)
 	if err != nil {
 		ep.Err = err
-		return ep
+		return
 	}
 	defer logf.Close() // the child keeps its own descriptor
 	cmd := exec.Command(bin, args...)
@@ -129,11 +139,10 @@ func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, 
 	cmd.Stdout, cmd.Stderr = logf, logf
 	ep.CmdLine = cmd.Args
 	if ep.Err = ps.start(cmd); ep.Err != nil {
-		return ep
+		return
 	}
 	ep.Cmd = cmd
 	if err := ps.waitListening(cmd, ep.Addr(), 15*time.Second); err != nil {
-		ep.Err = fmt.Errorf("pgmfa %v; log:\n%s", err, tail(ep.LogFile, 1500))
+		ep.Err = fmt.Errorf("%s %v; log:\n%s", what, err, tail(ep.LogFile, 1500))
 	}
-	return ep
 }

@@ -59,6 +59,28 @@ type Row struct {
 	Ratio        Summary  `json:"ratio"`
 	Delta        Summary  `json:"delta_to_direct"`
 	CPU          Summary  `json:"cpu_seconds"`
+	// Spreads (spread.go): median absolute deviation over the rounds of
+	// the ratio, the value and the difference to direct; NaN (null) with
+	// fewer than two rounds.
+	RatioSpread float64 `json:"ratio_spread"`
+	ValueSpread float64 `json:"value_spread"`
+	DeltaSpread float64 `json:"delta_spread"`
+	// CtxPerTx is the median context switches per transaction (or login)
+	// over the rounds: proxy, postgres, kworker, system (ctxsw.go).
+	CtxPerTx [4]float64 `json:"-"`
+}
+
+// MarshalJSON keeps NaN spreads out of the file.
+func (r *Row) MarshalJSON() ([]byte, error) {
+	type plain Row
+	return json.Marshal(struct {
+		*plain
+		RatioSpread *float64            `json:"ratio_spread"`
+		ValueSpread *float64            `json:"value_spread"`
+		DeltaSpread *float64            `json:"delta_spread"`
+		CtxPerTx    map[string]*float64 `json:"context_switches_per_tx,omitempty"`
+	}{(*plain)(r), num(r.RatioSpread), num(r.ValueSpread), num(r.DeltaSpread),
+		map[string]*float64{"proxy": num(r.CtxPerTx[0]), "postgres": num(r.CtxPerTx[1]), "kworker": num(r.CtxPerTx[2]), "system": num(r.CtxPerTx[3])}})
 }
 
 // MarshalJSON for Summary keeps NaN out of the file too.
@@ -87,13 +109,23 @@ func (r *Row) Errors() []string {
 // finish fills the summaries from the samples.
 func (r *Row) finish() {
 	var v, ratio, delta, cpu []float64
+	var cs [4][]float64
 	for _, s := range r.Samples {
 		v = append(v, s.Value)
 		ratio = append(ratio, s.Ratio)
 		delta = append(delta, s.DeltaToDirect)
 		cpu = append(cpu, s.CPUSeconds)
+		for i, k := range []string{"cs_per_tx_proxy", "cs_per_tx_postgres", "cs_per_tx_kworker", "cs_per_tx_system"} {
+			if x, ok := s.Detail[k]; ok && !math.IsNaN(s.Value) {
+				cs[i] = append(cs[i], x)
+			}
+		}
 	}
 	r.Value, r.Ratio, r.Delta, r.CPU = summarize(v), summarize(ratio), summarize(delta), summarize(cpu)
+	r.RatioSpread, r.ValueSpread, r.DeltaSpread = mad(ratio), mad(v), mad(delta)
+	for i := range cs {
+		r.CtxPerTx[i] = summarize(cs[i]).Median
+	}
 }
 
 // Results holds the rows in the order they were first measured.

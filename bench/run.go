@@ -57,9 +57,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		rep.Workloads = append(rep.Workloads, WorkloadInfo{Name: w.Name, Unit: w.Unit, HigherBetter: w.HigherBetter, Desc: w.Desc})
 	}
 
-	fmt.Fprintf(stdout, "pgmfa bench: %d cores, kernel %s, %s; %d round(s) of %v, scale %d\n\n",
-		rep.Machine.Cores, rep.Machine.Kernel, shortPG(rep.Machine.PostgreSQL), cfg.Rounds, cfg.Duration, cfg.Scale)
-	writeTable(stdout, res, cfg.Rounds)
+	fmt.Fprintf(stdout, "pgmfa bench: %d cores, kernel %s, %s; %d to %d round(s) of %v (target spread %.2f), scale %d\n\n",
+		rep.Machine.Cores, rep.Machine.Kernel, shortPG(rep.Machine.PostgreSQL), cfg.Rounds, cfg.MaxRounds, cfg.Duration, cfg.Spread, cfg.Scale)
+	writeTable(stdout, res, cfg)
+	writeBreakdown(stdout, res)
+	writeVerdicts(stdout, res, cfg)
 
 	code := 0
 	jsonPath, svgPath := filepath.Join(cfg.Out, "results.json"), filepath.Join(cfg.Out, "ratios.svg")

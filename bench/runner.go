@@ -27,27 +27,50 @@ func selectedWorkloads(cfg *config) []*workload {
 // every path back to back, so that each path's ratio compares it with a
 // direct run made moments before, under the same background load. The path
 // order rotates from round to round so that no path always runs first
-// (cold caches) or last.
+// (cold caches) or last. After -rounds, a workload whose ratios are still
+// spread wider than -spread gets another round, up to -max-rounds
+// (spread.go); settled workloads are not run again.
 func measureAll(ctx context.Context, e *env, prog *progress) *Results {
 	ws := selectedWorkloads(e.cfg)
-	total := 0
-	for _, w := range ws {
-		for _, p := range e.cfg.Paths {
-			if w.Applies(p) {
-				total++
+	perRound := func(ws []*workload) int {
+		n := 0
+		for _, w := range ws {
+			for _, p := range e.cfg.Paths {
+				if w.Applies(p) {
+					n++
+				}
 			}
 		}
+		return n
 	}
-	prog.begin(total * e.cfg.Rounds)
+	prog.begin(perRound(ws) * e.cfg.Rounds)
 	res := &Results{}
-	for round := 1; round <= e.cfg.Rounds && ctx.Err() == nil; round++ {
+	for round := 1; round <= e.cfg.MaxRounds && ctx.Err() == nil; round++ {
+		todo := ws
+		if round > e.cfg.Rounds {
+			res.relate()
+			todo = unsettled(res, ws, e.cfg)
+			if len(todo) == 0 {
+				break
+			}
+			prog.total += perRound(todo)
+			names := make([]string, len(todo))
+			for i, w := range todo {
+				names[i] = w.Name
+			}
+			prog.log("round %d: spread still above %.2f for %s", round, e.cfg.Spread, strings.Join(names, ", "))
+		}
 		order := rotate(e.cfg.Paths, round-1)
-		for _, w := range ws {
+		for _, w := range todo {
 			for _, p := range order {
 				if !w.Applies(p) || ctx.Err() != nil {
 					continue
 				}
-				prog.start(fmt.Sprintf("round %d/%d  %-13s %s", round, e.cfg.Rounds, w.Name, p))
+				of := fmt.Sprintf("%d/%d", round, e.cfg.Rounds)
+				if round > e.cfg.Rounds {
+					of = fmt.Sprintf("%d (extra, at most %d)", round, e.cfg.MaxRounds)
+				}
+				prog.start(fmt.Sprintf("round %s  %-13s %s", of, w.Name, p))
 				s := measureOne(ctx, e, w, e.endpoints[p], round)
 				res.row(w, p).Samples = append(res.row(w, p).Samples, s)
 				prog.done(describeSample(s, w.Unit))
@@ -56,6 +79,21 @@ func measureAll(ctx context.Context, e *env, prog *progress) *Results {
 	}
 	res.relate()
 	return res
+}
+
+// unsettled returns the workloads with a row whose spread is still above
+// the target (spread.go).
+func unsettled(res *Results, ws []*workload, cfg *config) []*workload {
+	var out []*workload
+	for _, w := range ws {
+		for _, p := range cfg.Paths {
+			if r := res.find(w.Name, p); r != nil && !r.settled(cfg.Spread) {
+				out = append(out, w)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // rotate returns s rotated left by k.
@@ -79,9 +117,19 @@ func measureOne(ctx context.Context, e *env, w *workload, ep *endpoint, round in
 	if pid != 0 {
 		cpu0, cpuErr = procCPU(pid)
 	}
+	pgPID := 0
+	if e.cluster != nil {
+		pgPID = e.cluster.PID()
+	}
+	cs := startCtxSampler(pid, pgPID)
 	t0 := time.Now()
 	v, detail, err := w.Run(ctx, e, ep)
 	s.Seconds = time.Since(t0).Seconds()
+	csProxy, csPG, csKw, csSys := cs.stop()
+	if detail == nil {
+		detail = map[string]float64{}
+	}
+	addCtxDetail(detail, csProxy, csPG, csKw, csSys, pid != 0)
 	if pid != 0 && cpuErr == nil {
 		if cpu1, err := procCPU(pid); err == nil {
 			s.CPUSeconds = cpu1 - cpu0

@@ -10,6 +10,7 @@ import (
 // pathColours gives each path one colour in the chart, stable across runs.
 var pathColours = map[string]string{
 	pathDirect:       "#2ca02c",
+	pathBare:         "#9467bd",
 	pathSockmap:      "#1f77b4",
 	pathSockmapUnix:  "#17becf",
 	pathRelay:        "#ff7f0e",

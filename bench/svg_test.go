@@ -77,9 +77,9 @@ func TestRenderSVG(t *testing.T) {
 
 func TestWriteTable(t *testing.T) {
 	var b bytes.Buffer
-	writeTable(&b, sampleResults(), 2)
+	writeTable(&b, sampleResults(), &config{Rounds: 2, MaxRounds: 2, Spread: 0.03})
 	out := b.String()
-	for _, want := range []string{"select-16", "pgbouncer", "0.55", "+1.00 ms", "ERROR", "errors:", "pgmfa-sockmap [select-16]: boom"} {
+	for _, want := range []string{"select-16", "pgbouncer", "0.55 ±0.05 ?", "+1.00 ±0.00 ms", "too noisy to read", "ERROR", "errors:", "pgmfa-sockmap [select-16]: boom"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}

@@ -22,7 +22,7 @@ type workload struct {
 }
 
 func everyPath(string) bool     { return true }
-func proxiedPath(p string) bool { return p != pathDirect }
+func proxiedPath(p string) bool { return p != pathDirect && p != pathBare }
 
 // workloadNames lists the workload names for the given -clients.
 func workloadNames(clients []int) []string {

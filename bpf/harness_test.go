@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"golang.org/x/sys/unix"
 )
 
@@ -21,10 +22,7 @@ import (
 func needSplicer(t testing.TB, opts Options) *Splicer {
 	t.Helper()
 	if err := Probe(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("CI=true but kernel splicing is unavailable: %v", err)
-		}
-		t.Skipf("kernel splicing unavailable: %v", err)
+		pgtest.SkipOrFail(t, "kernel splicing unavailable: %v", err)
 	}
 	if opts.Logger == nil && os.Getenv("PGMFA_SPLICE_DEBUG") != "" {
 		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))

@@ -8,13 +8,15 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 )
 
 // TestProbe: as root (as in CI) kernel splicing must be available here.
 func TestProbe(t *testing.T) {
 	err := Probe()
-	if err != nil && os.Geteuid() != 0 && os.Getenv("CI") != "true" {
-		t.Skipf("not root: %v", err)
+	if err != nil && os.Geteuid() != 0 {
+		pgtest.SkipOrFail(t, "not root: %v", err)
 	}
 	if err != nil {
 		t.Fatalf("Probe as root: %v", err)
@@ -40,10 +42,7 @@ func TestProbeChild(t *testing.T) {
 // that Probe refuses with one sentence naming the cause.
 func TestProbeUnprivileged(t *testing.T) {
 	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("CI=true but not root: cannot switch to nobody")
-		}
-		t.Skip("needs root to run the probe as nobody")
+		pgtest.SkipOrFail(t, "needs root to run the probe as nobody")
 	}
 	// The go test binary sits in a 0700 build directory; nobody needs a
 	// copy it can execute.

@@ -95,8 +95,11 @@ func DefaultMaxConns(loops int) (int, uint64) {
 // pendingClient is the gnet context of an accepted connection until its
 // OnOpen. Its state says who owns the connection's --max-conns slot: gnet's
 // OnOpen (opened), or nobody because gnet never opened it (abandoned; the
-// acceptor gave the slot back).
-type pendingClient struct{ state atomic.Int32 }
+// acceptor gave the slot back). accepted starts the login's timeline.
+type pendingClient struct {
+	state    atomic.Int32
+	accepted time.Time
+}
 
 const (
 	pendingWaiting int32 = iota
@@ -279,7 +282,7 @@ func (a *acceptor) admit(nc net.Conn) {
 		}
 		return
 	}
-	pc := &pendingClient{}
+	pc := &pendingClient{accepted: time.Now()}
 	ctx := gnet.NewNetConnContext(gnet.NewContext(context.Background(), pc), nc)
 	a.regMu.Lock()
 	ch, err := s.eng.Register(ctx)

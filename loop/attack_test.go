@@ -20,6 +20,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/proto"
@@ -501,10 +502,7 @@ func TestGarbageAtEveryState(t *testing.T) {
 // --mfa-remember finishes with zero errors.
 func TestPgbenchThroughProxy(t *testing.T) {
 	if _, err := exec.LookPath("pgbench"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("pgbench not installed")
-		}
-		t.Skip("pgbench not installed")
+		pgtest.SkipOrFail(t, "pgbench not installed")
 	}
 	p := startProxy(t, mfa.Options{Remember: time.Minute}, nil)
 	if _, err := p.pg.PsqlDB("app", "create table if not exists bench_kv(k int primary key, v int); insert into bench_kv select g, g from generate_series(1,1000) g on conflict do nothing"); err != nil {

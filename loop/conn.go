@@ -44,6 +44,8 @@ type conn struct {
 
 	inStartup bool // the startup timeout runs, not yet the handshake's
 
+	tl timeline // when each step of the login happened (timing.go)
+
 	closed     bool
 	handedOff  bool
 	released   bool // the conns slot was given back
@@ -79,6 +81,7 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 			return nil, gnet.Close
 		}
 		c.upstream = gc
+		c.tl.mark(stepDialed)
 		// gnet applies its socket-buffer options to accepted sockets
 		// only; the database socket is dialed, so --socket-buffer is set
 		// here (before any byte moves, so autotuning is off from the start).
@@ -121,6 +124,8 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		start:  rec.Start(),
 		m:      session.New(s.sessionConfig()),
 	}
+	c.tl.at[stepAccepted] = pc.accepted
+	c.tl.mark(stepOpened)
 	gc.SetContext(&clientSide{c})
 	if s.upstreamTLS {
 		// The database side needs TLS: the whole connection runs in the
@@ -163,6 +168,12 @@ func (s *Server) OnTraffic(gc gnet.Conn) gnet.Action {
 // has buffered, so the machine sees all the unparsed bytes of that side
 // (it bounds them: session.Config.MaxPipelined, MaxFromUpstream).
 func (c *conn) drain(gc gnet.Conn, step func([]byte) (int, session.Output)) {
+	fromUpstream := gc == c.upstream
+	t0 := time.Now()
+	defer func() { c.tl.inLoop += time.Since(t0) }()
+	if fromUpstream {
+		c.tl.mark(stepDBFirst)
+	}
 	for !c.closed && !c.handedOff {
 		buf, _ := gc.Peek(-1)
 		n, out := step(buf)
@@ -245,6 +256,10 @@ func (c *conn) act(out session.Output) {
 	}
 	if out.Established != nil {
 		c.handoff(out.ToClient, out.Established)
+		if c.handedOff {
+			c.tl.mark(stepReleased)
+			c.logTiming()
+		}
 		return
 	}
 	if out.StartTLS {
@@ -255,6 +270,7 @@ func (c *conn) act(out session.Output) {
 		c.writeClient(out.ToClient)
 	}
 	if out.Dial {
+		c.tl.mark(stepStartup)
 		c.dial()
 	}
 	if out.Cancel != nil && c.forwardCancel(out.Cancel) {
@@ -263,6 +279,7 @@ func (c *conn) act(out session.Output) {
 		return
 	}
 	if out.NeedMFA != nil {
+		c.tl.mark(stepMFAAsked)
 		c.askMFA(out.NeedMFA)
 	}
 	if out.Close {
@@ -346,6 +363,13 @@ func (c *conn) dial() {
 // PostgreSQL store each is a round trip), so it is resolved on a goroutine,
 // never on the loop: a slow store delays only the logins that wait on it.
 func (c *conn) askMFA(req *session.MFARequest) {
+	// Decisions that need no store I/O (MFA off, an exempt user, a
+	// remember window held in this process's memory) are made here, on the
+	// loop, with no goroutine hop (Gate.Decided).
+	if path, o, ok := c.srv.gate.Decided(req, c.addr); ok {
+		c.decide(path, o)
+		return
+	}
 	go func() {
 		path, o, cancel, waiting := c.srv.gate.Resolve(req, c.id, c.addr, func(path mfa.Path, o mfa.Outcome) {
 			c.exec(func() { c.decide(path, o) })
@@ -376,6 +400,7 @@ func (c *conn) decide(path mfa.Path, o mfa.Outcome) {
 		return
 	}
 	c.mfaDecided = true
+	c.tl.mark(stepMFADecided)
 	c.act(c.rec.Decide(c.m, path, o))
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
@@ -602,7 +603,7 @@ func TestCancelAcrossInstances(t *testing.T) {
 func TestDifferentialUpstreamTLS(t *testing.T) {
 	cluster(t) // skips without PostgreSQL
 	pki := testPKI(t)
-	pg := pgcluster.StartT(t, pgcluster.Options{
+	pg := pgtest.Start(t, pgcluster.Options{
 		Method: pgcluster.ScramSHA256,
 		Users: []pgcluster.User{
 			{Name: alice, Password: alicePW, Superuser: true},

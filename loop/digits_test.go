@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
@@ -84,7 +85,7 @@ func TestTOTPDigits8(t *testing.T) {
 	})
 	t.Run("upstream TLS", func(t *testing.T) {
 		pki := testPKI(t)
-		pg := pgcluster.StartT(t, pgcluster.Options{
+		pg := pgtest.Start(t, pgcluster.Options{
 			Users: []pgcluster.User{{Name: alice, Password: alicePW}},
 			SSL:   &pgcluster.SSLFiles{CertFile: pki.CertFile, KeyFile: pki.KeyFile},
 		})

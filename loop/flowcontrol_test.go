@@ -41,6 +41,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/bpf"
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/mfa"
@@ -80,10 +81,7 @@ func fcConfig(t *testing.T) (mode string, mod func(*loop.Config)) {
 		return "relay", func(c *loop.Config) { c.Splice = loop.SpliceOff }
 	case "", "nobound":
 		if err := bpf.Probe(); err != nil {
-			if os.Getenv("CI") != "" {
-				t.Fatalf("kernel splicing must be available in CI: %v", err)
-			}
-			t.Skipf("sockmap splicing unavailable: %v", err)
+			pgtest.SkipOrFail(t, "sockmap splicing unavailable: %v", err)
 		}
 		return "sockmap", func(c *loop.Config) {
 			c.Splice = loop.SpliceSockmap
@@ -968,7 +966,7 @@ func TestFlowClientReset(t *testing.T) {
 func TestFlowDatabaseKilled(t *testing.T) {
 	fcConfig(t)
 	cluster(t) // the proxy's harness needs the shared one; the kill gets its own
-	tp := pgcluster.StartT(t, pgcluster.Options{
+	tp := pgtest.Start(t, pgcluster.Options{
 		Method:    pgcluster.ScramSHA256,
 		Users:     []pgcluster.User{{Name: alice, Password: alicePW, Superuser: true}},
 		Databases: []string{"app"},

@@ -16,7 +16,7 @@ import (
 // handoff takes an authenticated, released session out of gnet and gives
 // its two sockets to the kernel (sockmap) or to the user-space relay.
 //
-// The sequence (DESIGN.md, "Handoff to the kernel"): both conns are on this
+// The sequence: both conns are on this
 // loop and nothing is left in gnet's outbound buffers; take the read-ahead
 // (client bytes pipelined behind the login, anything the database sent
 // after ReadyForQuery); dup both fds; close both gnet conns synchronously so

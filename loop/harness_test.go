@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,17 +21,24 @@ import (
 	"github.com/pquerna/otp/totp"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/mfa"
 )
 
 // One PostgreSQL cluster serves every test in this package: starting one
 // costs seconds. log_statement=all lets tests prove what never reached it.
-var (
-	sharedPG   *pgcluster.Cluster
-	sharedErr  error
-	sharedOnce sync.Once
-)
+var sharedPG = pgtest.Shared{Options: pgcluster.Options{
+	Method: pgcluster.ScramSHA256,
+	Users: []pgcluster.User{
+		{Name: alice, Password: alicePW, Superuser: true},
+		{Name: bob, Password: bobPW, Method: pgcluster.MD5},
+		{Name: svc, Password: svcPW},
+		{Name: nobody, Password: nobodyPW},
+	},
+	Databases: []string{"app"},
+	Settings:  map[string]string{"log_statement": "'all'", "max_connections": "400"},
+}}
 
 const (
 	alice    = "alice" // scram-sha-256, enrolled
@@ -47,9 +53,7 @@ const (
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if sharedPG != nil {
-		sharedPG.Stop()
-	}
+	sharedPG.Stop()
 	if pgmfaBin != "" {
 		os.RemoveAll(filepath.Dir(pgmfaBin))
 	}
@@ -58,26 +62,7 @@ func TestMain(m *testing.M) {
 
 func cluster(t *testing.T) *pgcluster.Cluster {
 	t.Helper()
-	sharedOnce.Do(func() {
-		sharedPG, sharedErr = pgcluster.Start(pgcluster.Options{
-			Method: pgcluster.ScramSHA256,
-			Users: []pgcluster.User{
-				{Name: alice, Password: alicePW, Superuser: true},
-				{Name: bob, Password: bobPW, Method: pgcluster.MD5},
-				{Name: svc, Password: svcPW},
-				{Name: nobody, Password: nobodyPW},
-			},
-			Databases: []string{"app"},
-			Settings:  map[string]string{"log_statement": "'all'", "max_connections": "400"},
-		})
-	})
-	if sharedErr == pgcluster.ErrNoBinaries && os.Getenv("CI") == "" {
-		t.Skip(sharedErr.Error())
-	}
-	if sharedErr != nil {
-		t.Fatalf("start PostgreSQL: %v", sharedErr)
-	}
-	return sharedPG
+	return sharedPG.Get(t)
 }
 
 // proxy is a pgmfa server under test, in this process.
@@ -101,7 +86,13 @@ type syncBuffer = testlog.Buffer
 // are enrolled; svc is exempt; nobody is not enrolled.
 func startProxy(t *testing.T, mfaOpts mfa.Options, mod func(*loop.Config)) *proxy {
 	t.Helper()
-	pg := cluster(t)
+	return startProxyOn(t, cluster(t), mfaOpts, mod)
+}
+
+// startProxyOn is startProxy in front of another cluster (the version
+// matrix); its users are the shared cluster's.
+func startProxyOn(t *testing.T, pg *pgcluster.Cluster, mfaOpts mfa.Options, mod func(*loop.Config)) *proxy {
+	t.Helper()
 	dir := t.TempDir()
 	store, err := mfa.OpenFileStore(filepath.Join(dir, "totp.json"))
 	if err != nil {

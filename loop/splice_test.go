@@ -28,6 +28,7 @@ import (
 	"github.com/pgmfa/pgmfa/proto"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/bpf"
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/mfa"
@@ -37,7 +38,7 @@ import (
 func spliceModes(t *testing.T) []string {
 	modes := []string{loop.SpliceOff}
 	if err := bpf.Probe(); err != nil {
-		if os.Getenv("CI") != "" {
+		if pgtest.InCI() {
 			t.Fatalf("kernel splicing must be available in CI: %v", err)
 		}
 		t.Logf("sockmap path not tested: %v", err)

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy/testpki"
@@ -85,7 +86,7 @@ func TestClientTLSThroughLoop(t *testing.T) {
 // in and the database session is encrypted; a wrong CA fails clearly.
 func TestUpstreamTLSThroughLoop(t *testing.T) {
 	pki := testPKI(t)
-	pg := pgcluster.StartT(t, pgcluster.Options{
+	pg := pgtest.Start(t, pgcluster.Options{
 		Users: []pgcluster.User{{Name: alice, Password: alicePW}},
 		SSL:   &pgcluster.SSLFiles{CertFile: pki.CertFile, KeyFile: pki.KeyFile},
 	})

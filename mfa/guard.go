@@ -81,6 +81,12 @@ func NewGuard(opts Options, secrets Secrets) *Guard {
 	}
 }
 
+// InMemory reports whether Remembered and CheckEnrolled answer from
+// memory (a store without network I/O, like FileStore), so an event loop
+// may call them itself. With a Shared store or an AccountLoader (the
+// PostgreSQL store) they do store I/O and belong on a goroutine.
+func (g *Guard) InMemory() bool { return g.shared == nil && g.loader == nil }
+
 // Options returns the options in effect, defaults filled in.
 func (g *Guard) Options() Options { return g.opts }
 

@@ -143,7 +143,7 @@ func FuzzPassthrough(f *testing.F) {
 	f.Add(seedSteps(&pgproto3.AuthenticationMD5Password{}, &pgproto3.PasswordMessage{Password: "md5x"},
 		&pgproto3.ErrorResponse{Code: "28P01"}))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		p := NewPassthrough()
+		p := NewPassthroughFor(0, nil)
 		fuzzSteps(data, func(fromClient bool, m Message) bool {
 			authed := p.Authenticated()
 			if fromClient {

@@ -35,10 +35,16 @@ type Passthrough struct {
 	ready    bool
 	result   LoginResult
 	finished bool // an error ended the login
+	neg      negotiation
 }
 
-// NewPassthrough returns a relay waiting for the server's first message.
-func NewPassthrough() *Passthrough { return &Passthrough{} }
+// NewPassthroughFor returns a relay waiting for the server's first message,
+// for the StartupMessage the client sent (its protocol version and
+// parameters; 0 and nil for 3.0 with no _pq_.* option), against which the
+// server's NegotiateProtocolVersion is checked (see negotiate.go).
+func NewPassthroughFor(version uint32, params []StartupParam) *Passthrough {
+	return &Passthrough{neg: newNegotiation(version, params)}
+}
 
 // Authenticated reports whether the server's AuthenticationOk arrived (it
 // is held, not forwarded).
@@ -92,19 +98,27 @@ func (p *Passthrough) FromServer(m Message) (toClient []byte, err error) {
 		return nil, p.held(msg, m)
 	}
 	switch msg := msg.(type) {
-	case *pgproto3.NoticeResponse, *pgproto3.NegotiateProtocolVersion:
-		if n, ok := msg.(*pgproto3.NegotiateProtocolVersion); ok {
-			c := *n
-			c.UnrecognizedOptions = append([]string(nil), n.UnrecognizedOptions...)
-			p.result.Negotiate = &c
+	case *pgproto3.NoticeResponse:
+		return m.Raw(), nil
+	case *pgproto3.NegotiateProtocolVersion:
+		if err := p.neg.negotiate(msg); err != nil {
+			p.finished = true
+			return nil, err
 		}
+		// Forwarded now, so the Result's copy is not replayed.
+		p.result.Negotiate, p.result.NegotiateSent = p.neg.npv, true
 		return m.Raw(), nil
 	case *pgproto3.ParameterStatus, *pgproto3.BackendKeyData, *pgproto3.ReadyForQuery:
 		p.finished = true
 		return nil, protoErrorf("server sent %q before AuthenticationOk", m.Type)
 	}
-	// An authentication request. The server waits for the answer to the
-	// previous one before it sends another; if it did not, something is off.
+	// An authentication request. The protocol is settled by now.
+	if err := p.neg.settle(); err != nil {
+		p.finished = true
+		return nil, err
+	}
+	// The server waits for the answer to the previous one before it sends
+	// another; if it did not, something is off.
 	if p.pending != expectNone {
 		p.finished = true
 		return nil, protoErrorf("server sent a new authentication request while awaiting the client's response")

@@ -108,7 +108,7 @@ func TestPassthroughRealPostgres(t *testing.T) {
 	}
 	go reader(server, false)
 	go reader(client, true)
-	p := NewPassthrough()
+	p := NewPassthroughFor(0, nil)
 	cbuf, sbuf := buf, []byte(nil)
 	var toClient []byte // everything the client got before the release
 	for !p.Ready() {
@@ -236,7 +236,7 @@ func TestPassthroughRefusesEarlyQuery(t *testing.T) {
 	early := Message{Type: 'Q', Body: []byte("SELECT '" + canary + "'\x00")}
 
 	cli := NewUpstreamLogin(UpstreamConfig{User: "u_scram", Database: "postgres", Password: pgPassword("u_scram"), Rand: crand.Reader})
-	p := NewPassthrough()
+	p := NewPassthroughFor(0, nil)
 	server.Write(cli.Start())
 	r := &msgReader{conn: server}
 	for !p.Ready() {

@@ -19,7 +19,7 @@ func msgOf(t testing.TB, m pgproto3.Message) Message {
 }
 
 func TestPassthroughStripsSCRAMPlus(t *testing.T) {
-	p := NewPassthrough()
+	p := NewPassthroughFor(0, nil)
 	out, err := p.FromServer(msgOf(t, &pgproto3.AuthenticationSASL{AuthMechanisms: []string{"SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"}}))
 	if err != nil {
 		t.Fatal(err)
@@ -33,7 +33,7 @@ func TestPassthroughStripsSCRAMPlus(t *testing.T) {
 		t.Fatal("SCRAM-SHA-256-PLUS response forwarded")
 	}
 
-	p = NewPassthrough()
+	p = NewPassthroughFor(0, nil)
 	_, err = p.FromServer(msgOf(t, &pgproto3.AuthenticationSASL{AuthMechanisms: []string{"SCRAM-SHA-256-PLUS"}}))
 	var ae *AuthError
 	if !errors.As(err, &ae) || ae.Code != "28000" {
@@ -43,7 +43,7 @@ func TestPassthroughStripsSCRAMPlus(t *testing.T) {
 
 // A complete synthetic SCRAM exchange: what is forwarded, what is held.
 func TestPassthroughHoldsAfterOk(t *testing.T) {
-	p := NewPassthrough()
+	p := NewPassthroughFor(0, nil)
 	fwd := func(m pgproto3.BackendMessage) []byte {
 		out, err := p.FromServer(msgOf(t, m))
 		if err != nil {
@@ -115,7 +115,7 @@ func TestPassthroughHoldsAfterOk(t *testing.T) {
 
 func TestPassthroughErrors(t *testing.T) {
 	// An error before Ok is forwarded and returned.
-	p := NewPassthrough()
+	p := NewPassthroughFor(0, nil)
 	p.FromServer(msgOf(t, &pgproto3.AuthenticationMD5Password{Salt: [4]byte{1, 2, 3, 4}}))
 	if _, err := p.FromClient(msgOf(t, &pgproto3.SASLResponse{Data: []byte("not a password")})); err == nil {
 		t.Fatal("malformed password message forwarded")
@@ -127,7 +127,7 @@ func TestPassthroughErrors(t *testing.T) {
 		t.Fatalf("out=%q err=%v", out, err)
 	}
 	// After Ok an error is returned but not forwarded.
-	p = NewPassthrough()
+	p = NewPassthroughFor(0, nil)
 	p.FromServer(msgOf(t, &pgproto3.AuthenticationOk{}))
 	out, err = p.FromServer(msgOf(t, &pgproto3.ErrorResponse{Severity: "FATAL", Code: "3D000", Message: "database \"x\" does not exist"}))
 	if !errors.As(err, &se) || out != nil {
@@ -144,7 +144,7 @@ func TestPassthroughErrors(t *testing.T) {
 		"gss":                   {&pgproto3.AuthenticationGSS{}},
 		"sspi":                  {&AuthenticationUnsupported{AuthType: 9}},
 	} {
-		p := NewPassthrough()
+		p := NewPassthroughFor(0, nil)
 		var err error
 		for _, m := range seq {
 			if _, err = p.FromServer(msgOf(t, m)); err != nil {

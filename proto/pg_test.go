@@ -16,13 +16,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 )
 
 // The cluster's users, one per method.
@@ -45,18 +45,17 @@ func pgPassword(user string) string {
 	return ""
 }
 
-var (
-	clusterOnce sync.Once
-	cluster     *pgcluster.Cluster
-	clusterErr  error
-)
+// cluster is started by the first test that needs it.
+var cluster = pgtest.Shared{Options: pgcluster.Options{
+	Method:   pgcluster.ScramSHA256,
+	Users:    pgUsers,
+	Settings: map[string]string{"log_statement": "'all'"},
+}}
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if cluster != nil {
-		if err := cluster.Stop(); err != nil {
-			fmt.Fprintln(os.Stderr, "stop PostgreSQL:", err)
-		}
+	if err := cluster.Stop(); err != nil {
+		fmt.Fprintln(os.Stderr, "stop PostgreSQL:", err)
 	}
 	os.Exit(code)
 }
@@ -68,20 +67,7 @@ func pg(t *testing.T) *pgcluster.Cluster {
 	if testing.Short() {
 		t.Skip("-short: skipping tests against a real PostgreSQL")
 	}
-	clusterOnce.Do(func() {
-		cluster, clusterErr = pgcluster.Start(pgcluster.Options{
-			Method:   pgcluster.ScramSHA256,
-			Users:    pgUsers,
-			Settings: map[string]string{"log_statement": "'all'"},
-		})
-	})
-	if clusterErr != nil {
-		if os.Getenv("CI") == "" {
-			t.Skipf("no PostgreSQL for this test: %v", clusterErr)
-		}
-		t.Fatalf("start PostgreSQL: %v", clusterErr)
-	}
-	return cluster
+	return cluster.Get(t)
 }
 
 // recordingReader remembers what was read from it (the SCRAM nonce), so a

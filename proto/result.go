@@ -15,6 +15,9 @@ type LoginResult struct {
 	Key *pgproto3.BackendKeyData
 	// Negotiate is the server's NegotiateProtocolVersion, if it sent one.
 	Negotiate *pgproto3.NegotiateProtocolVersion
+	// NegotiateSent: the client already has Negotiate (passthrough forwards
+	// it as it comes); otherwise AppendReady sends it first.
+	NegotiateSent bool
 	// Notices are NoticeResponses received after AuthenticationOk, in wire
 	// form, to replay to the client.
 	Notices [][]byte
@@ -23,9 +26,15 @@ type LoginResult struct {
 }
 
 // AppendReady appends what the client gets once MFA passed, in order:
-// AuthenticationOk, every ParameterStatus, BackendKeyData(key) (the proxy's
+// the server's NegotiateProtocolVersion unless already sent (a client that
+// asked for 3.2 or sent _pq_.* options learns what the database granted
+// before its AuthenticationOk, as libpq requires), AuthenticationOk, every
+// ParameterStatus, BackendKeyData(key) (the proxy's
 // own key; omitted if key is nil), the held notices and ReadyForQuery.
 func (r *LoginResult) AppendReady(dst []byte, key *pgproto3.BackendKeyData) []byte {
+	if r.Negotiate != nil && !r.NegotiateSent {
+		dst = Append(dst, r.Negotiate)
+	}
 	dst = Append(dst, &pgproto3.AuthenticationOk{})
 	for i := range r.Params {
 		dst = Append(dst, &r.Params[i])

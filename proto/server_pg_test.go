@@ -18,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 )
 
 // fakeServer is a test-only PostgreSQL look-alike: it authenticates clients
@@ -150,10 +151,7 @@ func pgxConnect(host string, port int, user, password string) error {
 func psqlConnect(t *testing.T, host string, port int, user, password string) (string, error) {
 	psql, err := exec.LookPath("psql")
 	if err != nil {
-		if os.Getenv("CI") == "" {
-			t.Skip("psql not installed")
-		}
-		t.Fatal(err)
+		pgtest.SkipOrFail(t, "psql not installed: %v", err)
 	}
 	cmd := exec.Command(psql, "-X", "-h", host, "-p", strconv.Itoa(port), "-U", user, "-d", "postgres", "-c", `\q`)
 	cmd.Env = append(os.Environ(), "PGPASSWORD="+password, "PGSSLMODE=disable", "PGGSSENCMODE=disable", "PGCONNECT_TIMEOUT=60")

@@ -46,6 +46,7 @@ type UpstreamLogin struct {
 	state  upState
 	scram  *scramClient
 	result LoginResult
+	neg    negotiation
 }
 
 // NewUpstreamLogin returns a login ready to Start.
@@ -56,7 +57,7 @@ func NewUpstreamLogin(cfg UpstreamConfig) *UpstreamLogin {
 	if cfg.MaxSCRAMIterations <= 0 {
 		cfg.MaxSCRAMIterations = DefaultMaxSCRAMIterations
 	}
-	return &UpstreamLogin{cfg: cfg}
+	return &UpstreamLogin{cfg: cfg, neg: newNegotiation(cfg.ProtocolVersion, cfg.Params)}
 }
 
 // Start returns the StartupMessage to send.
@@ -118,10 +119,17 @@ func (u *UpstreamLogin) handle(msg pgproto3.BackendMessage) ([]byte, error) {
 		if u.state != upStart {
 			return nil, protoErrorf("NegotiateProtocolVersion during authentication")
 		}
-		c := *msg
-		c.UnrecognizedOptions = append([]string(nil), msg.UnrecognizedOptions...)
-		u.result.Negotiate = &c
+		if err := u.neg.negotiate(msg); err != nil {
+			return nil, err
+		}
+		u.result.Negotiate = u.neg.npv
 		return nil, nil
+	}
+	// An authentication request: the protocol is settled by now.
+	if err := u.neg.settle(); err != nil {
+		return nil, err
+	}
+	switch msg := msg.(type) {
 	case *pgproto3.AuthenticationOk:
 		switch u.state {
 		case upStart, upPassword, upSASLDone:

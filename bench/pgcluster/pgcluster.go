@@ -1,12 +1,17 @@
 // Package pgcluster starts throwaway PostgreSQL clusters for tests, the
-// benchmark suite and `make run`.
+// benchmark suite and `make run` (cmd/pgmfa-demo).
 //
 // A cluster lives in a fresh temporary directory, listens on a free loopback
 // port and on a private unix-socket directory, and is owned by the `postgres`
-// system user because initdb and postgres refuse to run as root. The package
-// installs nothing: when the server binaries are missing, Start returns
-// ErrNoBinaries (and StartT skips the test saying so); `make test` installs
-// them.
+// system user because initdb and postgres refuse to run as root. Any major
+// version can be started (Options.Version): the distribution's own server
+// under /usr/lib/postgresql, or the builds `make deps-pg-servers` installs
+// into the server cache (see ServerCacheDirs). The package installs nothing:
+// when the server binaries are missing, Start returns ErrNoBinaries; `make
+// test` installs them.
+//
+// The package does not import testing (the demo binary links it); the
+// testing.TB helpers live in bench/pgcluster/pgtest.
 package pgcluster
 
 import (
@@ -24,12 +29,16 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 )
 
 // ErrNoBinaries means no PostgreSQL server binaries were found.
 var ErrNoBinaries = errors.New("pgcluster: PostgreSQL server binaries (initdb, pg_ctl, postgres) not found; install them with `apt-get install -y postgresql` or set PGBIN")
+
+// ErrNotRoot means the process can start no server: initdb and postgres
+// refuse root, so pgcluster runs them as the postgres user, which needs root
+// (or being postgres already).
+var ErrNotRoot = errors.New("pgcluster: must run as root or as the postgres user to start a cluster")
 
 // Auth methods understood in pg_hba.conf that the tests use.
 const (
@@ -76,6 +85,11 @@ type Options struct {
 	Log func(format string, args ...any)
 	// SSL turns on TLS in the server with this certificate and key.
 	SSL *SSLFiles
+	// Version is the server's major version (13, 14, ...): found by
+	// BinDirFor. Zero means the default server (BinDir).
+	Version int
+	// BinDir names the server's bin directory outright (wins over Version).
+	BinDir string
 }
 
 // SSLFiles are a PEM certificate and key for the server's TLS. They are
@@ -91,6 +105,7 @@ type Cluster struct {
 	DataDir   string
 	LogFile   string
 	BinDir    string
+	Version   int // the server's major version (0: unknown)
 
 	root    string
 	opts    Options
@@ -101,30 +116,86 @@ type Cluster struct {
 // BinDir finds the PostgreSQL server binaries: $PGBIN, pg_config --bindir,
 // then the Debian locations newest first.
 func BinDir() (string, error) {
-	has := func(dir string) bool {
-		for _, b := range []string{"initdb", "pg_ctl", "postgres"} {
-			if st, err := os.Stat(filepath.Join(dir, b)); err != nil || st.IsDir() {
-				return false
-			}
-		}
-		return true
-	}
-	if d := os.Getenv("PGBIN"); d != "" && has(d) {
+	if d := os.Getenv("PGBIN"); d != "" && hasServer(d) {
 		return d, nil
 	}
 	if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
-		if d := strings.TrimSpace(string(out)); has(d) {
+		if d := strings.TrimSpace(string(out)); hasServer(d) {
 			return d, nil
 		}
 	}
 	matches, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
 	sort.Slice(matches, func(i, j int) bool { return versionOf(matches[i]) > versionOf(matches[j]) })
 	for _, d := range matches {
-		if has(d) {
+		if hasServer(d) {
 			return d, nil
 		}
 	}
 	return "", ErrNoBinaries
+}
+
+// hasServer reports whether dir holds the three server binaries.
+func hasServer(dir string) bool {
+	for _, b := range []string{"initdb", "pg_ctl", "postgres"} {
+		if st, err := os.Stat(filepath.Join(dir, b)); err != nil || st.IsDir() {
+			return false
+		}
+	}
+	return true
+}
+
+// ServerCacheDirs are where bench/pgcluster/install-servers.sh (`make
+// deps-pg-servers`) puts server builds, as <dir>/<major>/bin: $PGMFA_PG_CACHE,
+// ${XDG_CACHE_HOME:-$HOME/.cache}/pgmfa/pg, and /var/cache/pgmfa/pg (used
+// when running as root, whose 0700 home the postgres user cannot enter).
+func ServerCacheDirs() []string {
+	var dirs []string
+	if d := os.Getenv("PGMFA_PG_CACHE"); d != "" {
+		dirs = append(dirs, d)
+	}
+	if d := os.Getenv("XDG_CACHE_HOME"); d != "" {
+		dirs = append(dirs, filepath.Join(d, "pgmfa", "pg"))
+	} else if h, err := os.UserHomeDir(); err == nil {
+		dirs = append(dirs, filepath.Join(h, ".cache", "pgmfa", "pg"))
+	}
+	return append(dirs, "/var/cache/pgmfa/pg")
+}
+
+// BinDirFor finds the server binaries of one major version: the server
+// cache first (ServerCacheDirs), then the distribution's
+// /usr/lib/postgresql/<major>/bin.
+func BinDirFor(major int) (string, error) {
+	var tried []string
+	for _, c := range ServerCacheDirs() {
+		d := filepath.Join(c, strconv.Itoa(major), "bin")
+		if hasServer(d) {
+			return d, nil
+		}
+		tried = append(tried, d)
+	}
+	d := fmt.Sprintf("/usr/lib/postgresql/%d/bin", major)
+	if hasServer(d) {
+		return d, nil
+	}
+	tried = append(tried, d)
+	return "", fmt.Errorf("%w: PostgreSQL %d (looked in %s; `make deps-pg-servers` installs 13-18)",
+		ErrNoBinaries, major, strings.Join(tried, ", "))
+}
+
+// ServerVersion runs `postgres --version` in binDir and returns the major
+// version (0 when it cannot tell).
+func ServerVersion(binDir string) int {
+	out, err := exec.Command(filepath.Join(binDir, "postgres"), "--version").Output()
+	if err != nil {
+		return 0
+	}
+	// "postgres (PostgreSQL) 18.4" or "... 15.18 (Debian 15.18-0+deb12u1)"
+	f := strings.Fields(string(out))
+	if len(f) < 3 {
+		return 0
+	}
+	v, _ := strconv.Atoi(strings.SplitN(f[2], ".", 2)[0])
+	return v
 }
 
 func versionOf(binDir string) int {
@@ -142,38 +213,20 @@ func FreePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// StartT starts a cluster for a test, skips the test when the binaries are
-// missing (outside CI) and stops the cluster in the test's cleanup. Under CI
-// (CI=true) missing binaries fail the test instead: there they must exist.
-func StartT(t testing.TB, opts Options) *Cluster {
-	t.Helper()
-	if opts.Log == nil && testing.Verbose() {
-		opts.Log = t.Logf
-	}
-	c, err := Start(opts)
-	if errors.Is(err, ErrNoBinaries) && os.Getenv("CI") == "" {
-		t.Skip(err.Error())
-	}
-	if errors.Is(err, errNotRoot) && os.Getenv("CI") == "" {
-		t.Skip(err.Error())
-	}
-	if err != nil {
-		t.Fatalf("start PostgreSQL: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := c.Stop(); err != nil {
-			t.Errorf("stop PostgreSQL: %v", err)
-		}
-	})
-	return c
-}
-
-var errNotRoot = errors.New("pgcluster: must run as root or as the postgres user to start a cluster")
-
 // Start creates and starts a cluster. Call Stop to stop it and remove its
 // files.
 func Start(opts Options) (*Cluster, error) {
-	bin, err := BinDir()
+	bin, err := opts.BinDir, error(nil)
+	switch {
+	case bin != "":
+		if !hasServer(bin) {
+			err = fmt.Errorf("%w in %s", ErrNoBinaries, bin)
+		}
+	case opts.Version != 0:
+		bin, err = BinDirFor(opts.Version)
+	default:
+		bin, err = BinDir()
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -197,6 +250,7 @@ func Start(opts Options) (*Cluster, error) {
 		DataDir:   filepath.Join(root, "data"),
 		LogFile:   filepath.Join(root, "server.log"),
 		BinDir:    bin,
+		Version:   ServerVersion(bin),
 		root:      root,
 		opts:      opts,
 	}
@@ -215,7 +269,7 @@ func postgresCredential() (*syscall.Credential, error) {
 		if err == nil && u.Username == "postgres" {
 			return nil, nil
 		}
-		return nil, errNotRoot
+		return nil, ErrNotRoot
 	}
 	u, err := user.Lookup("postgres")
 	if err != nil {

@@ -1,4 +1,4 @@
-package pgcluster
+package pgcluster_test
 
 import (
 	"context"
@@ -7,13 +7,16 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	. "github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 )
 
 // TestMethods starts one cluster with per-user pg_hba rules and checks that
 // each user logs in over TCP with its method and is refused with a wrong
 // password.
 func TestMethods(t *testing.T) {
-	c := StartT(t, Options{
+	c := pgtest.Start(t, Options{
 		Method: ScramSHA256,
 		Users: []User{
 			{Name: "u_trust", Method: Trust},

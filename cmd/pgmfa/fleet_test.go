@@ -23,6 +23,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/mfa/pgstore"
 )
@@ -76,8 +77,8 @@ func startFleet(t *testing.T, users []string, serveFlags ...string) *fleet {
 		us = append(us, pgcluster.User{Name: u, Password: fleetPW})
 	}
 	f := &fleet{t: t, bin: buildBinary(t)}
-	f.db = pgcluster.StartT(t, pgcluster.Options{Users: us, Databases: []string{"app"}})
-	f.st = pgcluster.StartT(t, pgcluster.Options{Users: []pgcluster.User{{Name: "pgmfa_proxy", Password: "proxy"}}})
+	f.db = pgtest.Start(t, pgcluster.Options{Users: us, Databases: []string{"app"}})
+	f.st = pgtest.Start(t, pgcluster.Options{Users: []pgcluster.User{{Name: "pgmfa_proxy", Password: "proxy"}}})
 	f.ownerDSN = f.st.DSN(pgcluster.Superuser, "postgres", "postgres")
 	f.storeDSN = f.st.DSN("pgmfa_proxy", "proxy", "postgres")
 	f.keyFile = filepath.Join(t.TempDir(), "store.key")

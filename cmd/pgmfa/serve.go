@@ -28,7 +28,7 @@ func init() {
 	register("serve", "run the proxy (the default)", runServe)
 }
 
-// serveFlags are the flags of `pgmfa serve`; demo reuses them.
+// serveFlags are the flags of `pgmfa serve`.
 type serveFlags struct {
 	listen, upstream     string
 	loops                int

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/mfa"
 )
 
@@ -114,7 +115,7 @@ func TestStoreCommandsOnAFileStore(t *testing.T) {
 // named.
 func TestStoreCommandsOnPostgres(t *testing.T) {
 	t.Setenv("PGMFA_STORE_KEY", "")
-	pg := pgcluster.StartT(t, pgcluster.Options{})
+	pg := pgtest.Start(t, pgcluster.Options{})
 	dsn := pg.DSN(pgcluster.Superuser, "postgres", "postgres")
 	dir := t.TempDir()
 	file := filepath.Join(dir, "totp.json")

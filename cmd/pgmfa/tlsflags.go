@@ -14,7 +14,7 @@ import (
 type tlsFlags struct {
 	cert, key, mode               string
 	upMode, upRoot, upCert, upKey string
-	upServerName                  string
+	upServerName, upNegotiation   string
 }
 
 func (f *tlsFlags) register(fs *flag.FlagSet) {
@@ -26,6 +26,7 @@ func (f *tlsFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.upCert, "upstream-sslcert", "", "PEM client certificate pgmfa presents to PostgreSQL (optional, with --upstream-sslkey)")
 	fs.StringVar(&f.upKey, "upstream-sslkey", "", "PEM private key of --upstream-sslcert")
 	fs.StringVar(&f.upServerName, "upstream-sslservername", "", "the name verify-full checks PostgreSQL's certificate against (default: the host of --upstream)")
+	fs.StringVar(&f.upNegotiation, "upstream-sslnegotiation", tlsproxy.NegotiatePostgres, "how TLS towards PostgreSQL starts, as libpq's sslnegotiation: postgres (SSLRequest first, every version) or direct (TLS at once with ALPN, PostgreSQL 17 and later; needs --upstream-sslmode require or stronger)")
 }
 
 // build checks the flags and loads the certificate. The upstream TLS
@@ -65,6 +66,8 @@ func (f *tlsFlags) build() (certs *tlsproxy.Certs, mode session.TLSMode, up tlsp
 		Cert:       f.upCert,
 		Key:        f.upKey,
 		ServerName: f.upServerName,
+
+		SSLNegotiation: f.upNegotiation,
 	}
 	return certs, mode, up, nil
 }

@@ -1,10 +1,12 @@
 package login
 
 import (
+	"errors"
 	"log/slog"
 	"time"
 
 	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/proto"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
 
@@ -85,6 +87,16 @@ func (r *Record) StopWaiting() {
 // extra are the driver's own attributes (the TLS driver says which sides
 // were encrypted). It reports whether it wrote the line.
 func (r *Record) Audit(m *session.Machine, ok bool, err error, extra ...any) bool {
+	var pe *proto.ProtocolError
+	if !r.logged && m.User() == "" && errors.As(err, &pe) {
+		// Refused before a StartupMessage named a user (a malformed
+		// startup or cancel packet, e.g. a 3.2 CancelRequest of a wrong
+		// length): PostgreSQL logs these too ("invalid length of startup
+		// packet"), and without a line the refusal would be invisible.
+		r.logged = true
+		r.log.Warn("connection refused before login", append([]any{"conn", r.id, "client", r.addr, "error", err.Error()}, extra...)...)
+		return true
+	}
 	if r.logged || m.User() == "" {
 		return false
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy/testpki"
 	"github.com/pgmfa/pgmfa/mfa"
@@ -40,24 +41,21 @@ const (
 type pki = testpki.PKI
 
 var (
-	testPKI  *pki
-	pkiOnce  sync.Once
-	pkiErr   error
-	plainPG  *pgcluster.Cluster // ssl=off, log_statement=all
-	sslPG    *pgcluster.Cluster // ssl=on with the test certificate
-	plainErr error
-	sslErr   error
-	plainMu  sync.Once
-	sslMu    sync.Once
+	testPKI *pki
+	pkiOnce sync.Once
+	pkiErr  error
+	plainPG = pgtest.Shared{Options: pgcluster.Options{ // ssl=off, log_statement=all
+		Method: pgcluster.ScramSHA256, Users: testUsers,
+		Settings: map[string]string{"log_statement": "'all'"},
+	}}
+	sslPG   pgtest.Shared // ssl=on with the test certificate (Options set by withSSL)
+	sslOpts sync.Once
 )
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	for _, c := range []*pgcluster.Cluster{plainPG, sslPG} {
-		if c != nil {
-			c.Stop()
-		}
-	}
+	plainPG.Stop()
+	sslPG.Stop()
 	if testPKI != nil {
 		testPKI.Close()
 	}
@@ -78,37 +76,24 @@ var testUsers = []pgcluster.User{
 	{Name: "carol", Password: carolPW, Method: pgcluster.Password},
 }
 
-func startCluster(t *testing.T, once *sync.Once, c **pgcluster.Cluster, errp *error, opts pgcluster.Options) *pgcluster.Cluster {
-	t.Helper()
-	once.Do(func() { *c, *errp = pgcluster.Start(opts) })
-	if *errp == pgcluster.ErrNoBinaries && os.Getenv("CI") == "" {
-		t.Skip((*errp).Error())
-	}
-	if *errp != nil && os.Geteuid() != 0 && os.Getenv("CI") == "" {
-		t.Skipf("needs root to start PostgreSQL: %v", *errp)
-	}
-	if *errp != nil {
-		t.Fatalf("start PostgreSQL: %v", *errp)
-	}
-	return *c
-}
-
 // plain is a PostgreSQL without TLS; log_statement=all so tests can prove
 // what reached it.
 func plain(t *testing.T) *pgcluster.Cluster {
-	return startCluster(t, &plainMu, &plainPG, &plainErr, pgcluster.Options{
-		Method: pgcluster.ScramSHA256, Users: testUsers,
-		Settings: map[string]string{"log_statement": "'all'"},
-	})
+	t.Helper()
+	return plainPG.Get(t)
 }
 
 // withSSL is a PostgreSQL with ssl=on and the test certificate.
 func withSSL(t *testing.T) *pgcluster.Cluster {
+	t.Helper()
 	p := certs(t)
-	return startCluster(t, &sslMu, &sslPG, &sslErr, pgcluster.Options{
-		Method: pgcluster.ScramSHA256, Users: testUsers,
-		SSL: &pgcluster.SSLFiles{CertFile: p.CertFile, KeyFile: p.KeyFile},
+	sslOpts.Do(func() {
+		sslPG.Options = pgcluster.Options{
+			Method: pgcluster.ScramSHA256, Users: testUsers,
+			SSL: &pgcluster.SSLFiles{CertFile: p.CertFile, KeyFile: p.KeyFile},
+		}
 	})
+	return sslPG.Get(t)
 }
 
 // syncBuffer collects the proxy's log for assertions.
@@ -301,11 +286,10 @@ func (p *proxy) psql(conninfo string, env []string, sql string) (string, error) 
 }
 
 func plainOrSSLBinDir() string {
-	if plainPG != nil {
-		return plainPG.BinDir
-	}
-	if sslPG != nil {
-		return sslPG.BinDir
+	for _, c := range []*pgcluster.Cluster{plainPG.Started(), sslPG.Started()} {
+		if c != nil {
+			return c.BinDir
+		}
 	}
 	return ""
 }

@@ -25,6 +25,16 @@ const (
 	SSLVerifyFull = "verify-full"
 )
 
+// The sslnegotiation values, as libpq ≥ 17 names them.
+const (
+	// NegotiatePostgres: SSLRequest first, TLS after the server's 'S'.
+	NegotiatePostgres = "postgres"
+	// NegotiateDirect: the TLS handshake at once, ALPN "postgresql"
+	// required (PostgreSQL ≥ 17; older servers read the ClientHello as a
+	// startup packet of a bad length and close).
+	NegotiateDirect = "direct"
+)
+
 // UpstreamTLS is TLS towards PostgreSQL, with libpq's names and meanings.
 type UpstreamTLS struct {
 	// SSLMode: disable | prefer | require | verify-ca | verify-full. Empty
@@ -40,6 +50,11 @@ type UpstreamTLS struct {
 	// ServerName is the name verify-full checks the certificate against;
 	// empty means the host part of the upstream address.
 	ServerName string
+	// SSLNegotiation: postgres (empty) or direct, as libpq's
+	// sslnegotiation. direct saves the SSLRequest round trip and needs
+	// sslmode require or stronger (libpq refuses prefer with it too: a
+	// server that cannot do TLS could not fall back).
+	SSLNegotiation string
 }
 
 // NeedsDriver reports whether sessions must go through this package because
@@ -51,12 +66,24 @@ func (u UpstreamTLS) NeedsDriver() bool {
 // Dialer returns a function that connects to PostgreSQL at addr and, as the
 // sslmode says, negotiates TLS: SSLRequest, then 'S' → TLS client handshake
 // with libpq's verification for that mode, or 'N' → plaintext (prefer) or
-// an error (require, verify-*). Configuration mistakes (unknown mode,
+// an error (require, verify-*); with SSLNegotiation direct, the handshake
+// at once. Configuration mistakes (unknown mode,
 // unreadable files, TLS over a unix socket) are reported now, not per login.
 func Dialer(addr net.Addr, u UpstreamTLS) (func(ctx context.Context) (net.Conn, error), error) {
 	mode := u.SSLMode
 	if mode == "" {
 		mode = SSLDisable
+	}
+	direct := false
+	switch u.SSLNegotiation {
+	case "", NegotiatePostgres:
+	case NegotiateDirect:
+		if mode == SSLDisable || mode == SSLPrefer {
+			return nil, fmt.Errorf("--upstream-sslnegotiation=direct needs --upstream-sslmode require, verify-ca or verify-full, not %s", mode)
+		}
+		direct = true
+	default:
+		return nil, fmt.Errorf("--upstream-sslnegotiation must be postgres or direct, not %q", u.SSLNegotiation)
 	}
 	network, address := addr.Network(), addr.String()
 	_, isUnix := addr.(*net.UnixAddr)
@@ -90,7 +117,7 @@ func Dialer(addr net.Addr, u UpstreamTLS) (func(ctx context.Context) (net.Conn, 
 		if err != nil {
 			return nil, err
 		}
-		c, err := negotiate(ctx, raw, cfg, mode)
+		c, err := negotiate(ctx, raw, cfg, mode, direct)
 		if err != nil {
 			raw.Close()
 			return nil, err
@@ -182,8 +209,8 @@ func verifyChain(roots *x509.CertPool) func(tls.ConnectionState) error {
 }
 
 // negotiate runs the PostgreSQL SSL negotiation on raw and, on 'S', the TLS
-// client handshake.
-func negotiate(ctx context.Context, raw net.Conn, cfg *tls.Config, mode string) (net.Conn, error) {
+// client handshake; direct skips the SSLRequest.
+func negotiate(ctx context.Context, raw net.Conn, cfg *tls.Config, mode string, direct bool) (net.Conn, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		_ = raw.SetDeadline(dl)
 	}
@@ -191,6 +218,9 @@ func negotiate(ctx context.Context, raw net.Conn, cfg *tls.Config, mode string) 
 	// (proxy shutdown, login given up).
 	stop := context.AfterFunc(ctx, func() { _ = raw.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
+	if direct {
+		return handshake(ctx, raw, cfg, mode, true)
+	}
 	if _, err := raw.Write(proto.Append(nil, &pgproto3.SSLRequest{})); err != nil {
 		return nil, fmt.Errorf("send SSLRequest: %w", err)
 	}
@@ -214,9 +244,26 @@ func negotiate(ctx context.Context, raw net.Conn, cfg *tls.Config, mode string) 
 	default:
 		return nil, fmt.Errorf("received invalid response to SSL negotiation: %q", b[0])
 	}
+	return handshake(ctx, raw, cfg, mode, false)
+}
+
+// handshake runs the TLS client handshake. Direct TLS requires the server
+// to have chosen ALPN "postgresql", as libpq 17 requires (the ALPN is what
+// tells a PostgreSQL server from any TLS server on that port).
+func handshake(ctx context.Context, raw net.Conn, cfg *tls.Config, mode string, direct bool) (net.Conn, error) {
 	tc := tls.Client(raw, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
-		return nil, fmt.Errorf("TLS handshake with the database (sslmode=%s): %w%s", mode, err, handshakeHint(err))
+		hint := handshakeHint(err)
+		if direct && hint == "" {
+			// Seen against PostgreSQL 13-16: the server reads the
+			// ClientHello as a startup packet and closes (EOF or reset).
+			hint = " (direct TLS needs PostgreSQL 17 or later; older servers need --upstream-sslnegotiation postgres)"
+		}
+		return nil, fmt.Errorf("TLS handshake with the database (sslmode=%s): %w%s", mode, err, hint)
+	}
+	if direct && tc.ConnectionState().NegotiatedProtocol != ALPN {
+		tc.Close()
+		return nil, fmt.Errorf("direct TLS: the database did not select ALPN %q (not a PostgreSQL 17 or later server?)", ALPN)
 	}
 	_ = raw.SetDeadline(time.Time{})
 	return tc, nil

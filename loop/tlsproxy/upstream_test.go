@@ -91,6 +91,9 @@ func TestDialerConfigErrors(t *testing.T) {
 		{tcp, tlsproxy.UpstreamTLS{SSLMode: "verify-full"}, "needs --upstream-sslrootcert"},
 		{tcp, tlsproxy.UpstreamTLS{SSLMode: "verify-ca", RootCert: "/nonexistent"}, "--upstream-sslrootcert"},
 		{tcp, tlsproxy.UpstreamTLS{SSLMode: "require", Cert: k.CertFile}, "go together"},
+		{tcp, tlsproxy.UpstreamTLS{SSLMode: "prefer", SSLNegotiation: "direct"}, "needs --upstream-sslmode require"},
+		{tcp, tlsproxy.UpstreamTLS{SSLNegotiation: "direct"}, "needs --upstream-sslmode require"},
+		{tcp, tlsproxy.UpstreamTLS{SSLMode: "require", SSLNegotiation: "bogus"}, "postgres or direct"},
 	} {
 		_, err := tlsproxy.Dialer(tc.addr, tc.up)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

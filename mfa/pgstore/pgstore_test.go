@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/mfa/pgstore"
 )
@@ -31,12 +32,7 @@ func startCluster(t *testing.T) *pgcluster.Cluster {
 			Users: []pgcluster.User{{Name: "proxy", Password: "proxy"}},
 		})
 	})
-	if errors.Is(clusterErr, pgcluster.ErrNoBinaries) {
-		t.Skip(clusterErr)
-	}
-	if clusterErr != nil {
-		t.Fatal(clusterErr)
-	}
+	pgtest.Check(t, clusterErr)
 	return cluster
 }
 

@@ -419,7 +419,7 @@ func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 		m.method = "password"
 		return Output{ToClient: proto.Append(nil, &pgproto3.AuthenticationCleartextPassword{})}
 	default:
-		m.pt = proto.NewPassthrough()
+		m.pt = proto.NewPassthroughFor(m.startup.ProtocolVersion, m.startup.Params)
 		m.phase = PhaseDialing
 		return Output{Dial: true}
 	}

@@ -370,7 +370,7 @@ func TestReleaseCarriesDatabaseKey(t *testing.T) {
 		{"3.2", pgproto3.ProtocolVersion32, nil, &pgproto3.BackendKeyData{ProcessID: 4322, SecretKey: secret32}},
 		{"3.2 longest", pgproto3.ProtocolVersion32, nil, &pgproto3.BackendKeyData{ProcessID: 4323, SecretKey: secret256}},
 		{"3.2 negotiated down to 3.0", pgproto3.ProtocolVersion32,
-			&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0}, &pgproto3.BackendKeyData{ProcessID: 4324, SecretKey: []byte{4, 3, 2, 1}}},
+			&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: pgproto3.ProtocolVersion30}, &pgproto3.BackendKeyData{ProcessID: 4324, SecretKey: []byte{4, 3, 2, 1}}},
 		{"no key", pgproto3.ProtocolVersion30, nil, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -137,6 +137,19 @@ func (s *Server) listen() ([]net.Listener, error) {
 		// gnet did not enable keep-alive on accepted sockets; neither do we.
 		KeepAlive: -1,
 		Control: func(network, _ string, rc syscall.RawConn) error {
+			if s.cfg.ReusePort && network != "unix" {
+				// Before bind: several processes share the address and the
+				// kernel spreads connections over them (--reuse-port).
+				var rerr error
+				if err := rc.Control(func(fd uintptr) {
+					rerr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+				}); err != nil {
+					return err
+				}
+				if rerr != nil {
+					return fmt.Errorf("SO_REUSEPORT: %w", rerr)
+				}
+			}
 			b := s.cfg.SocketBuf
 			if b <= 0 || network == "unix" {
 				return nil

@@ -46,9 +46,10 @@ type conn struct {
 
 	tl timeline // when each step of the login happened (timing.go)
 
-	closed    bool
-	handedOff bool
-	released  bool // the conns slot was given back
+	closed     bool
+	handedOff  bool
+	released   bool // the conns slot was given back
+	mfaDecided bool // the MFA decision reached the machine
 }
 
 // The contexts gnet carries for us, to tell a connection's role.
@@ -357,40 +358,48 @@ func (c *conn) dial() {
 }
 
 // askMFA answers the machine's MFA request through the server's gate,
-// bringing a late (out-of-band) answer back onto this connection's loop.
+// bringing the answer back onto this connection's loop. Every answer may
+// need the store (a code's claim, a remember grant, the enrollment; with a
+// PostgreSQL store each is a round trip), so it is resolved on a goroutine,
+// never on the loop: a slow store delays only the logins that wait on it.
 func (c *conn) askMFA(req *session.MFARequest) {
-	if req.Code != "" {
-		if path, o, ok := c.srv.gate.Decided(req, c.addr); ok {
-			c.decide(path, o)
-			return
-		}
-		// Verifying a code claims its time step in the store (a file lock,
-		// a read and a synced write): never on the loop.
-		go func() {
-			path, o, _, _ := c.srv.gate.Resolve(req, c.id, c.addr, nil)
-			c.exec(func() { c.decide(path, o) })
-		}()
-		return
-	}
-	path, o, cancel, waiting := c.srv.gate.Resolve(req, c.id, c.addr, func(path mfa.Path, o mfa.Outcome) {
-		c.exec(func() { c.decide(path, o) })
-	})
-	if !waiting {
+	// Decisions that need no store I/O (MFA off, an exempt user, a
+	// remember window held in this process's memory) are made here, on the
+	// loop, with no goroutine hop (Gate.Decided).
+	if path, o, ok := c.srv.gate.Decided(req, c.addr); ok {
 		c.decide(path, o)
 		return
 	}
-	c.rec.Wait(req, cancel)
-	c.deadline.Stop()
-	c.deadline = c.after(c.srv.cfg.MFATimeout, func() {
-		c.rec.TimedOut()
-		c.act(c.m.Timeout(true))
-	})
+	go func() {
+		path, o, cancel, waiting := c.srv.gate.Resolve(req, c.id, c.addr, func(path mfa.Path, o mfa.Outcome) {
+			c.exec(func() { c.decide(path, o) })
+		})
+		c.exec(func() {
+			if !waiting {
+				c.decide(path, o)
+				return
+			}
+			if c.closed || c.mfaDecided {
+				// Gone, or already released by an approval that came
+				// before this event: withdraw the wait.
+				cancel()
+				return
+			}
+			c.rec.Wait(req, cancel)
+			c.deadline.Stop()
+			c.deadline = c.after(c.srv.cfg.MFATimeout, func() {
+				c.rec.TimedOut()
+				c.act(c.m.Timeout(true))
+			})
+		})
+	}()
 }
 
 func (c *conn) decide(path mfa.Path, o mfa.Outcome) {
 	if c.closed {
 		return
 	}
+	c.mfaDecided = true
 	c.tl.mark(stepMFADecided)
 	c.act(c.rec.Decide(c.m, path, o))
 }

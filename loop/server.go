@@ -84,6 +84,9 @@ type Config struct {
 	MaxBacklog    int64  // sockmap: hard bound per direction, ends the session (0: bpf default)
 	RelayBuffer   int    // relay: bytes per direction (0: 64 KiB)
 	SocketBuf     int    // SO_SNDBUF/SO_RCVBUF for both sockets; 0 = kernel default
+	// ReusePort sets SO_REUSEPORT on the TCP listeners: several processes
+	// listen on one address and the kernel spreads connections over them.
+	ReusePort bool
 
 	// TLS (package tlsproxy): the client-facing certificate (nil: no TLS
 	// for clients), the client policy, and TLS towards the database.

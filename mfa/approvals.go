@@ -16,7 +16,8 @@ const ApproverAddr = "admin"
 // the only one of the user that waits, or the one it names; releasing every
 // waiting login of the user takes an explicit All. Safe for concurrent use.
 type Approvals struct {
-	g *Guard
+	g     *Guard
+	fleet Fleet // nil: this process's waiting logins only
 
 	mu      sync.Mutex
 	next    uint64
@@ -94,8 +95,26 @@ func NewApprovals(g *Guard) *Approvals {
 // not call cancel itself (it would wait for itself); cancel may be called
 // any number of times.
 func (a *Approvals) Wait(l Login, release func(Outcome)) (p Pending, others []Pending, cancel func()) {
+	since := a.g.opts.Now()
+	var fleetID uint64
+	if a.fleet != nil {
+		// The fleet's id, so that `pgmfa approve --conn ID` names the
+		// login on whichever instance it is given to. A store that cannot
+		// take it leaves the login approvable on this instance only.
+		var err error
+		fleetID, others, err = a.fleet.Publish(Pending{User: l.User, Addr: l.Addr, Database: clip(l.Database), AppName: clip(l.AppName), Since: since})
+		if err != nil {
+			a.g.storeError(l.User, err)
+			fleetID, others = 0, nil
+		}
+	}
 	a.mu.Lock()
 	id := l.ConnID
+	if fleetID != 0 {
+		id = fleetID
+	} else if a.fleet != nil {
+		id = 0 // a local id must not collide with the fleet's
+	}
 	if _, taken := a.waiting[id]; id == 0 || taken {
 		for {
 			a.next++
@@ -105,13 +124,15 @@ func (a *Approvals) Wait(l Login, release func(Outcome)) (p Pending, others []Pe
 		}
 		id = a.next
 	}
-	for _, w := range a.waiting {
-		if w.User == l.User {
-			others = append(others, w.Pending)
+	if fleetID == 0 {
+		for _, w := range a.waiting {
+			if w.User == l.User {
+				others = append(others, w.Pending)
+			}
 		}
 	}
 	w := &waiter{
-		Pending: Pending{ID: id, User: l.User, Addr: l.Addr, Database: clip(l.Database), AppName: clip(l.AppName), Since: a.g.opts.Now()},
+		Pending: Pending{ID: id, User: l.User, Addr: l.Addr, Database: clip(l.Database), AppName: clip(l.AppName), Since: since},
 		release: release,
 		done:    make(chan struct{}),
 	}
@@ -132,6 +153,14 @@ func (a *Approvals) cancel(w *waiter) {
 	if still {
 		// Ours to finish: release will never run.
 		close(w.done)
+		if a.fleet != nil && w.ID < localIDs {
+			// cancel runs on event loops: the store's row goes off it.
+			go func() {
+				if err := a.fleet.Withdraw(w.ID); err != nil {
+					a.g.storeError(w.User, err)
+				}
+			}()
+		}
 		return
 	}
 	// Approve took it (or an earlier cancel did): wait until its release
@@ -151,6 +180,9 @@ func (a *Approvals) Approve(r Approval) ApproveResult {
 	}
 	if r.ConnID != 0 {
 		r.All = false // a named login is the narrower reading
+	}
+	if a.fleet != nil {
+		return a.approveFleet(r)
 	}
 	named, waiting := a.target(r)
 	switch {
@@ -221,8 +253,31 @@ func (w *waiter) run(o Outcome) {
 	w.release(o)
 }
 
-// List returns the waiting logins, oldest first.
+// List returns the waiting logins, oldest first: the whole fleet's when
+// the store is shared (this instance's alone if the store cannot answer).
 func (a *Approvals) List() []Pending {
+	if a.fleet != nil {
+		if ps, err := a.fleet.ListPending(); err == nil {
+			local := a.localList()
+			seen := map[uint64]bool{}
+			for _, p := range ps {
+				seen[p.ID] = true
+			}
+			for _, p := range local {
+				if !seen[p.ID] {
+					ps = append(ps, p)
+				}
+			}
+			sortPending(ps)
+			return ps
+		} else {
+			a.g.storeError("", err)
+		}
+	}
+	return a.localList()
+}
+
+func (a *Approvals) localList() []Pending {
 	a.mu.Lock()
 	out := make([]Pending, 0, len(a.waiting))
 	for _, w := range a.waiting {

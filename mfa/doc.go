@@ -5,9 +5,21 @@
 //
 // The package is pure and deterministic: the clock and the randomness are
 // injected (Options.Now, EnrollOptions.Rand), nothing is global, and the only
-// I/O is FileStore's own file. Everything here is safe for concurrent use.
-// Accepting a code claims its time step in the store (FileStore: an flock,
-// a read and a synced write), so Guard.Verify and Approvals.Approve belong
-// off event loops; Guard.Remembered, Guard.Enrolled and Approvals.Wait do no
-// I/O.
+// I/O is FileStore's own file and whatever the store given to a Guard does.
+// Everything here is safe for concurrent use.
+//
+// Stores: FileStore (a JSON file, one host) and, in mfa/pgstore, a
+// PostgreSQL store a fleet of proxies shares. A store that implements
+// Shared moves the Guard's throttling and remember state into the store; one
+// that implements Fleet shares the logins waiting for approval. Secrets are
+// sealed at rest with a Keyring (seal.go: AES-256-GCM, the user name as
+// associated data, a key id per record).
+//
+// Blocking: with any store, Guard.Verify, Guard.Remembered,
+// Guard.CheckEnrolled, Approvals.Wait, Approvals.Approve and Approvals.List
+// may do store I/O (a network round trip for PostgreSQL). An event loop
+// never calls them itself: it runs them on a goroutine and turns the answer
+// into a loop event (loop/conn.go askMFA does so with gnet's Execute), so a
+// slow store delays only the logins waiting on it. A store that cannot
+// answer refuses the login (ReasonStoreDown, ReasonStore): fail closed.
 package mfa

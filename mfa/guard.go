@@ -30,10 +30,15 @@ const sweepEvery = 1024
 // their failures are charged to the approver's own budget, never to the
 // user's or an address's, so bad approvals cannot lock a user out.
 //
-// Throttling and remember state is in memory, per process.
+// Throttling and remember state is in memory, per process, unless the
+// store is Shared (the PostgreSQL store): then it is read from and written
+// to the store around every decision, and a fleet of proxies sharing the
+// store throttles and remembers as one.
 type Guard struct {
 	opts    Options
 	secrets Secrets
+	shared  Shared        // nil: throttling and remember are per process
+	loader  AccountLoader // nil: lookups cannot fail
 
 	mu         sync.Mutex
 	used       map[string]int64         // user → unix second at which its last accepted step began
@@ -50,7 +55,7 @@ type Guard struct {
 type remembered struct {
 	until     time.Time
 	stepStart int64  // the accepted step, for the pool rule
-	secret    string // the secret it was proved with: rotating the secret ends the window
+	tag       string // SecretTag of the secret it was proved with: rotating the secret ends the window
 }
 
 // NewGuard returns a Guard over secrets. It panics if opts do not pass
@@ -60,9 +65,13 @@ func NewGuard(opts Options, secrets Secrets) *Guard {
 		panic("mfa.NewGuard: " + err.Error())
 	}
 	o := opts.withDefaults()
+	shared, _ := secrets.(Shared)
+	loader, _ := secrets.(AccountLoader)
 	return &Guard{
 		opts:       o,
 		secrets:    secrets,
+		shared:     shared,
+		loader:     loader,
 		used:       map[string]int64{},
 		claiming:   map[string]chan struct{}{},
 		byUser:     newFailures(o.MaxFailures, o.FailureWindow),
@@ -72,13 +81,51 @@ func NewGuard(opts Options, secrets Secrets) *Guard {
 	}
 }
 
+// InMemory reports whether Remembered and CheckEnrolled answer from
+// memory (a store without network I/O, like FileStore), so an event loop
+// may call them itself. With a Shared store or an AccountLoader (the
+// PostgreSQL store) they do store I/O and belong on a goroutine.
+func (g *Guard) InMemory() bool { return g.shared == nil && g.loader == nil }
+
 // Options returns the options in effect, defaults filled in.
 func (g *Guard) Options() Options { return g.opts }
 
-// Enrolled reports whether user has a secret.
+// Enrolled reports whether user has a secret (false when the store cannot
+// say: see CheckEnrolled).
 func (g *Guard) Enrolled(user string) bool {
-	_, ok := account(g.secrets, user)
-	return ok
+	_, ok, err := g.account(user)
+	return ok && err == nil
+}
+
+// CheckEnrolled is Enrolled as an outcome: OK, NotEnrolled, or the store's
+// outage (ReasonStoreDown), so a login is never told "not enrolled" because
+// the store is unreachable. It may do store I/O.
+func (g *Guard) CheckEnrolled(user string) Outcome {
+	_, ok, err := g.account(user)
+	switch {
+	case err != nil:
+		g.storeError(user, err)
+		return storeDown(user)
+	case !ok:
+		return NotEnrolled(user)
+	}
+	return Outcome{OK: true}
+}
+
+// account looks user up in the store, through the AccountLoader when the
+// store has one.
+func (g *Guard) account(user string) (Account, bool, error) {
+	if g.loader != nil {
+		return g.loader.LoadAccount(user)
+	}
+	a, ok := account(g.secrets, user)
+	return a, ok, nil
+}
+
+func (g *Guard) storeError(user string, err error) {
+	if g.opts.OnStoreError != nil {
+		g.opts.OnStoreError(user, err)
+	}
 }
 
 // Verify checks a code for user connecting from addr ("ip:port" or a unix
@@ -120,12 +167,27 @@ type checked struct {
 	p       params
 	claimer StepClaimer
 	done    chan struct{} // closed by settle
+	charge  []string      // Shared failure keys charged by this check
+	now     time.Time
 }
 
 func (g *Guard) verify(a attempt) Outcome {
 	a.code = strings.TrimSpace(a.code)
 	for {
+		if g.shared != nil {
+			if err := g.preload(a); err != nil {
+				g.storeError(a.user, err)
+				return storeDown(a.user)
+			}
+		}
 		c := g.check(a)
+		if len(c.charge) > 0 {
+			// The refusal stands either way; a count that could not be
+			// written is logged.
+			if err := g.shared.AddFailure(c.charge, c.now); err != nil {
+				g.storeError(a.user, err)
+			}
+		}
 		if c.wait != nil {
 			<-c.wait
 			continue
@@ -140,14 +202,26 @@ func (g *Guard) verify(a attempt) Outcome {
 // check is the part of verify under the lock: throttles, the code, the
 // steps already used. With a StepClaimer it does not decide a fresh step
 // itself but returns it to be claimed (outside the lock: the claim is I/O).
-func (g *Guard) check(a attempt) checked {
-	acct, enrolled := account(g.secrets, a.user)
+func (g *Guard) check(a attempt) (c checked) {
+	acct, enrolled, err := g.account(a.user)
+	if err != nil {
+		g.storeError(a.user, err)
+		return checked{o: storeDown(a.user)}
+	}
 	claimer, _ := g.secrets.(StepClaimer)
 
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	now := g.opts.Now()
 	g.maybeSweep(now)
+	if g.shared != nil {
+		// Whatever this check charges goes to the store too (after the
+		// lock: it is I/O).
+		defer func() {
+			c.charge = g.charged(a, c.o)
+			c.now = now
+		}()
+	}
 
 	if a.client() {
 		if until, blocked := g.byUser.blockedUntil(a.user, now); blocked {
@@ -217,9 +291,23 @@ func (g *Guard) check(a attempt) checked {
 func (g *Guard) settle(a attempt, c checked) Outcome {
 	var accepted int64
 	var err error
+	grantKey := ""
+	if g.shared != nil && a.client() && g.opts.Remember > 0 {
+		grantKey = rememberKey(a.user, a.addr)
+	}
+	// The store's failures of the user were just loaded (preload): reset
+	// them in the store only if there are any (a round trip saved per login).
+	g.mu.Lock()
+	hadFailures := len(g.byUser.m[a.user]) > 0
+	g.mu.Unlock()
 	for _, start := range c.claim {
 		var claimed bool
-		claimed, err = c.claimer.ClaimStep(a.user, start, c.acct.Secret)
+		if g.shared != nil {
+			claimed, err = g.shared.ClaimStepGrant(a.user, start, c.acct.Secret, grantKey,
+				Grant{Until: g.opts.Now().Add(g.opts.Remember), StepStart: start, SecretTag: SecretTag(c.acct.Secret)})
+		} else {
+			claimed, err = c.claimer.ClaimStep(a.user, start, c.acct.Secret)
+		}
 		if err != nil || claimed {
 			if claimed {
 				accepted = start
@@ -227,8 +315,21 @@ func (g *Guard) settle(a attempt, c checked) Outcome {
 			break
 		}
 	}
-	if err != nil && !errors.Is(err, ErrNotEnrolled) && !errors.Is(err, ErrSecretChanged) && g.opts.OnStoreError != nil {
-		g.opts.OnStoreError(a.user, err)
+	if err != nil && !errors.Is(err, ErrNotEnrolled) && !errors.Is(err, ErrSecretChanged) {
+		g.storeError(a.user, err)
+	}
+	if g.shared != nil && err == nil {
+		if accepted != 0 && hadFailures {
+			if rerr := g.shared.ResetFailures(userKey(a.user)); rerr != nil {
+				g.storeError(a.user, rerr)
+			}
+		} else if grantKey != "" {
+			// Lost the claim: the winner's grant, written with its claim,
+			// decides the pool rule.
+			if rerr := g.loadGrant(a); rerr != nil {
+				g.storeError(a.user, rerr)
+			}
+		}
 	}
 
 	g.mu.Lock()
@@ -274,7 +375,7 @@ func (g *Guard) acceptLocked(a attempt, acct Account, start int64, now time.Time
 // pool rule (Remember) or a replay.
 func (g *Guard) usedLocked(a attempt, acct Account, starts []int64, now time.Time, p params) Outcome {
 	if a.client() && g.opts.Remember > 0 {
-		if r, hit := g.remember[rememberKey(a.user, a.addr)]; hit && now.Before(r.until) && r.secret == acct.Secret {
+		if r, hit := g.remember[rememberKey(a.user, a.addr)]; hit && now.Before(r.until) && r.tag == SecretTag(acct.Secret) {
 			for _, s := range starts {
 				if s == r.stepStart {
 					return Outcome{OK: true, Reason: ReasonRemembered}
@@ -291,19 +392,27 @@ func (g *Guard) Remembered(user, addr string) bool {
 	if g.opts.Remember <= 0 {
 		return false
 	}
-	acct, enrolled := account(g.secrets, user)
-	if !enrolled {
+	acct, enrolled, err := g.account(user)
+	if err != nil || !enrolled {
+		// A store that cannot answer remembers nobody: the login then
+		// needs a code, and fails closed on the same store.
 		return false
+	}
+	if g.shared != nil {
+		if err := g.loadGrant(attempt{user: user, addr: addr}); err != nil {
+			g.storeError(user, err)
+			return false
+		}
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	r, hit := g.remember[rememberKey(user, addr)]
-	return hit && g.opts.Now().Before(r.until) && r.secret == acct.Secret
+	return hit && g.opts.Now().Before(r.until) && r.tag == SecretTag(acct.Secret)
 }
 
 func (g *Guard) rememberLocked(user, addr, secret string, stepStart int64, now time.Time) {
 	if g.opts.Remember > 0 {
-		g.remember[rememberKey(user, addr)] = remembered{until: now.Add(g.opts.Remember), stepStart: stepStart, secret: secret}
+		g.remember[rememberKey(user, addr)] = remembered{until: now.Add(g.opts.Remember), stepStart: stepStart, tag: SecretTag(secret)}
 	}
 }
 
@@ -313,13 +422,20 @@ func (g *Guard) rememberApproved(user, addr string) {
 	if g.opts.Remember <= 0 {
 		return
 	}
-	acct, enrolled := account(g.secrets, user)
-	if !enrolled {
+	acct, enrolled, err := g.account(user)
+	if err != nil || !enrolled {
 		return
+	}
+	now := g.opts.Now()
+	if g.shared != nil {
+		gr := Grant{Until: now.Add(g.opts.Remember), StepStart: -1, SecretTag: SecretTag(acct.Secret)}
+		if err := g.shared.PutGrant(rememberKey(user, addr), gr); err != nil {
+			g.storeError(user, err)
+		}
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.rememberLocked(user, addr, acct.Secret, -1, g.opts.Now())
+	g.rememberLocked(user, addr, acct.Secret, -1, now)
 }
 
 // fail charges a wrong code: to the user and the address, or to the
@@ -351,7 +467,10 @@ func (g *Guard) maybeSweep(now time.Time) {
 // Code returns the code of user's secret at t; for tests, demos and `pgmfa
 // code`, never for verification.
 func (g *Guard) Code(user string, t time.Time) (string, error) {
-	acct, enrolled := account(g.secrets, user)
+	acct, enrolled, err := g.account(user)
+	if err != nil {
+		return "", err
+	}
 	if !enrolled {
 		return "", fmt.Errorf("user %q is not enrolled", user)
 	}
@@ -364,4 +483,70 @@ func accountCode(acct Account, defaults Options, t time.Time) (string, error) {
 		return "", err
 	}
 	return codeAt(acct.Secret, p.stepAt(t), p)
+}
+
+// preload copies the Shared store's state for a's decision into this
+// Guard's memory: the failures of the user and the address (or of the
+// approver) and, for a client with Remember on, its grant. The store is the
+// truth; what this Guard counted itself is already in it.
+func (g *Guard) preload(a attempt) error {
+	now := g.opts.Now()
+	var keys []string
+	if a.client() {
+		keys = []string{userKey(a.user), addrKey(a.addr)}
+	} else {
+		keys = []string{approverKey(a.approver)}
+	}
+	got, err := g.shared.Failures(keys, now.Add(-g.opts.FailureWindow))
+	if err != nil {
+		return err
+	}
+	g.mu.Lock()
+	if a.client() {
+		g.byUser.set(a.user, got[keys[0]])
+		g.byAddr.set(throttleKey(a.addr), got[keys[1]])
+	} else {
+		g.byApprover.set(a.approver, got[keys[0]])
+	}
+	g.mu.Unlock()
+	if a.client() && g.opts.Remember > 0 {
+		return g.loadGrant(a)
+	}
+	return nil
+}
+
+// loadGrant replaces this Guard's remember entry for a's user and address
+// with the Shared store's.
+func (g *Guard) loadGrant(a attempt) error {
+	key := rememberKey(a.user, a.addr)
+	gr, ok, err := g.shared.Grant(key, g.opts.Now())
+	if err != nil {
+		return err
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if ok {
+		g.remember[key] = remembered{until: gr.Until, stepStart: gr.StepStart, tag: gr.SecretTag}
+	} else {
+		delete(g.remember, key)
+	}
+	return nil
+}
+
+// charged is the Shared failure keys a check's outcome charged (see fail
+// and the not-enrolled branch of check).
+func (g *Guard) charged(a attempt, o Outcome) []string {
+	switch o.Reason {
+	case ReasonBadCode, ReasonMalformed:
+		if !a.client() {
+			return []string{approverKey(a.approver)}
+		}
+		return []string{userKey(a.user), addrKey(a.addr)}
+	case ReasonNotEnrolled:
+		if !a.client() {
+			return []string{approverKey(a.approver)}
+		}
+		return []string{addrKey(a.addr)}
+	}
+	return nil
 }

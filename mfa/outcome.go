@@ -35,6 +35,7 @@ const (
 	ReasonNotWaiting  = "not_waiting"     // Approvals.Approve: no such login is waiting
 	ReasonBadAccount  = "bad_account"     // the stored enrollment is unusable (hand-edited store)
 	ReasonStore       = "store_error"     // the store could not record the accepted code; refused (fail closed)
+	ReasonStoreDown   = "store_down"      // the store could not be read (unreachable); refused (fail closed)
 	ReasonSeveral     = "several_waiting" // Approvals.Approve: several logins of the user wait; none released
 )
 
@@ -130,4 +131,13 @@ func approverThrottled(until, now time.Time) Outcome {
 	return refuse(ReasonThrottled,
 		"too many failed approvals from this approver; the code was not checked",
 		fmt.Sprintf("try again after %s (in %v) with a fresh code; the user's own logins are not affected", until.UTC().Format("15:04:05 UTC"), wait))
+}
+
+// storeDown is the refusal when the store cannot be read (a PostgreSQL
+// store that is unreachable): nothing can be checked, so the login fails
+// closed. The store's error goes to pgmfa's log, not to the client.
+func storeDown(user string) Outcome {
+	return refuse(ReasonStoreDown,
+		fmt.Sprintf("pgmfa cannot reach its MFA store, so the second factor of user %q cannot be checked; the login was refused", user),
+		"try again in a moment: pgmfa reconnects on its own when the store is back; if it persists, an administrator should check the store's database (pgmfa's log has the error)")
 }

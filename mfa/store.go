@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode"
 )
@@ -33,19 +34,56 @@ var (
 // would be on an inode the next writer no longer opens.
 type FileStore struct {
 	path string
+	keys atomic.Pointer[Keyring] // nil: secrets are written in plaintext
 
-	mu    sync.RWMutex // guards users; never held across file I/O
+	mu    sync.RWMutex // guards users and plain; never held across file I/O
 	users map[string]storedUser
+	plain int
 }
 
 // OpenFileStore loads the store at path. A missing file is an empty store;
 // it is created by the first Enroll.
 func OpenFileStore(path string) (*FileStore, error) {
-	users, err := readStore(path)
+	return OpenFileStoreKeyed(path, nil)
+}
+
+// OpenFileStoreKeyed loads the store at path with keys to open sealed
+// secrets and to seal every secret it writes (nil: plaintext, and a store
+// holding sealed secrets is refused with ErrNoKey).
+func OpenFileStoreKeyed(path string, keys *Keyring) (*FileStore, error) {
+	users, plain, err := readStore(path, keys)
 	if err != nil {
 		return nil, err
 	}
-	return &FileStore{path: path, users: users}, nil
+	s := &FileStore{path: path, users: users, plain: plain}
+	s.keys.Store(keys)
+	return s, nil
+}
+
+// SetKeys replaces the keyring (SIGHUP); the next Reload or write uses it.
+func (s *FileStore) SetKeys(keys *Keyring) { s.keys.Store(keys) }
+
+// Plaintext is how many secrets the file held unencrypted when it was last
+// read (a store written before encryption, or without a key).
+func (s *FileStore) Plaintext() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.plain
+}
+
+// Reseal rewrites the file with every secret sealed under the current key
+// of the store's keyring (`pgmfa store rotate-key`, and encrypting a store
+// written before encryption). It returns how many secrets it wrote.
+func (s *FileStore) Reseal() (int, error) {
+	if s.keys.Load() == nil {
+		return 0, ErrNoKey
+	}
+	var n int
+	err := s.update(func(users map[string]storedUser) error {
+		n = len(users)
+		return nil
+	})
+	return n, err
 }
 
 // Path is the file the store lives in.
@@ -55,13 +93,11 @@ func (s *FileStore) Path() string { return s.path }
 // A file that was deleted reloads as empty: removing the store removes
 // everyone's access, which is the safe reading of that action.
 func (s *FileStore) Reload() error {
-	users, err := readStore(s.path)
+	users, plain, err := readStore(s.path, s.keys.Load())
 	if err != nil {
 		return err
 	}
-	s.mu.Lock()
-	s.users = users
-	s.mu.Unlock()
+	s.adopt(users, plain)
 	return nil
 }
 
@@ -164,31 +200,37 @@ func (s *FileStore) update(change func(map[string]storedUser) error) error {
 		return err
 	}
 	defer unlock()
-	users, err := readStore(s.path)
+	users, plain, err := readStore(s.path, s.keys.Load())
 	if err != nil {
 		return err
 	}
 	if err := change(users); err != nil {
 		if errors.Is(err, errUnchanged) || errors.Is(err, ErrNotEnrolled) || errors.Is(err, ErrSecretChanged) {
-			s.adopt(users)
+			s.adopt(users, plain)
 		}
 		if errors.Is(err, errUnchanged) {
 			return nil
 		}
 		return err
 	}
-	if err := writeStore(s.path, users); err != nil {
+	keys := s.keys.Load()
+	if err := writeStore(s.path, users, keys); err != nil {
 		return err
+	}
+	plain = 0
+	if keys == nil {
+		plain = len(users)
 	}
 	// Still under the flock, so stores adopt contents in the order the
 	// file had them.
-	s.adopt(users)
+	s.adopt(users, plain)
 	return nil
 }
 
-func (s *FileStore) adopt(users map[string]storedUser) {
+func (s *FileStore) adopt(users map[string]storedUser, plain int) {
 	s.mu.Lock()
 	s.users = users
+	s.plain = plain
 	s.mu.Unlock()
 }
 

@@ -25,7 +25,7 @@ type storeFile struct {
 // that changing the server's defaults later does not break authenticators
 // that were set up with the old ones.
 type storedUser struct {
-	Secret    string    `json:"secret"`    // base32, no padding
+	Secret    string    `json:"secret"`    // in memory base32; on disk base32 (before encryption) or sealed (seal.go)
 	Digits    int       `json:"digits"`    // 6 or 8
 	Period    int       `json:"period"`    // seconds
 	Algorithm string    `json:"algorithm"` // SHA1, SHA256, SHA512
@@ -40,48 +40,61 @@ func (u storedUser) account() Account {
 
 // readStore reads and checks the file at path. A missing file is an empty
 // store. The file must not be open to group or others: it holds the secrets.
-func readStore(path string) (map[string]storedUser, error) {
+//
+// Sealed secrets are opened with keys; a plaintext secret (a store written
+// before encryption) is read as it is and counted in plain.
+func readStore(path string, keys *Keyring) (users map[string]storedUser, plain int, err error) {
 	f, err := os.Open(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return map[string]storedUser{}, nil
+		return map[string]storedUser{}, 0, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("TOTP store: %w", err)
+		return nil, 0, fmt.Errorf("TOTP store: %w", err)
 	}
 	defer f.Close()
 	// Stat the open file, not the path, so the check and the read are of
 	// the same file.
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, fmt.Errorf("TOTP store: %w", err)
+		return nil, 0, fmt.Errorf("TOTP store: %w", err)
 	}
 	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("TOTP store %s is not a regular file", path)
+		return nil, 0, fmt.Errorf("TOTP store %s is not a regular file", path)
 	}
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("TOTP store %s is accessible to group or others (mode %04o) and holds secrets; refusing it. Fix with: chmod 600 %s", path, perm, path)
+		return nil, 0, fmt.Errorf("TOTP store %s is accessible to group or others (mode %04o) and holds secrets; refusing it. Fix with: chmod 600 %s", path, perm, path)
 	}
 	var doc storeFile
 	dec := json.NewDecoder(f)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&doc); err != nil {
-		return nil, fmt.Errorf("TOTP store %s: %w", path, err)
+		return nil, 0, fmt.Errorf("TOTP store %s: %w", path, err)
 	}
 	if doc.Version != storeVersion {
-		return nil, fmt.Errorf("TOTP store %s: version %d, this pgmfa reads version %d", path, doc.Version, storeVersion)
+		return nil, 0, fmt.Errorf("TOTP store %s: version %d, this pgmfa reads version %d", path, doc.Version, storeVersion)
 	}
 	if doc.Users == nil {
 		doc.Users = map[string]storedUser{}
 	}
 	for name, u := range doc.Users {
 		if err := validUser(name); err != nil {
-			return nil, fmt.Errorf("TOTP store %s: %w", path, err)
+			return nil, 0, fmt.Errorf("TOTP store %s: %w", path, err)
+		}
+		if Sealed(u.Secret) {
+			secret, err := keys.Open(name, u.Secret)
+			if err != nil {
+				return nil, 0, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
+			}
+			u.Secret = secret
+			doc.Users[name] = u
+		} else {
+			plain++
 		}
 		if err := u.check(); err != nil {
-			return nil, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
+			return nil, 0, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
 		}
 	}
-	return doc.Users, nil
+	return doc.Users, plain, nil
 }
 
 // check rejects an entry that could never verify a code.
@@ -107,11 +120,21 @@ func (u storedUser) check() error {
 // writeStore replaces the file at path atomically: a temporary file in the
 // same directory, mode 0600, synced, renamed over the old one, and the
 // directory synced so the rename survives a crash.
-func writeStore(path string, users map[string]storedUser) (err error) {
+//
+// With keys, every secret is written sealed with the current key (a
+// plaintext store becomes encrypted on its first write with a key).
+func writeStore(path string, users map[string]storedUser, keys *Keyring) (err error) {
+	disk := make(map[string]storedUser, len(users))
+	for name, u := range users {
+		if u.Secret, err = keys.Seal(name, u.Secret); err != nil {
+			return fmt.Errorf("TOTP store: encrypt the secret of %q: %w", name, err)
+		}
+		disk[name] = u
+	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetIndent("", "  ")
-	if err := enc.Encode(storeFile{Version: storeVersion, Users: users}); err != nil {
+	if err := enc.Encode(storeFile{Version: storeVersion, Users: disk}); err != nil {
 		return err
 	}
 	dir := filepath.Dir(path)

@@ -58,6 +58,19 @@ func (f *failures) add(key string, now time.Time) {
 	f.m[key] = ts
 }
 
+// set replaces key's failures with ts (oldest first; the Shared store's
+// count), keeping the last max.
+func (f *failures) set(key string, ts []time.Time) {
+	if f.max <= 0 || len(ts) == 0 {
+		delete(f.m, key)
+		return
+	}
+	if len(ts) > f.max {
+		ts = ts[len(ts)-f.max:]
+	}
+	f.m[key] = append([]time.Time(nil), ts...)
+}
+
 // reset forgets key's failures.
 func (f *failures) reset(key string) { delete(f.m, key) }
 

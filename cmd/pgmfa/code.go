@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"os"
 	"time"
-
-	"github.com/pgmfa/pgmfa/mfa"
 )
 
 func init() {
@@ -18,9 +16,10 @@ func init() {
 // adds no power; it exists so `make run` and scripts need no phone.
 func runCode(args []string) int {
 	fs := flag.NewFlagSet("code", flag.ContinueOnError)
-	store := fs.String("store", defaultStorePath(), "TOTP secret store (env PGMFA_STORE)")
+	store := fs.String("store", defaultStorePath(), storeUsage)
+	keyFile := fs.String("store-key-file", defaultKeyFile(), keyFileUsage)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: pgmfa code [--store PATH] USER\n\nPrints USER's current TOTP code, computed from the store.\nMeant for demos and scripts; in production the code comes from the user's authenticator.\n\nflags:\n")
+		fmt.Fprintf(fs.Output(), "usage: pgmfa code [--store STORE] [--store-key-file FILE] USER\n\nPrints USER's current TOTP code, computed from the store.\nMeant for demos and scripts; in production the code comes from the user's authenticator.\n\nflags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -30,11 +29,12 @@ func runCode(args []string) int {
 		fs.Usage()
 		return 2
 	}
-	s, err := mfa.OpenFileStore(*store)
+	s, err := openStore(*store, *keyFile)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "pgmfa code:", err)
 		return 1
 	}
+	defer s.Close()
 	code, err := s.Code(fs.Arg(0), time.Now())
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "pgmfa code:", err)

@@ -29,7 +29,8 @@ func runEnroll(args []string) int { return enroll(args, os.Stdout, os.Stderr) }
 func enroll(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("enroll", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	store := fs.String("store", defaultStorePath(), "TOTP secret store to write (env PGMFA_STORE); created with mode 0600, its directory 0700")
+	store := fs.String("store", defaultStorePath(), "TOTP secret store to write: a file (created with mode 0600, its directory 0700) or a PostgreSQL connection string (env PGMFA_STORE)")
+	keyFile := fs.String("store-key-file", defaultKeyFile(), keyFileUsage)
 	issuer := fs.String("issuer", mfa.DefaultIssuer, "issuer name the authenticator app shows next to the user")
 	digits := fs.Int("digits", mfa.DefaultDigits, "code length: 6 or 8 (most apps support both)")
 	period := fs.Duration("period", mfa.DefaultPeriod, "how often the code changes, whole seconds (apps other than 30s support vary)")
@@ -62,17 +63,18 @@ flags:
 	}
 	user := pos[0]
 
-	s, err := mfa.OpenFileStore(*store)
+	s, err := openStore(*store, *keyFile)
 	if err != nil {
 		fmt.Fprintln(stderr, "pgmfa enroll:", err)
 		return 1
 	}
+	defer s.Close()
 	if *remove {
 		if err := s.Remove(user); err != nil {
 			fmt.Fprintln(stderr, "pgmfa enroll:", err)
 			return 1
 		}
-		fmt.Fprintf(stdout, "Removed %q from %s.\n%s", user, *store, reloadNote)
+		fmt.Fprintf(stdout, "Removed %q from %s.\n%s", user, s, reloadNoteFor(s))
 		return 0
 	}
 	existed := false
@@ -89,7 +91,7 @@ flags:
 	if existed {
 		verb = "Rotated the secret of"
 	}
-	fmt.Fprintf(stdout, "%s %q in %s (TOTP %s, %d digits, every %v).\n", verb, user, *store,
+	fmt.Fprintf(stdout, "%s %q in %s (TOTP %s, %d digits, every %v).\n", verb, user, s,
 		key.Algorithm(), key.Digits().Length(), time.Duration(key.Period())*time.Second)
 	if existed {
 		fmt.Fprintln(stdout, "The old authenticator entry no longer works; scan the new one.")
@@ -105,8 +107,20 @@ flags:
 	if *printSecret {
 		fmt.Fprintf(stdout, "\nsecret (to type in by hand): %s\n", key.Secret())
 	}
-	fmt.Fprintf(stdout, "\n%s", reloadNote)
+	fmt.Fprintf(stdout, "\n%s", reloadNoteFor(s))
+	if note := plaintextNote(s, *keyFile); note != "" {
+		fmt.Fprintln(stderr, "pgmfa enroll: warning:", note)
+	}
 	return 0
+}
+
+// reloadNoteFor is reloadNote for a file store; a PostgreSQL store is read
+// at every login, so nothing needs reloading.
+func reloadNoteFor(s mfaStore) string {
+	if _, ok := s.(*pgStore); ok {
+		return "Every pgmfa on this store sees the change at the next login.\n"
+	}
+	return reloadNote
 }
 
 const reloadNote = "A running pgmfa picks up the change on SIGHUP: kill -HUP $(pidof pgmfa)\n"

@@ -19,6 +19,7 @@ import (
 	"github.com/pgmfa/pgmfa/loop/relay"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/mfa/pgstore"
 	"github.com/pgmfa/pgmfa/proto"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
@@ -44,6 +45,9 @@ type serveFlags struct {
 	maxBacklog           int64
 	relayBuffer, sockBuf int
 	store, adminAddr     string
+	storeKeyFile         string
+	reusePort            bool
+	storeTimeout         time.Duration
 	adminToken           string
 	digits               int
 	period               time.Duration
@@ -75,7 +79,10 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.Int64Var(&f.maxBacklog, "max-backlog", 0, "sockmap hard bound: a session is ended (reason \"backlog limit\") when the kernel holds more than this many bytes of one direction outside both sockets' buffers; with flow control on only a peer that keeps sending while it reads nothing reaches it (0: the default, 64 MiB)")
 	fs.IntVar(&f.relayBuffer, "relay-buffer", relay.DefaultBufferSize, "user-space relay: bytes buffered per direction of a session")
 	fs.IntVar(&f.sockBuf, "socket-buffer", 0, "SO_SNDBUF/SO_RCVBUF for client and database sockets (0: kernel default, autotuned)")
-	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll (env PGMFA_STORE)")
+	fs.StringVar(&f.store, "store", defaultStorePath(), "TOTP secret store written by pgmfa enroll: a JSON file, or a PostgreSQL connection string (postgres://USER@HOST/DB or \"host=… dbname=…\") shared by every pgmfa of a fleet, initialised with `pgmfa store init` (env PGMFA_STORE)")
+	fs.StringVar(&f.storeKeyFile, "store-key-file", defaultKeyFile(), keyFileUsage)
+	fs.DurationVar(&f.storeTimeout, "store-timeout", pgstore.DefaultTimeout, "with a PostgreSQL --store: the most one store call may take (connecting included) before the login that needs it is refused")
+	fs.BoolVar(&f.reusePort, "reuse-port", false, "let several pgmfa processes listen on the same TCP --listen address (SO_REUSEPORT; the kernel spreads connections over them). Every process needs this flag, its own --admin, and the same PostgreSQL --store so MFA state is shared")
 	fs.StringVar(&f.adminAddr, "admin", defaultAdminAddr(), "admin API for pgmfa approve: a unix-socket path (access: file permissions) or a loopback host:port (access: the --admin-token-file token); empty disables it (env PGMFA_ADMIN)")
 	fs.StringVar(&f.adminToken, "admin-token-file", defaultTokenFile(), "with a TCP --admin: the file holding the token every admin request must carry; created (0600, random) when missing; must not be readable by group or others (env PGMFA_ADMIN_TOKEN_FILE)")
 	fs.IntVar(&f.digits, "totp-digits", mfa.DefaultDigits, "TOTP code length for users enrolled without their own (6 or 8); with --auth password, also the length of the code split off the end of the password")
@@ -131,7 +138,7 @@ flags:
 // proxy is a configured server with its store and admin listener.
 type proxy struct {
 	srv    *loop.Server
-	store  *mfa.FileStore
+	store  mfaStore
 	certs  *tlsproxy.Certs // nil without client TLS
 	admin  *http.Server
 	log    *slog.Logger
@@ -161,12 +168,23 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	store, err := mfa.OpenFileStore(f.store)
+	store, err := openStoreTimeout(f.store, f.storeKeyFile, f.storeTimeout)
 	if err != nil {
 		return nil, err
 	}
-	if required && len(store.Users()) == 0 {
-		logger.Warn("the secret store has no enrolled users; logins will be refused until `pgmfa enroll USER`", "store", f.store)
+	if ps, ok := store.(*pgStore); ok {
+		// A store that is down at start is refused at once, with what to
+		// do; one that goes down later only refuses logins until it is back.
+		if err := ps.Check(); err != nil {
+			store.Close()
+			return nil, err
+		}
+	}
+	if users, err := store.Users(); err == nil && required && len(users) == 0 {
+		logger.Warn("the secret store has no enrolled users; logins will be refused until `pgmfa enroll USER`", "store", store.String())
+	}
+	if note := plaintextNote(store, f.storeKeyFile); note != "" {
+		logger.Warn(note)
 	}
 	skew, err := skewOption(f.skew)
 	if err != nil {
@@ -185,6 +203,12 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	}
 	guard := mfa.NewGuard(mopts, store)
 	approvals := mfa.NewApprovals(guard)
+	ps, fleet := store.(*pgStore)
+	if fleet {
+		// Waiting logins are the fleet's: an approval given to any
+		// instance reaches the one holding the login by NOTIFY.
+		approvals = mfa.NewFleetApprovals(guard, ps)
+	}
 
 	srv, err := loop.New(loop.Config{
 		Listen:                 splitList(f.listen),
@@ -206,6 +230,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		MaxBacklog:             f.maxBacklog,
 		RelayBuffer:            f.relayBuffer,
 		SocketBuf:              f.sockBuf,
+		ReusePort:              f.reusePort,
 		TLSCerts:               certs,
 		TLSMode:                tlsMode,
 		UpstreamTLS:            upTLS,
@@ -214,7 +239,33 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &proxy{srv: srv, store: store, certs: certs, log: logger}
+	p := &proxy{srv: srv, store: store, certs: certs, log: logger, onStop: []func(){store.Close}}
+	if fleet {
+		ctx, stopListen := context.WithCancel(context.Background())
+		p.onStop = []func(){stopListen, store.Close}
+		go ps.Listen(ctx, approvals.Notify, func() {
+			if err := approvals.Reconcile(); err != nil {
+				logger.Error("could not check the store for approvals given while it was unreachable", "err", err)
+			}
+		}, func(err error) {
+			logger.Error("lost the store's approval notifications; reconnecting", "err", err)
+		})
+		go func() {
+			// Old failures, expired grants and abandoned waiting logins.
+			t := time.NewTicker(10 * time.Minute)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case now := <-t.C:
+					if err := ps.Prune(now); err != nil {
+						logger.Warn("could not prune old rows of the store", "err", err)
+					}
+				}
+			}
+		}()
+	}
 	if f.adminAddr != "" {
 		var token string
 		if !admin.IsUnix(f.adminAddr) {
@@ -264,7 +315,8 @@ func (p *proxy) runUntilSignal() int {
 				if err := p.store.Reload(); err != nil {
 					p.log.Error("reload of the secret store failed; keeping the old one", "err", err)
 				} else {
-					p.log.Info("secret store reloaded", "users", len(p.store.Users()))
+					users, _ := p.store.Users()
+					p.log.Info("secret store reloaded", "users", len(users))
 				}
 				if p.certs != nil {
 					if err := p.certs.Reload(); err != nil {

@@ -232,7 +232,7 @@ func statusOf(reason string) int {
 		return http.StatusConflict
 	case mfa.ReasonMalformed:
 		return http.StatusBadRequest
-	case mfa.ReasonStore:
+	case mfa.ReasonStore, mfa.ReasonStoreDown:
 		return http.StatusServiceUnavailable
 	}
 	return http.StatusForbidden

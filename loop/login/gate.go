@@ -39,7 +39,9 @@ func (g *Gate) Decided(req *session.MFARequest, addr string) (mfa.Path, mfa.Outc
 	switch {
 	case !g.Required || g.Exempt[req.User]:
 		return mfa.PathExempt, mfa.Outcome{OK: true}, true
-	case g.Guard.Remembered(req.User, addr):
+	case g.Guard.InMemory() && g.Guard.Remembered(req.User, addr):
+		// Only a store without I/O (the file store) answers from memory;
+		// a PostgreSQL store's window is read on a goroutine (Resolve).
 		return mfa.PathRemembered, mfa.Outcome{OK: true}, true
 	}
 	return "", mfa.Outcome{}, false
@@ -49,8 +51,9 @@ func (g *Gate) Decided(req *session.MFARequest, addr string) (mfa.Path, mfa.Outc
 // or a wait for `pgmfa approve`. When it can decide now it returns the
 // decision; otherwise waiting is true and later is called exactly once from
 // another goroutine, unless cancel is called first. A request with a code
-// is always decided now, but verifying it does store I/O (a file lock, a
-// read and a synced write): callers on an event loop run it elsewhere.
+// is always decided now. Every branch but exemption may do store I/O (a
+// file lock and a synced write; with a PostgreSQL store, round trips):
+// callers on an event loop run it elsewhere.
 //
 // connID is the connection's id in the log; it is also the approval id
 // (`pgmfa approve --conn ID`) when the login waits.
@@ -69,8 +72,10 @@ func (g *Gate) Resolve(req *session.MFARequest, connID uint64, addr string, late
 			path = mfa.PathRemembered
 		}
 		return path, o, nil, false
-	case !g.Guard.Enrolled(req.User):
-		return mfa.PathCode, mfa.NotEnrolled(req.User), nil, false
+	}
+	if o := g.Guard.CheckEnrolled(req.User); !o.OK {
+		// Not enrolled, or the store cannot say (fail closed).
+		return mfa.PathCode, o, nil, false
 	}
 	p, others, cancel := g.Approvals.Wait(mfa.Login{ConnID: connID, User: req.User, Addr: addr, Database: req.Database, AppName: req.AppName},
 		func(o mfa.Outcome) { later(mfa.PathApproval, o) })

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -319,5 +320,90 @@ func TestDecision(t *testing.T) {
 	}
 	if d := Decision(mfa.Outcome{OK: true}); !d.OK {
 		t.Fatalf("ok outcome: %+v", d)
+	}
+}
+
+// sharedSecrets is secrets with the fleet state of mfa.Shared in memory:
+// what a PostgreSQL store keeps for every instance.
+type sharedSecrets struct {
+	secrets
+	mu     sync.Mutex
+	steps  map[string]int64
+	grants map[string]mfa.Grant
+}
+
+func (s *sharedSecrets) ClaimStep(user string, step int64, secret string) (bool, error) {
+	return s.ClaimStepGrant(user, step, secret, "", mfa.Grant{})
+}
+
+func (s *sharedSecrets) ClaimStepGrant(user string, step int64, _ string, key string, g mfa.Grant) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if last, ok := s.steps[user]; ok && last >= step {
+		return false, nil
+	}
+	s.steps[user] = step
+	if key != "" {
+		s.grants[key] = g
+	}
+	return true, nil
+}
+
+func (s *sharedSecrets) Failures([]string, time.Time) (map[string][]time.Time, error) { return nil, nil }
+func (s *sharedSecrets) AddFailure([]string, time.Time) error                          { return nil }
+func (s *sharedSecrets) ResetFailures(string) error                                    { return nil }
+
+func (s *sharedSecrets) Grant(key string, now time.Time) (mfa.Grant, bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g, ok := s.grants[key]
+	return g, ok && now.Before(g.Until), nil
+}
+
+func (s *sharedSecrets) PutGrant(key string, g mfa.Grant) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.grants[key] = g
+	return nil
+}
+
+// A store with I/O keeps the remember window out of the event loop
+// (Decided leaves it) but Resolve must still honour it: a grant written by
+// one instance admits the next login without a code on another.
+func TestGateResolveSharedRemember(t *testing.T) {
+	now := time.Now()
+	store := &sharedSecrets{secrets: secrets{"alice": aliceSecret}, steps: map[string]int64{}, grants: map[string]mfa.Grant{}}
+	instance := func() *Gate {
+		g := mfa.NewGuard(mfa.Options{Remember: time.Minute, Now: func() time.Time { return now }}, store)
+		return &Gate{Required: true, Guard: g, Approvals: mfa.NewApprovals(g), Logger: slog.New(slog.DiscardHandler)}
+	}
+	a, b := instance(), instance()
+	if a.Guard.InMemory() {
+		t.Fatal("a guard over a shared store says it needs no I/O")
+	}
+	code, err := totp.GenerateCode(aliceSecret, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	never := func(mfa.Path, mfa.Outcome) { t.Error("a decision made now was also delivered later") }
+	if path, o, _, waiting := a.Resolve(&session.MFARequest{User: "alice", Code: code, Source: session.SourceStartup}, 1, "10.0.0.1:1", never); waiting || !o.OK || path != mfa.PathCode {
+		t.Fatalf("code on instance a: path %q outcome %+v waiting %v", path, o, waiting)
+	}
+	req := &session.MFARequest{User: "alice"}
+	if _, _, ok := b.Decided(req, "10.0.0.1:2"); ok {
+		t.Fatal("instance b decided a shared remember window on the loop (store I/O)")
+	}
+	path, o, cancel, waiting := b.Resolve(req, 2, "10.0.0.1:2", never)
+	if waiting {
+		cancel()
+	}
+	if waiting || !o.OK || path != mfa.PathRemembered {
+		t.Fatalf("remembered login on instance b: path %q outcome %+v waiting %v", path, o, waiting)
+	}
+	// Another address is not remembered: it waits for an approval.
+	if _, _, cancel, waiting := b.Resolve(req, 3, "10.0.0.2:1", never); !waiting {
+		t.Fatal("a login from another address passed without a code")
+	} else {
+		cancel()
 	}
 }

@@ -44,6 +44,7 @@ $(DEADCODE):
 # Fails on any finding. deadcode's deliberate exceptions, each with its
 # reason, are in .ci/deadcode.allow.
 lint: vet $(STATICCHECK) $(DEADCODE)
+	@bad=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$bad" ]; then echo "gofmt: not formatted: $$bad"; exit 1; fi
 	$(GO) mod tidy -diff
 	$(STATICCHECK) ./...
 	bash .ci/deadcode $(DEADCODE)

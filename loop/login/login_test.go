@@ -349,9 +349,11 @@ func (s *sharedSecrets) ClaimStepGrant(user string, step int64, _ string, key st
 	return true, nil
 }
 
-func (s *sharedSecrets) Failures([]string, time.Time) (map[string][]time.Time, error) { return nil, nil }
-func (s *sharedSecrets) AddFailure([]string, time.Time) error                          { return nil }
-func (s *sharedSecrets) ResetFailures(string) error                                    { return nil }
+func (s *sharedSecrets) Failures([]string, time.Time) (map[string][]time.Time, error) {
+	return nil, nil
+}
+func (s *sharedSecrets) AddFailure([]string, time.Time) error { return nil }
+func (s *sharedSecrets) ResetFailures(string) error           { return nil }
 
 func (s *sharedSecrets) Grant(key string, now time.Time) (mfa.Grant, bool, error) {
 	s.mu.Lock()

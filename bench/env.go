@@ -53,6 +53,7 @@ func setup(ctx context.Context, cfg *config, repo string, logf func(string, ...a
 		Users: []pgcluster.User{
 			{Name: benchUser, Password: benchPassword},
 			{Name: benchWaitUser, Password: benchPassword},
+			{Name: benchStoreUser, Password: benchPassword},
 		},
 		Databases: []string{benchDB},
 		Settings: map[string]string{

@@ -14,12 +14,13 @@ const (
 	pathSockmap      = "pgmfa-sockmap"
 	pathSockmapUnix  = "pgmfa-sockmap-unix"
 	pathRelay        = "pgmfa-relay"
+	pathPgstore      = "pgmfa-pgstore"
 	pathPgbouncer    = "pgbouncer"
 	pathPgmfaTLS     = "pgmfa-tls"
 	pathPgbouncerTLS = "pgbouncer-tls"
 )
 
-var allPaths = []string{pathDirect, pathBare, pathSockmap, pathSockmapUnix, pathRelay, pathPgbouncer, pathPgmfaTLS, pathPgbouncerTLS}
+var allPaths = []string{pathDirect, pathBare, pathSockmap, pathSockmapUnix, pathRelay, pathPgstore, pathPgbouncer, pathPgmfaTLS, pathPgbouncerTLS}
 
 // pathDescriptions say what each path is, for the JSON file and --help.
 var pathDescriptions = map[string]string{
@@ -28,6 +29,7 @@ var pathDescriptions = map[string]string{
 	pathSockmap:      "pgmfa --splice sockmap, TCP upstream",
 	pathSockmapUnix:  "pgmfa --splice sockmap, unix-socket upstream",
 	pathRelay:        "pgmfa --splice off (user-space relay), TCP upstream",
+	pathPgstore:      "pgmfa --splice sockmap with its MFA state in PostgreSQL (--store postgres://, a database of the benchmark's cluster, secrets encrypted); login workloads only",
 	pathPgbouncer:    "pgbouncer, session mode, scram-sha-256, TCP upstream",
 	pathPgmfaTLS:     "pgmfa --tls require --splice off (clients sslmode=require; TLS is relayed in user space, never spliced), TCP upstream",
 	pathPgbouncerTLS: "pgbouncer, session mode, client_tls_sslmode=require (clients sslmode=require), TCP upstream",
@@ -38,6 +40,10 @@ func isPgmfa(path string) bool { return path != pathDirect && path != pathBare &
 
 // isPgbouncer reports whether a path goes through pgbouncer.
 func isPgbouncer(path string) bool { return path == pathPgbouncer || path == pathPgbouncerTLS }
+
+// loginOnly reports whether a path is measured by the login workloads
+// alone: the PostgreSQL store changes the login, not the spliced session.
+func loginOnly(path string) bool { return path == pathPgstore }
 
 // isTLS reports whether a path's clients connect with TLS (sslmode=require).
 func isTLS(path string) bool { return path == pathPgmfaTLS || path == pathPgbouncerTLS }

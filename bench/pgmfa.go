@@ -22,6 +22,8 @@ const (
 	benchWaitUser = "bench_wait"
 	benchPassword = "bench-pw-not-secret"
 	benchDB       = "bench"
+	// benchStoreUser owns the pgmfa-pgstore path's store databases.
+	benchStoreUser = "pgmfa_store"
 )
 
 // findPgmfa returns the pgmfa binary: -pgmfa when given, else
@@ -81,9 +83,20 @@ func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, 
 	if ep.Err = os.MkdirAll(dir, 0o700); ep.Err != nil {
 		return ep
 	}
-	store := filepath.Join(dir, "store.json")
-	ep.Code, ep.Err = enrollTOTP(store, benchUser, benchWaitUser)
-	if ep.Err != nil {
+	store, storeFlags := filepath.Join(dir, "store.json"), []string(nil)
+	if name == pathPgstore {
+		// A database of its own in the benchmark's cluster, per instance
+		// (Fresh), so that no instance inherits another's replay or
+		// remember state.
+		var keyFile string
+		if store, ep.Err = createStoreDatabase(cl, filepath.Base(dir)); ep.Err != nil {
+			return ep
+		}
+		if keyFile, ep.Code, ep.Err = enrollPgstore(store, dir, benchUser, benchWaitUser); ep.Err != nil {
+			return ep
+		}
+		storeFlags = []string{"--store-key-file", keyFile}
+	} else if ep.Code, ep.Err = enrollTOTP(store, benchUser, benchWaitUser); ep.Err != nil {
 		return ep
 	}
 	if ep.Port, ep.Err = pgcluster.FreePort(); ep.Err != nil {
@@ -115,6 +128,7 @@ func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, 
 		// One "login timing" line per login: the login-latency breakdown.
 		"--log-level", "debug",
 	}
+	args = append(args, storeFlags...)
 	if ep.TLS {
 		args = append(args, "--tls-cert", pki.CertFile, "--tls-key", pki.KeyFile, "--tls", "require")
 	}
@@ -145,4 +159,16 @@ func startServer(ps *procs, ep *endpoint, what, dir, logName, bin string, args .
 	if err := ps.waitListening(cmd, ep.Addr(), 15*time.Second); err != nil {
 		ep.Err = fmt.Errorf("%s %v; log:\n%s", what, err, tail(ep.LogFile, 1500))
 	}
+}
+
+// createStoreDatabase creates a database for a pgmfa-pgstore instance in
+// the benchmark's cluster, owned by benchStoreUser, and returns the
+// store's connection string (TCP with SCRAM, as a store across the network
+// is reached; pgmfa pools the connections).
+func createStoreDatabase(cl *pgcluster.Cluster, instance string) (string, error) {
+	db := "pgmfa_" + strings.NewReplacer("-", "_", ".", "_").Replace(instance)
+	if _, err := cl.Psql(fmt.Sprintf("DROP DATABASE IF EXISTS %s;\nCREATE DATABASE %s OWNER %s;", db, db, benchStoreUser)); err != nil {
+		return "", fmt.Errorf("create the store's database: %w", err)
+	}
+	return cl.DSN(benchStoreUser, benchPassword, db), nil
 }

@@ -14,6 +14,7 @@ var pathColours = map[string]string{
 	pathSockmap:      "#1f77b4",
 	pathSockmapUnix:  "#17becf",
 	pathRelay:        "#ff7f0e",
+	pathPgstore:      "#bcbd22",
 	pathPgbouncer:    "#7f7f7f",
 	pathPgmfaTLS:     "#d62728",
 	pathPgbouncerTLS: "#8c564b",

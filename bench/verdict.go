@@ -7,8 +7,8 @@ import (
 )
 
 // The targets pgmfa is held to (README, "Performance"),
-// each judged on the product's default path, pgmfa-sockmap, at the end of
-// every run.
+// each judged on the product's default path, pgmfa-sockmap, unless it names
+// another, at the end of every run.
 //
 // A verdict uses the figure's spread (spread.go): too noisy when the spread
 // is wider than -spread (the figure is marked "?" in the table: on a busy
@@ -25,18 +25,30 @@ type target struct {
 	Name     string  // what the line says
 	Kind     string  // "ratio" (x direct, at least), "delta" (ms vs direct, at most), "value" (at most)
 	Bound    float64 // the target
+	Path     string  // the path it is judged on; "": verdictPath
+}
+
+// path is the path t is judged on.
+func (t target) path() string {
+	if t.Path != "" {
+		return t.Path
+	}
+	return verdictPath
 }
 
 var targets = []target{
-	{"select-1", "pgbench -S, 1 client, at least 0.98 x direct", "ratio", 0.98},
-	{"select-16", "pgbench -S, 16 clients, at least 0.9 x direct", "ratio", 0.9},
-	{"select-64", "pgbench -S, 64 clients, at least 0.9 x direct", "ratio", 0.9},
-	{"copy-out", "COPY TO STDOUT, at least 0.95 x direct", "ratio", 0.95},
-	{"copy-in", "COPY FROM STDIN, at least 0.95 x direct", "ratio", 0.95},
-	{"connect", "logins/s with MFA (remembered), at least 0.95 x direct", "ratio", 0.95},
-	{"login-latency", "login latency with MFA, at most +0.5 ms over direct", "delta", 0.5},
-	{"idle-rss", "proxy memory per idle spliced session, at most 4 KiB", "value", 4},
-	{"mfa-wait-rss", "proxy memory per login waiting for MFA, at most 16 KiB", "value", 16},
+	{"select-1", "pgbench -S, 1 client, at least 0.98 x direct", "ratio", 0.98, ""},
+	{"select-16", "pgbench -S, 16 clients, at least 0.9 x direct", "ratio", 0.9, ""},
+	{"select-64", "pgbench -S, 64 clients, at least 0.9 x direct", "ratio", 0.9, ""},
+	{"copy-out", "COPY TO STDOUT, at least 0.95 x direct", "ratio", 0.95, ""},
+	{"copy-in", "COPY FROM STDIN, at least 0.95 x direct", "ratio", 0.95, ""},
+	{"connect", "logins/s with MFA (remembered), at least 0.95 x direct", "ratio", 0.95, ""},
+	{"login-latency", "login latency with MFA, at most +0.5 ms over direct", "delta", 0.5, ""},
+	// The fleet's store costs round trips on a login that is not
+	// remembered in memory (the grant, the claim): a lower bar.
+	{"connect", "logins/s with MFA in a PostgreSQL store, at least 0.85 x direct", "ratio", 0.85, pathPgstore},
+	{"idle-rss", "proxy memory per idle spliced session, at most 4 KiB", "value", 4, ""},
+	{"mfa-wait-rss", "proxy memory per login waiting for MFA, at most 16 KiB", "value", 16, ""},
 }
 
 // verdictPath is the path the targets are judged on.
@@ -85,20 +97,20 @@ func verdict(t target, r *Row, maxSpread float64) (string, string) {
 	return "too noisy (the target is within the spread)", fig
 }
 
-// writeVerdicts prints one line per target whose workload ran on the
-// verdict path.
+// writeVerdicts prints one line per target whose workload ran on its
+// path.
 func writeVerdicts(w io.Writer, res *Results, cfg *config) {
 	first := true
 	for _, t := range targets {
-		r := res.find(t.Workload, verdictPath)
+		r := res.find(t.Workload, t.path())
 		if r == nil {
 			continue
 		}
 		if first {
-			fmt.Fprintf(w, "\ntargets (%s):\n", verdictPath)
+			fmt.Fprintf(w, "\ntargets:\n")
 			first = false
 		}
 		v, fig := verdict(t, r, cfg.Spread)
-		fmt.Fprintf(w, "  %-60s %-22s %s\n", t.Name, fig, v)
+		fmt.Fprintf(w, "  %-14s %-66s %-22s %s\n", t.path(), t.Name, fig, v)
 	}
 }

@@ -21,8 +21,14 @@ type workload struct {
 	Run func(ctx context.Context, env *env, ep *endpoint) (float64, map[string]float64, error)
 }
 
-func everyPath(string) bool     { return true }
-func proxiedPath(p string) bool { return p != pathDirect && p != pathBare }
+func everyPath(string) bool { return true }
+
+// sessionPath: every path whose sessions are measured (not the login-only
+// ones).
+func sessionPath(p string) bool { return !loginOnly(p) }
+
+// proxiedPath: a path through a proxy whose sessions are measured.
+func proxiedPath(p string) bool { return p != pathDirect && p != pathBare && !loginOnly(p) }
 
 // workloadNames lists the workload names for the given -clients.
 func workloadNames(clients []int) []string {
@@ -42,17 +48,17 @@ func workloadList(clients []int) []*workload {
 	prep := 16
 	ws = append(ws, pgbenchWorkload(fmt.Sprintf("prepared-%d", prep), prep, "pgbench -S -M prepared", "-S", "-M", "prepared"))
 	ws = append(ws,
-		&workload{Name: "copy-out", Unit: "MB/s", HigherBetter: true, Applies: everyPath,
+		&workload{Name: "copy-out", Unit: "MB/s", HigherBetter: true, Applies: sessionPath,
 			Desc: "COPY (generate_series) TO STDOUT, -bulk-mb MB, bytes received per second",
 			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
 				return e.copyOut(ctx, ep)
 			}},
-		&workload{Name: "copy-in", Unit: "MB/s", HigherBetter: true, Applies: everyPath,
+		&workload{Name: "copy-in", Unit: "MB/s", HigherBetter: true, Applies: sessionPath,
 			Desc: "COPY FROM STDIN of -bulk-mb MB of generated rows into an unlogged table (emptied before each run), bytes sent per second until CommandComplete; row count and checksum verified after",
 			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
 				return e.copyIn(ctx, ep)
 			}},
-		&workload{Name: "select-bulk", Unit: "MB/s", HigherBetter: true, Applies: everyPath,
+		&workload{Name: "select-bulk", Unit: "MB/s", HigherBetter: true, Applies: sessionPath,
 			Desc: "SELECT returning 3/5 of -bulk-mb MB of DataRows, bytes received per second",
 			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
 				return e.selectBulk(ctx, ep)
@@ -70,7 +76,7 @@ func workloadList(clients []int) []*workload {
 			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
 				return e.sessionRSS(ctx, ep, false)
 			}},
-		&workload{Name: "mfa-wait-rss", Unit: "KiB/session", HigherBetter: false, Applies: isPgmfa,
+		&workload{Name: "mfa-wait-rss", Unit: "KiB/session", HigherBetter: false, Applies: func(p string) bool { return isPgmfa(p) && !loginOnly(p) },
 			Desc: "proxy RSS growth per session waiting for MFA approval (no code sent), -sessions held open",
 			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
 				return e.sessionRSS(ctx, ep, true)
@@ -86,7 +92,7 @@ func threadsFor(clients int) int {
 }
 
 func pgbenchWorkload(name string, clients int, desc string, args ...string) *workload {
-	return &workload{Name: name, Unit: "tps", HigherBetter: true, Applies: everyPath,
+	return &workload{Name: name, Unit: "tps", HigherBetter: true, Applies: sessionPath,
 		Desc: fmt.Sprintf("%s, %d clients", desc, clients),
 		Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
 			a := append([]string{"-c", strconv.Itoa(clients), "-j", strconv.Itoa(threadsFor(clients))}, args...)

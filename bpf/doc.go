@@ -88,6 +88,19 @@
 //     the stress test sees it do so every few runs, with every byte exact.
 //   - Inserting a TCP socket that already received FIN fails (EOPNOTSUPP:
 //     only ESTABLISHED sockets are accepted); Splice checks first.
+//   - Once a TCP socket is in any sockmap, even one with no program, the
+//     psock's tcp_bpf proto answers SIOCINQ with the psock's own ingress
+//     queue (0 here), not TCP's receive queue: a socket holding 62 unread
+//     bytes reads 62 before the insertion into a program-less SOCKHASH, 0
+//     while in it and 62 again after removal (measured on 6.18 with a
+//     throwaway program). The end-of-session audit's base (receiveBase:
+//     tcpi_bytes_received - SIOCINQ) is therefore taken before the first
+//     insertion. Taken after it (as until stop 4), every session whose
+//     client answered the release before the verdict insertion — pgbench
+//     -C sends its query at once — was logged as an anomaly: 17 of 54
+//     sessions in one `go run ./bench -smoke -paths direct,pgmfa-sockmap
+//     -workloads connect`, each "TCP received 5 bytes, the program saw 67"
+//     (the 62-byte query counted in the base, then seen by the verdict).
 //   - For an AF_UNIX upstream the verdict sees the database's end as the
 //     owner of the bytes it sends (a unix skb stays charged to its
 //     sender), so that direction is keyed under the database end's cookie,

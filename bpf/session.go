@@ -92,7 +92,7 @@ type direction struct {
 	src, dst side
 	pending  uint64 // read-ahead written to dst by Splice
 	base     uint64 // writeProgress(dst) after the read-ahead
-	rcvBase  uint64 // receiveBase(src) before src entered the verdict map; noBase: unknown (unix)
+	rcvBase  uint64 // receiveBase(src) before src entered any map; noBase: unknown (unix)
 
 	fin     bool // src received FIN
 	shut    bool // shutdown(dst, SHUT_WR) done: direction finished

@@ -90,6 +90,19 @@ func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone f
 		}
 	}
 	ss := &session{fds: [2]int{client, server}, cookies: cookies, start: start, onDone: onDone, unixServer: unixUp}
+
+	// 1. The accounting base of the end-of-session audit (session.audit):
+	// before the sockets enter any map, because a TCP socket in a sockmap
+	// answers SIOCINQ with its psock's queue, not TCP's (doc.go).
+	var rcvBase [2]uint64
+	for i, fd := range ss.fds {
+		rcvBase[i] = noBase
+		if side(i) == sideClient || !unixUp {
+			if b, err := receiveBase(fd); err == nil {
+				rcvBase[i] = b
+			}
+		}
+	}
 	if unixUp {
 		// The kernel hands the verdict a unix skb still owned by its
 		// sender, the database's end, so that is the key the program
@@ -183,12 +196,7 @@ func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone f
 		order = []side{sideServer, sideClient}
 	}
 	for n, i := range order {
-		if i == sideClient || !unixUp {
-			// For the accounting check at the end (session.audit).
-			if ss.dirs[i].rcvBase, err = receiveBase(ss.fds[i]); err != nil {
-				ss.dirs[i].rcvBase = noBase
-			}
-		}
+		ss.dirs[i].rcvBase = rcvBase[i]
 		if err := s.obj.VerdictSocks.Update(cookies[i], uint64(ss.fds[i]), ebpf.UpdateNoExist); err != nil {
 			err = fmt.Errorf("bpf: the kernel refused the %s socket (it may have just received FIN): %w", i, err)
 			if n == 0 {

@@ -16,7 +16,7 @@ func (s *Server) setUpTLS() error {
 	if s.cfg.TLSCerts == nil && !s.cfg.UpstreamTLS.NeedsDriver() {
 		return nil
 	}
-	dial, err := tlsproxy.Dialer(s.upAddr, s.cfg.UpstreamTLS)
+	dial, err := tlsproxy.Dialer(s.upAddr, s.cfg.UpstreamTLS, s.cfg.SocketBuf)
 	if err != nil {
 		return err
 	}

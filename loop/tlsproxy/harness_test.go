@@ -160,7 +160,7 @@ func startProxy(t *testing.T, s setup) *proxy {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dial, err := tlsproxy.Dialer(upAddr, s.upTLS)
+	dial, err := tlsproxy.Dialer(upAddr, s.upTLS, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

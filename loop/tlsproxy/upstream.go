@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -69,7 +70,10 @@ func (u UpstreamTLS) NeedsDriver() bool {
 // an error (require, verify-*); with SSLNegotiation direct, the handshake
 // at once. Configuration mistakes (unknown mode,
 // unreadable files, TLS over a unix socket) are reported now, not per login.
-func Dialer(addr net.Addr, u UpstreamTLS) (func(ctx context.Context) (net.Conn, error), error) {
+// sockBuf, when positive, is the TCP socket's SO_SNDBUF and SO_RCVBUF
+// (--socket-buffer), set before connect so that the window scale the SYN
+// offers fits it.
+func Dialer(addr net.Addr, u UpstreamTLS, sockBuf int) (func(ctx context.Context) (net.Conn, error), error) {
 	mode := u.SSLMode
 	if mode == "" {
 		mode = SSLDisable
@@ -90,8 +94,24 @@ func Dialer(addr net.Addr, u UpstreamTLS) (func(ctx context.Context) (net.Conn, 
 	if network == "unix" {
 		isUnix = true
 	}
+	var d net.Dialer
+	if sockBuf > 0 && !isUnix {
+		d.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) {
+				if serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, sockBuf); serr == nil {
+					serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, sockBuf)
+				}
+			}); err != nil {
+				return err
+			}
+			if serr != nil {
+				return fmt.Errorf("--socket-buffer %d: %w", sockBuf, serr)
+			}
+			return nil
+		}
+	}
 	plain := func(ctx context.Context) (net.Conn, error) {
-		var d net.Dialer
 		return d.DialContext(ctx, network, address)
 	}
 	switch mode {

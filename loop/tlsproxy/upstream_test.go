@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -95,18 +96,60 @@ func TestDialerConfigErrors(t *testing.T) {
 		{tcp, tlsproxy.UpstreamTLS{SSLNegotiation: "direct"}, "needs --upstream-sslmode require"},
 		{tcp, tlsproxy.UpstreamTLS{SSLMode: "require", SSLNegotiation: "bogus"}, "postgres or direct"},
 	} {
-		_, err := tlsproxy.Dialer(tc.addr, tc.up)
+		_, err := tlsproxy.Dialer(tc.addr, tc.up, 0)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%v %+v: want %q, got %v", tc.addr, tc.up, tc.want, err)
 		}
 	}
 	for _, mode := range []string{"", "disable", "prefer"} {
-		if _, err := tlsproxy.Dialer(unix, tlsproxy.UpstreamTLS{SSLMode: mode}); err != nil {
+		if _, err := tlsproxy.Dialer(unix, tlsproxy.UpstreamTLS{SSLMode: mode}, 0); err != nil {
 			t.Errorf("unix with sslmode %q: %v", mode, err)
 		}
 	}
 	if (tlsproxy.UpstreamTLS{}).NeedsDriver() || (tlsproxy.UpstreamTLS{SSLMode: "disable"}).NeedsDriver() ||
 		!(tlsproxy.UpstreamTLS{SSLMode: "prefer"}).NeedsDriver() {
 		t.Error("NeedsDriver")
+	}
+}
+
+// --socket-buffer reaches the database socket the driver dials, before
+// connect (the kernel reports twice what was asked: its bookkeeping share).
+func TestDialerSocketBuffer(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+		}
+	}()
+	for _, buf := range []int{0, 96 << 10} {
+		dial, err := tlsproxy.Dialer(ln.Addr(), tlsproxy.UpstreamTLS{SSLMode: "disable"}, buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := dial(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc, _ := c.(*net.TCPConn).SyscallConn()
+		var rcv, snd int
+		rc.Control(func(fd uintptr) {
+			rcv, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF)
+			snd, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF)
+		})
+		c.Close()
+		if buf > 0 && (rcv != 2*buf || snd != 2*buf) {
+			t.Errorf("--socket-buffer %d: SO_RCVBUF %d, SO_SNDBUF %d, want %d", buf, rcv, snd, 2*buf)
+		}
+		if buf == 0 && rcv == 2*(96<<10) {
+			t.Errorf("no --socket-buffer, yet SO_RCVBUF %d", rcv)
+		}
 	}
 }

@@ -9,8 +9,8 @@ package main
 //
 //   - CAP_BPF: every map create fails with EPERM without it.
 //   - CAP_NET_ADMIN: with CAP_BPF alone the hash, array and ring-buffer maps
-//     are created but the two SOCKHASHes fail with EPERM, and sk_skb is a
-//     net-admin program type.
+//     are created but the two SOCKHASHes fail with EPERM (the kernel also
+//     counts sk_skb among the net-admin program types).
 //   - CAP_PERFMON: with CAP_BPF and CAP_NET_ADMIN the verifier refuses the
 //     verdict program (EACCES, "pointer arithmetic with it prohibited for
 //     !root" on the sk_buff from bpf_cast_to_kern_ctx); with all three it
@@ -100,6 +100,7 @@ func (f *serveFlags) afterStart(p *proxy, logger *slog.Logger) {
 type capSet uint64
 
 const (
+	capSetpcap        = 8
 	capNetBindService = 10
 	capNetAdmin       = 12
 	capSysAdmin       = 21
@@ -280,7 +281,7 @@ func (f *serveFlags) dropPrivileges(logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if self.eff.has(8) { // CAP_SETPCAP
+	if self.eff.has(capSetpcap) {
 		for c := 0; c < 64; c++ {
 			if !self.bnd.has(c) {
 				continue

@@ -42,7 +42,7 @@ var privLogins = []string{"alice", "bob", "carol"}
 type privEnv struct {
 	t         *testing.T
 	dir       string // owned by privUser, world-readable
-	bin, key  string
+	bin       string
 	store     string
 	db        *pgcluster.Cluster
 	uid       int

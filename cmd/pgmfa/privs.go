@@ -80,8 +80,11 @@ func (f *serveFlags) afterStart(p *proxy, logger *slog.Logger) {
 	}
 	if err := f.dropPrivileges(logger); err != nil {
 		if errors.Is(err, syscall.ENOTSUP) && f.privs.user == "" {
-			self, _ := readProcCaps("/proc/self/status")
-			logger.Warn("capabilities NOT dropped", "kept", self.eff.String(), "err", err)
+			if self, _ := readProcCaps("/proc/self/status"); self.prm|self.amb != 0 {
+				logger.Warn("capabilities NOT dropped", "kept", self.prm.String(), "err", err)
+			} else {
+				logger.Warn("no_new_privs not set (this process holds no capability)", "err", err)
+			}
 		} else {
 			logger.Error("cannot drop privileges; stopping", "err", err)
 			f.privs.failed.Store(true)
@@ -236,8 +239,9 @@ func (f *serveFlags) checkStartCaps(logger *slog.Logger) error {
 		case loop.SpliceSockmap:
 			return fmt.Errorf("--splice sockmap: loading the BPF program needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, and this process lacks %s", strings.ToUpper(miss.String()))
 		case loop.SpliceAuto, "":
-			logger.Warn("kernel splicing needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; sessions use the user-space relay",
-				"missing", strings.ToUpper(miss.String()))
+			// The loop's own words for a failed load, with the reason.
+			logger.Warn("kernel splicing unavailable; sessions use the user-space relay",
+				"reason", "loading the BPF program needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON", "missing", strings.ToUpper(miss.String()))
 			f.splice = loop.SpliceOff
 		}
 	}

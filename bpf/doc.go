@@ -9,6 +9,27 @@
 // fell behind (flow control) until it has caught up; see Splicer for the
 // life of a spliced pair and splice.c for the program.
 //
+// Capabilities, measured on Linux 6.18 (unprivileged_bpf_disabled=2) by
+// loading splice.c step by step as a non-root user with one capability set
+// after another (setpriv): without CAP_BPF every map create fails with
+// EPERM; with CAP_BPF alone the hash, array and ring-buffer maps are
+// created but both SOCKHASHes fail with EPERM (they need CAP_NET_ADMIN);
+// with CAP_BPF and CAP_NET_ADMIN the verifier refuses pgmfa_verdict with
+// EACCES ("R0 has pointer with unsupported alu operation, pointer
+// arithmetic with it prohibited for !root", on the sk_buff from
+// bpf_cast_to_kern_ctx): it needs CAP_PERFMON too. With the three it loads
+// and attaches; CAP_SYS_ADMIN alone also does. rlimit.RemoveMemlock needs
+// no CAP_SYS_RESOURCE here (memcg accounting; its probe map loads). After
+// loading no capability is needed: with every one dropped on every thread,
+// TCP pairs were spliced (SOCKHASH and hash updates on map fds the process
+// holds), ended, and the program detached. The queue iterator could not be
+// tried that way: pgmfa_queues is refused with EPERM before any
+// instruction is checked (verifier log "processed 0 insns") even to root
+// holding every capability of this machine's bounding set, which lacks
+// only CAP_SYS_RESOURCE; the kernel is locked down (integrity, from its
+// configuration) with the BPF LSM active, so the cause is not established.
+// cmd/pgmfa/privs.go acts on these facts.
+//
 // The kernel behaviour this package relies on was measured on Linux 6.18;
 // every quirk it works around is explained where it is handled. In short:
 //

@@ -369,6 +369,10 @@ func (s *Server) shutdownHandoff() {
 func (s *Server) OnBoot(eng gnet.Engine) gnet.Action {
 	s.eng = eng
 	_ = os.Remove(s.idleSock)
+	// Its directory too: pgmfa may switch to another user after start-up
+	// (--user), which could then not open this 0700 directory of root's,
+	// and gnet's RemoveAll of the socket at stop would fail.
+	_ = os.Remove(filepath.Dir(s.idleSock))
 	return gnet.None
 }
 

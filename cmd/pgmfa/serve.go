@@ -58,6 +58,7 @@ type serveFlags struct {
 	maxAddrFailures      int
 	logLevel, logFormat  string
 	tls                  tlsFlags
+	privs                privFlags
 }
 
 func (f *serveFlags) register(fs *flag.FlagSet) {
@@ -95,6 +96,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 	f.tls.register(fs)
+	f.privs.register(fs)
 }
 
 func runServe(args []string) int {
@@ -127,12 +129,20 @@ flags:
 		fmt.Fprintln(os.Stderr, "pgmfa:", err)
 		return 2
 	}
+	if err := f.checkStartCaps(logger); err != nil {
+		logger.Error("cannot start", "err", err)
+		return 1
+	}
 	p, err := f.build(logger)
 	if err != nil {
 		logger.Error("cannot start", "err", err)
 		return 1
 	}
-	return p.runUntilSignal()
+	go f.afterStart(p, logger) // privs.go: least privilege once serving
+	if code := p.runUntilSignal(); code != 0 || !f.privs.failed.Load() {
+		return code
+	}
+	return 1
 }
 
 // proxy is a configured server with its store and admin listener.

@@ -86,9 +86,12 @@
 //     proxy's unix socket, whose receive side has no limit). Read in the
 //     6.12 source; not measured here, see the next item.
 //   - BTF tracing programs (the sockmap iterator) are refused with EPERM in
-//     some sandboxes whose root may load sk_skb programs (this machine's
-//     shell lacks CAP_SYS_RESOURCE in its bounding set; fentry and iter
+//     some sandboxes whose root may load sk_skb programs (fentry and iter
 //     loads fail before verification, kprobe and sk_skb loads succeed).
+//     This machine's shell lacks CAP_SYS_RESOURCE in its bounding set, and
+//     its kernel is locked down (integrity) with the BPF LSM active; which
+//     of these refuses the load is not established (see the capability
+//     paragraph above).
 //     The iterator is loaded last and is optional: without it unix-socket
 //     upstreams are relayed, TCP is spliced as before.
 //   - tcp_read_skb, which feeds the verdict, hands over whole skbs, but

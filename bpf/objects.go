@@ -29,10 +29,11 @@ type loaded struct {
 //
 // The iterator is loaded on its own, after the rest: it is a BTF tracing
 // program, which some kernels refuse to a process that may load sk_skb
-// programs (measured here: this sandbox's root shell lacks
-// CAP_SYS_RESOURCE in its bounding set, and every BPF_PROG_TYPE_TRACING
-// load, fentry or iterator, fails with EPERM before verification while
-// kprobe, socket-filter and sk_skb programs load). Only unix-socket
+// programs (measured here: every BPF_PROG_TYPE_TRACING load, fentry or
+// iterator, fails with EPERM before verification while kprobe,
+// socket-filter and sk_skb programs load; this sandbox's root lacks
+// CAP_SYS_RESOURCE and its kernel is locked down with the BPF LSM active,
+// and which of them refuses it is not established, see doc.go). Only unix-socket
 // upstreams need it, so its absence turns their splicing off (they are
 // relayed) rather than all splicing.
 func load() (*loaded, error) {

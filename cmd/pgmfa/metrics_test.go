@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -447,4 +448,28 @@ func (l *lockedWriter) Write(b []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(b)
+}
+
+// TestMetricsAddressRefused: --metrics on anything but loopback or a unix
+// socket stops pgmfa serve at start, with the reason, before it serves.
+func TestMetricsAddressRefused(t *testing.T) {
+	bin := buildBinary(t)
+	store := filepath.Join(t.TempDir(), "totp.json")
+	for addr, want := range map[string]string{
+		"0.0.0.0:9187":   "is not a loopback address",
+		"192.0.2.1:9187": "is not a loopback address",
+		":9187":          "listens on every interface",
+		"[::]:9187":      "is not a loopback address",
+		"9187":           "want a loopback host:port",
+	} {
+		cmd := exec.Command(bin, "serve", "--listen", "127.0.0.1:0", "--store", store, "--store-key-file", "",
+			"--admin", "", "--splice", "off", "--metrics", addr)
+		cmd.Env = append(os.Environ(), "PGMFA_STORE_KEY=")
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), want) ||
+			strings.Contains(string(out), "pgmfa listening") {
+			t.Errorf("--metrics %s: %v, want exit 1 saying %q before listening:\n%s", addr, err, want, out)
+		}
+	}
 }

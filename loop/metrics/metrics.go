@@ -74,16 +74,16 @@ var storeBuckets = []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025,
 type Metrics struct {
 	reg *prometheus.Registry
 
-	logins     [2][]prometheus.Counter // [ok][path index]
-	refusals   []prometheus.Counter
-	loginTime  [2]prometheus.Observer // [ok]
-	waits      []prometheus.Observer
-	open       []prometheus.Gauge   // by mode index
-	ended      []prometheus.Counter // by mode index
-	bytes      [2][]prometheus.Counter
-	fallbacks  []prometheus.Counter
-	storeTime  map[string]prometheus.Observer // by mfa.StoreOps; read-only after New
-	storeErrs  map[string]prometheus.Counter
+	logins    [2][]prometheus.Counter // [ok][path index]
+	refusals  []prometheus.Counter
+	loginTime [2]prometheus.Observer // [ok]
+	waits     []prometheus.Observer
+	open      []prometheus.Gauge   // by mode index
+	ended     []prometheus.Counter // by mode index
+	bytes     [2][]prometheus.Counter
+	fallbacks []prometheus.Counter
+	storeTime map[string]prometheus.Observer // by mfa.StoreOps; read-only after New
+	storeErrs map[string]prometheus.Counter
 }
 
 // Direction indexes of Metrics.bytes.
@@ -180,10 +180,6 @@ func New(version string) *Metrics {
 	}
 	return m
 }
-
-// Registry is where the metrics are registered (the HTTP handler's
-// gatherer; tests gather from it directly).
-func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 
 // Splicer adds the kernel splicer's counters, read at every scrape; a nil
 // splicer (sessions go to the relay) adds nothing.

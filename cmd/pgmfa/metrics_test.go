@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,6 +26,7 @@ import (
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
 	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
+	"github.com/pgmfa/pgmfa/loop/tlsproxy/testpki"
 )
 
 // metricsProxy is one `pgmfa serve --metrics` in front of a real
@@ -92,9 +94,17 @@ func startMetricsProxy(t *testing.T) *metricsProxy {
 		t.Fatal(err)
 	}
 	p.metrics = "127.0.0.1:" + strconv.Itoa(mport)
+	pki, err := testpki.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pki.Close() })
+	// Clients choose: plaintext ones are spliced, TLS ones relayed by the
+	// TLS driver.
 	cmd := exec.Command(p.bin, "serve", "--listen", "127.0.0.1:"+strconv.Itoa(p.port), "--upstream", p.db.Addr(),
 		"--store", p.store, "--store-key-file", "", "--admin", p.admin, "--loops", "1",
-		"--mfa-exempt", "svc", "--mfa-max-failures", "1", "--mfa-timeout", "60s", "--metrics", p.metrics)
+		"--mfa-exempt", "svc", "--mfa-max-failures", "1", "--mfa-timeout", "60s", "--metrics", p.metrics,
+		"--tls-cert", pki.CertFile, "--tls-key", pki.KeyFile)
 	cmd.Env = append(os.Environ(), "PGMFA_STORE_KEY=")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -168,7 +178,14 @@ func scrape(t *testing.T, addr string) (string, map[string]float64) {
 }
 
 func (p *metricsProxy) login(ctx context.Context, user, code string) (*pgx.Conn, error) {
+	return p.loginTLS(ctx, user, code, false)
+}
+
+func (p *metricsProxy) loginTLS(ctx context.Context, user, code string, tls bool) (*pgx.Conn, error) {
 	dsn := pgcluster.DSN("127.0.0.1", p.port, user, fleetPW, "app")
+	if tls {
+		dsn = strings.Replace(dsn, "sslmode=disable", "sslmode=require", 1)
+	}
 	if code != "" {
 		dsn += "&options=" + strings.ReplaceAll(url.QueryEscape("-c pgmfa.code="+code), "+", "%20")
 	}
@@ -203,6 +220,22 @@ func TestMetrics(t *testing.T) {
 	}
 	if _, err := c.Exec(ctx, "SELECT 1"); err != nil {
 		t.Fatal(err)
+	}
+	c.Close(ctx)
+
+	// The same over TLS: a session of the TLS driver.
+	c, err = p.loginTLS(ctx, "svc", "", true)
+	if err != nil {
+		t.Fatalf("exempt login over TLS: %v", err)
+	}
+	if _, ok := c.PgConn().Conn().(*tls.Conn); !ok {
+		t.Fatal("the TLS login is not over TLS")
+	}
+	if _, err := c.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, m := scrape(t, p.metrics); m[`pgmfa_sessions_open{mode="tls"}`] != 1 {
+		t.Errorf("TLS sessions open during the session: %v, want 1", m[`pgmfa_sessions_open{mode="tls"}`])
 	}
 	c.Close(ctx)
 
@@ -266,12 +299,12 @@ func TestMetrics(t *testing.T) {
 	var text string
 	if !eventually(30*time.Second, func() bool {
 		text, m = scrape(t, p.metrics)
-		return m[`pgmfa_sessions_ended_total{mode="`+mode+`"}`] == 3
+		return m[`pgmfa_sessions_ended_total{mode="`+mode+`"}`] == 3 && m[`pgmfa_sessions_ended_total{mode="tls"}`] == 1
 	}) {
 		t.Fatalf("sessions ended: %v, want 3\n%s", m[`pgmfa_sessions_ended_total{mode="`+mode+`"}`], text)
 	}
 	want := map[string]float64{
-		`pgmfa_logins_total{mfa="exempt",result="ok"}`:             1,
+		`pgmfa_logins_total{mfa="exempt",result="ok"}`:             2,
 		`pgmfa_logins_total{mfa="code",result="ok"}`:               1,
 		`pgmfa_logins_total{mfa="approval",result="ok"}`:           1,
 		`pgmfa_logins_total{mfa="code",result="refused"}`:          2,
@@ -280,12 +313,12 @@ func TestMetrics(t *testing.T) {
 		`pgmfa_mfa_refusals_total{reason="bad_code"}`:              1,
 		`pgmfa_mfa_refusals_total{reason="throttled"}`:             1,
 		`pgmfa_mfa_refusals_total{reason="replayed"}`:              0,
-		`pgmfa_login_duration_seconds_count{result="ok"}`:          3,
+		`pgmfa_login_duration_seconds_count{result="ok"}`:          4,
 		`pgmfa_login_duration_seconds_count{result="refused"}`:     2,
 		`pgmfa_mfa_approval_wait_seconds_count{result="approved"}`: 1,
 		`pgmfa_mfa_approval_wait_seconds_count{result="timeout"}`:  0,
 		`pgmfa_sessions_open{mode="` + mode + `"}`:                 0,
-		`pgmfa_sessions_ended_total{mode="tls"}`:                   0,
+		`pgmfa_sessions_open{mode="tls"}`:                          0,
 		`pgmfa_store_call_duration_seconds_count{op="claim_step"}`: 2, // alice's code, bob's approval
 		`pgmfa_store_errors_total{op="claim_step"}`:                0,
 		`pgmfa_splice_fallbacks_total{reason="other"}`:             0,
@@ -311,6 +344,9 @@ func TestMetrics(t *testing.T) {
 	s2c := m[`pgmfa_session_bytes_total{direction="server_to_client",mode="`+mode+`"}`]
 	if c2s < up || c2s > up+16<<10 || s2c < down || s2c > down+16<<10 {
 		t.Errorf("session bytes: %v to the server, %v to the client; want %d and %d plus a little protocol", c2s, s2c, up, down)
+	}
+	if tb := m[`pgmfa_session_bytes_total{direction="server_to_client",mode="tls"}`]; tb <= 0 || tb > 16<<10 {
+		t.Errorf("TLS session bytes to the client: %v, want a little protocol", tb)
 	}
 	for _, k := range []string{"go_goroutines", "process_resident_memory_bytes", "pgmfa_login_duration_seconds_sum{result=\"ok\"}"} {
 		if m[k] <= 0 {
@@ -357,7 +393,7 @@ func TestMetrics(t *testing.T) {
 	})
 
 	t.Run("prometheus", func(t *testing.T) {
-		queryThroughPrometheus(t, p.metrics, `pgmfa_logins_total{result="ok",mfa="exempt"}`, 1)
+		queryThroughPrometheus(t, p.metrics, `pgmfa_logins_total{result="ok",mfa="exempt"}`, 2)
 	})
 }
 

@@ -116,6 +116,9 @@ func TestListenUnix(t *testing.T) {
 	s := m.Server()
 	go s.Serve(ln)
 	defer s.Close()
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o660 {
+		t.Fatalf("socket mode: %v %v", fi.Mode(), err)
+	}
 	if _, err := Listen(path); err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Fatalf("second listener on a live socket: %v", err)
 	}

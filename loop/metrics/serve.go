@@ -48,8 +48,9 @@ func (m *Metrics) Server() *http.Server {
 // unix-socket path (anything with a slash). Another TCP address is
 // refused: the metrics describe the proxy's traffic, and pgmfa does not
 // put them on the network; a remote Prometheus scrapes through an agent
-// or a reverse proxy on the host. A stale unix socket left by a process
-// that died is replaced; a live one is an error.
+// or a reverse proxy on the host. A unix socket is made 0660 (owner and
+// group); a stale one left by a process that died is replaced, a live one
+// is an error.
 func Listen(addr string) (net.Listener, error) {
 	if err := CheckAddr(addr); err != nil {
 		return nil, err
@@ -111,6 +112,13 @@ func listenUnix(path string) (net.Listener, error) {
 	}
 	ln, err := net.Listen("unix", path)
 	if err != nil {
+		return nil, fmt.Errorf("--metrics: %w", err)
+	}
+	// Owner and group may connect (a scraping agent in pgmfa's group);
+	// others may not. Until the chmod the umask's mode holds, which for
+	// connecting (it needs write) is usually the owner alone.
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
 		return nil, fmt.Errorf("--metrics: %w", err)
 	}
 	return ln, nil

@@ -17,7 +17,7 @@ TESTFLAGS ?=
 BENCHFLAGS ?=
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: all build test test-short vet lint race check-deps generate run bench bench-smoke fuzz deps deps-pg deps-pg-servers deps-clang deps-bench clean
+.PHONY: all build test test-short vet lint race check-deps generate run bench bench-smoke fuzz deps deps-pg deps-pg-servers deps-clang deps-bench deps-prometheus clean
 
 all: build
 
@@ -66,7 +66,7 @@ check-deps:
 
 # The whole suite. Tests that need root, BPF or PostgreSQL skip with a reason
 # elsewhere; under CI=true they must run.
-test: deps-pg deps-pg-servers deps-bench build vet check-deps
+test: deps-pg deps-pg-servers deps-bench deps-prometheus build vet check-deps
 	$(GO) test -count=1 -timeout 40m $(TESTFLAGS) ./...
 
 # The pure packages alone: fast, no PostgreSQL, no root.
@@ -119,6 +119,11 @@ deps-clang:
 
 deps-bench:
 	@command -v pgbouncer >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; }
+
+# Prometheus and promtool, for the metrics tests (a real server scrapes
+# pgmfa; promtool checks a scrape).
+deps-prometheus:
+	@{ command -v prometheus && command -v promtool; } >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 clean:
 	rm -rf cmd/pgmfa/bin cmd/pgmfa-demo/bin

@@ -114,6 +114,7 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 	s.stats.Active.Add(1)
 	id := s.nextID.Add(1)
 	rec := login.NewRecord(s.log, id, gc.RemoteAddr().String(), s.countLogin)
+	rec.Observe(s.cfg.Observer)
 	c := &conn{
 		srv:    s,
 		id:     id,

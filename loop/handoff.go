@@ -67,6 +67,7 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 	c.rec.Audit(c.m, true, nil)
 
 	if sp := c.srv.splicer; sp != nil {
+		c.rec.Started(login.ModeSockmap)
 		err := sp.Splice(cfd, ufd, toServer, toClient, func(st bpf.Stats) {
 			c.ended(login.Stats{Mode: login.ModeSockmap, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
 				Duration: st.Duration, Reason: st.Reason, FlowControl: st.FlowControl, Relayed: st.Relayed})
@@ -85,7 +86,9 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 			return
 		}
 		c.srv.log.Info("session not spliced; using the user-space relay", "conn", c.id, "reason", err.Error())
+		c.rec.Fallback(err)
 	}
+	c.rec.Started(login.ModeRelay)
 	err = c.srv.relay.Add(cfd, ufd, toServer, toClient, func(st relay.Stats) {
 		c.ended(login.Stats{Mode: login.ModeRelay, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
 			Duration: st.Duration, Reason: st.Reason})

@@ -96,6 +96,9 @@ type Config struct {
 
 	Logger *slog.Logger
 	Rand   io.Reader
+	// Observer is told of every login and handed-off session, by both
+	// drivers (the metrics); nil: none.
+	Observer login.Observer
 }
 
 // Server is a running proxy.
@@ -242,6 +245,10 @@ func (s *Server) release() {
 	s.conns.Add(-1)
 	s.stats.Active.Add(-1)
 }
+
+// Splicer is the kernel splicer sessions go to, nil when they go to the
+// relay (its counters feed the metrics).
+func (s *Server) Splicer() *bpf.Splicer { return s.splicer }
 
 // Splicing reports whether sessions go to the kernel.
 func (s *Server) Splicing() bool { return s.splicer != nil }

@@ -116,10 +116,34 @@ func (g *Guard) CheckEnrolled(user string) Outcome {
 // store has one.
 func (g *Guard) account(user string) (Account, bool, error) {
 	if g.loader != nil {
-		return g.loader.LoadAccount(user)
+		t := g.timer()
+		a, ok, err := g.loader.LoadAccount(user)
+		g.storeCall(StoreOpLoadAccount, t, err)
+		return a, ok, err
 	}
 	a, ok := account(g.secrets, user)
 	return a, ok, nil
+}
+
+// timer starts timing a store call for Options.OnStoreCall (the zero time
+// when nobody listens: no clock read on the login path then).
+func (g *Guard) timer() time.Time {
+	if g.opts.OnStoreCall == nil {
+		return time.Time{}
+	}
+	return time.Now()
+}
+
+// storeCall reports a store call timed from start to Options.OnStoreCall.
+// "Not enrolled" and "re-enrolled" are answers, not failures of the store.
+func (g *Guard) storeCall(op string, start time.Time, err error) {
+	if g.opts.OnStoreCall == nil {
+		return
+	}
+	if errors.Is(err, ErrNotEnrolled) || errors.Is(err, ErrSecretChanged) {
+		err = nil
+	}
+	g.opts.OnStoreCall(op, time.Since(start), err)
 }
 
 func (g *Guard) storeError(user string, err error) {
@@ -184,7 +208,10 @@ func (g *Guard) verify(a attempt) Outcome {
 		if len(c.charge) > 0 {
 			// The refusal stands either way; a count that could not be
 			// written is logged.
-			if err := g.shared.AddFailure(c.charge, c.now); err != nil {
+			t := g.timer()
+			err := g.shared.AddFailure(c.charge, c.now)
+			g.storeCall(StoreOpAddFailure, t, err)
+			if err != nil {
 				g.storeError(a.user, err)
 			}
 		}
@@ -302,12 +329,14 @@ func (g *Guard) settle(a attempt, c checked) Outcome {
 	g.mu.Unlock()
 	for _, start := range c.claim {
 		var claimed bool
+		t := g.timer()
 		if g.shared != nil {
 			claimed, err = g.shared.ClaimStepGrant(a.user, start, c.acct.Secret, grantKey,
 				Grant{Until: g.opts.Now().Add(g.opts.Remember), StepStart: start, SecretTag: SecretTag(c.acct.Secret)})
 		} else {
 			claimed, err = c.claimer.ClaimStep(a.user, start, c.acct.Secret)
 		}
+		g.storeCall(StoreOpClaimStep, t, err)
 		if err != nil || claimed {
 			if claimed {
 				accepted = start
@@ -320,7 +349,10 @@ func (g *Guard) settle(a attempt, c checked) Outcome {
 	}
 	if g.shared != nil && err == nil {
 		if accepted != 0 && hadFailures {
-			if rerr := g.shared.ResetFailures(userKey(a.user)); rerr != nil {
+			t := g.timer()
+			rerr := g.shared.ResetFailures(userKey(a.user))
+			g.storeCall(StoreOpResetFailures, t, rerr)
+			if rerr != nil {
 				g.storeError(a.user, rerr)
 			}
 		} else if grantKey != "" {
@@ -429,7 +461,10 @@ func (g *Guard) rememberApproved(user, addr string) {
 	now := g.opts.Now()
 	if g.shared != nil {
 		gr := Grant{Until: now.Add(g.opts.Remember), StepStart: -1, SecretTag: SecretTag(acct.Secret)}
-		if err := g.shared.PutGrant(rememberKey(user, addr), gr); err != nil {
+		t := g.timer()
+		err := g.shared.PutGrant(rememberKey(user, addr), gr)
+		g.storeCall(StoreOpPutGrant, t, err)
+		if err != nil {
 			g.storeError(user, err)
 		}
 	}
@@ -497,7 +532,9 @@ func (g *Guard) preload(a attempt) error {
 	} else {
 		keys = []string{approverKey(a.approver)}
 	}
+	t := g.timer()
 	got, err := g.shared.Failures(keys, now.Add(-g.opts.FailureWindow))
+	g.storeCall(StoreOpFailures, t, err)
 	if err != nil {
 		return err
 	}
@@ -519,7 +556,9 @@ func (g *Guard) preload(a attempt) error {
 // with the Shared store's.
 func (g *Guard) loadGrant(a attempt) error {
 	key := rememberKey(a.user, a.addr)
+	t := g.timer()
 	gr, ok, err := g.shared.Grant(key, g.opts.Now())
+	g.storeCall(StoreOpGrant, t, err)
 	if err != nil {
 		return err
 	}

@@ -41,7 +41,28 @@ type Options struct {
 	// OnStoreError is told when a StepClaimer failed to claim an accepted
 	// code's step (the login is then refused: ReasonStore).
 	OnStoreError func(user string, err error)
+	// OnStoreCall, if set, is told of every store call a Guard makes: its
+	// operation (one of StoreOps), how long it took, and its error (nil
+	// when the store answered, even with "not enrolled"). It is for
+	// metrics: it changes nothing, and must be safe for concurrent use.
+	OnStoreCall func(op string, took time.Duration, err error)
 }
+
+// The store operations a Guard reports to Options.OnStoreCall. Only calls
+// that can do I/O are reported: a FileStore's reads are from memory.
+const (
+	StoreOpLoadAccount   = "load_account"   // AccountLoader.LoadAccount
+	StoreOpClaimStep     = "claim_step"     // StepClaimer.ClaimStep or Shared.ClaimStepGrant
+	StoreOpFailures      = "failures"       // Shared.Failures
+	StoreOpAddFailure    = "add_failure"    // Shared.AddFailure
+	StoreOpResetFailures = "reset_failures" // Shared.ResetFailures
+	StoreOpGrant         = "grant"          // Shared.Grant
+	StoreOpPutGrant      = "put_grant"      // Shared.PutGrant
+)
+
+// StoreOps lists every operation OnStoreCall may report.
+var StoreOps = []string{StoreOpLoadAccount, StoreOpClaimStep, StoreOpFailures, StoreOpAddFailure,
+	StoreOpResetFailures, StoreOpGrant, StoreOpPutGrant}
 
 // Validate reports the first unusable field, in words an operator can act
 // on. NewGuard panics on options that do not validate, so callers that take

@@ -16,6 +16,7 @@ import (
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/loop/admin"
 	"github.com/pgmfa/pgmfa/loop/login"
+	"github.com/pgmfa/pgmfa/loop/metrics"
 	"github.com/pgmfa/pgmfa/loop/relay"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
@@ -57,6 +58,7 @@ type serveFlags struct {
 	failureWindow        time.Duration
 	maxAddrFailures      int
 	logLevel, logFormat  string
+	metrics              string
 	tls                  tlsFlags
 	privs                privFlags
 }
@@ -95,6 +97,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.maxAddrFailures, "mfa-max-addr-failures", mfa.DefaultMaxAddrFailures, "failed MFA attempts per client address within the window")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
+	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://ADDR/metrics: a loopback host:port (127.0.0.1:9187) or a unix-socket path; any other address is refused (empty: off)")
 	f.tls.register(fs)
 	f.privs.register(fs)
 }
@@ -151,6 +154,7 @@ type proxy struct {
 	store  mfaStore
 	certs  *tlsproxy.Certs // nil without client TLS
 	admin  *http.Server
+	stats  *http.Server // --metrics; nil when off
 	log    *slog.Logger
 	onStop []func()
 }
@@ -173,6 +177,11 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		auth = session.AuthPassword
 	default:
 		return nil, fmt.Errorf("--auth must be passthrough or password, not %q", f.auth)
+	}
+	if f.metrics != "" {
+		if err := metrics.CheckAddr(f.metrics); err != nil {
+			return nil, err
+		}
 	}
 	certs, tlsMode, upTLS, err := f.tls.build()
 	if err != nil {
@@ -200,10 +209,17 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
+	var met *metrics.Metrics
+	var observer login.Observer
+	var onStoreCall func(string, time.Duration, error)
+	if f.metrics != "" {
+		met = metrics.New(versionString())
+		observer, onStoreCall = met, met.StoreCall
+	}
 	mopts := mfa.Options{
 		Digits: f.digits, Period: f.period, Skew: skew, Algorithm: f.algorithm,
 		MaxFailures: f.maxFailures, FailureWindow: f.failureWindow, MaxAddrFailures: f.maxAddrFailures,
-		Remember: f.remember,
+		Remember: f.remember, OnStoreCall: onStoreCall,
 		OnStoreError: func(user string, err error) {
 			logger.Error("could not record an MFA code as used in the store; the login was refused", "user", user, "err", err)
 		},
@@ -245,6 +261,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		TLSMode:                tlsMode,
 		UpstreamTLS:            upTLS,
 		Logger:                 logger,
+		Observer:               observer,
 	})
 	if err != nil {
 		return nil, err
@@ -275,6 +292,20 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 				}
 			}
 		}()
+	}
+	if met != nil {
+		met.Splicer(srv.Splicer())
+		ln, err := metrics.Listen(f.metrics)
+		if err != nil {
+			return nil, err
+		}
+		p.stats = met.Server()
+		go func() {
+			if err := p.stats.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				logger.Error("metrics server stopped", "err", err)
+			}
+		}()
+		logger.Info("metrics listening", "metrics", f.metrics, "path", metrics.Path)
 	}
 	if f.adminAddr != "" {
 		var token string
@@ -346,10 +377,12 @@ func (p *proxy) runUntilSignal() int {
 }
 
 func (p *proxy) shutdown() {
-	if p.admin != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_ = p.admin.Shutdown(ctx)
-		cancel()
+	for _, s := range []*http.Server{p.admin, p.stats} {
+		if s != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			_ = s.Shutdown(ctx)
+			cancel()
+		}
 	}
 	for _, f := range p.onStop {
 		f()

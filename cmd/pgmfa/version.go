@@ -10,11 +10,17 @@ var version = "dev"
 
 func init() {
 	register("version", "print the version and exit", func([]string) int {
-		v := version
-		if bi, ok := debug.ReadBuildInfo(); ok && v == "dev" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-			v = bi.Main.Version
-		}
-		fmt.Println("pgmfa", v)
+		fmt.Println("pgmfa", versionString())
 		return 0
 	})
+}
+
+// versionString is the linker's version, else the module's, else "dev"
+// (`pgmfa version`, and pgmfa_build_info).
+func versionString() string {
+	v := version
+	if bi, ok := debug.ReadBuildInfo(); ok && v == "dev" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		v = bi.Main.Version
+	}
+	return v
 }

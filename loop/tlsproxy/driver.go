@@ -40,6 +40,8 @@ type Hooks struct {
 	// (the logins that get an audit line).
 	LoginDone   func(ok bool)
 	SessionDone func()
+	// Observer is every session's login.Observer (the metrics); may be nil.
+	Observer login.Observer
 }
 
 // Config is fixed for the life of a Driver.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/pgmfa/pgmfa/loop/login"
 	"github.com/pgmfa/pgmfa/proto/session"
 )
 
@@ -44,6 +45,7 @@ func (s *sess) establish(out session.Output) {
 	s.established = true
 	s.est = est
 	s.relayStart = time.Now()
+	s.rec.Started(login.ModeTLSRelay)
 	close(s.relay)
 }
 

@@ -71,6 +71,7 @@ type decision struct {
 
 func newSess(d *Driver, h Handoff, done func()) *sess {
 	rec := login.NewRecord(d.log, h.ID, h.Addr, d.cfg.Hooks.LoginDone)
+	rec.Observe(d.cfg.Hooks.Observer)
 	h.Addr = rec.Addr()
 	return &sess{
 		d:         d,

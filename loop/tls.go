@@ -35,6 +35,7 @@ func (s *Server) setUpTLS() error {
 			RegisterCancel: s.cancels.add,
 			RouteCancel:    s.routeCancel,
 			LoginDone:      s.countLogin,
+			Established:    s.tlsEstablished,
 		},
 	})
 	s.upstreamTLS = s.cfg.UpstreamTLS.NeedsDriver()

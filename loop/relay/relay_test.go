@@ -77,7 +77,7 @@ func TestBytesExact(t *testing.T) {
 		up, down := randBytes(rng, size()), randBytes(rng, size())
 		headUp, headDown := randBytes(rng, rng.IntN(100)), randBytes(rng, rng.IntN(100))
 		done := make(chan Stats, 1)
-		if err := r.Add(cfd, sfd, headUp, headDown, func(s Stats) { done <- s }); err != nil {
+		if _, err := r.Add(cfd, sfd, headUp, headDown, func(s Stats) { done <- s }); err != nil {
 			t.Fatal(err)
 		}
 		wg.Add(1)
@@ -128,7 +128,7 @@ func TestHalfCloseKeepsOtherDirection(t *testing.T) {
 	client, cfd := tcpPair(t)
 	server, sfd := tcpPair(t)
 	done := make(chan Stats, 1)
-	if err := r.Add(cfd, sfd, nil, nil, func(s Stats) { done <- s }); err != nil {
+	if _, err := r.Add(cfd, sfd, nil, nil, func(s Stats) { done <- s }); err != nil {
 		t.Fatal(err)
 	}
 	client.Write([]byte("bye"))
@@ -156,7 +156,7 @@ func TestSlowReaderIsBounded(t *testing.T) {
 	r := newRelay(t, Options{BufferSize: 64 << 10, Workers: 1})
 	client, cfd := tcpPair(t)
 	server, sfd := tcpPair(t)
-	if err := r.Add(cfd, sfd, nil, nil, nil); err != nil {
+	if _, err := r.Add(cfd, sfd, nil, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	// The "server" sends 256 MiB; the client reads nothing.
@@ -201,7 +201,7 @@ func TestAddAfterClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.Close()
-	if err := r.Add(0, 1, nil, nil, nil); err != ErrClosed {
+	if _, err := r.Add(0, 1, nil, nil, nil); err != ErrClosed {
 		t.Fatalf("Add after Close: %v", err)
 	}
 }
@@ -213,7 +213,7 @@ func TestReadAheadAloneIsDelivered(t *testing.T) {
 	r := newRelay(t, Options{})
 	client, cfd := tcpPair(t)
 	server, sfd := tcpPair(t)
-	if err := r.Add(cfd, sfd, []byte("to server"), []byte("to client"), nil); err != nil {
+	if _, err := r.Add(cfd, sfd, []byte("to server"), []byte("to client"), nil); err != nil {
 		t.Fatal(err)
 	}
 	for _, c := range []struct {

@@ -44,6 +44,9 @@ func (s *sess) establish(out session.Output) {
 	s.established = true
 	s.est = est
 	s.relayStart = time.Now()
+	if f := s.d.cfg.Hooks.Established; f != nil {
+		s.unlist = f(s.h.ID, s.m.User(), s.m.Database(), s.h.Addr, est.Key, &Session{s})
+	}
 	close(s.relay)
 }
 

@@ -56,7 +56,7 @@ func (s *Server) Drain(timeout time.Duration) DrainResult {
 		return res
 	}
 	s.acc.close()
-	infos, _ := s.sessions.list()
+	infos := s.Sessions()
 	res.Sessions = len(infos)
 	res.Logins = s.loginsInFlight()
 	seen := map[uint64]bool{}

@@ -5,14 +5,18 @@ import (
 	"errors"
 	"net"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgmfa/pgmfa/loop"
+	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/proto/session"
 )
 
 // countingConn counts the bytes a client really read and wrote.
@@ -218,5 +222,83 @@ func TestLiveSessions(t *testing.T) {
 				t.Fatalf("session-end lines %v; want two with reason %q", ends, loop.ReasonKilled)
 			}
 		})
+	}
+}
+
+// TestTLSSessionsAndDrain: a TLS session is listed (mode tls-relay) with
+// live counts and ended by EndSession; Drain refuses a TLS login waiting
+// for approval with 57P01 and a HINT, over TLS, and cuts an open TLS
+// session at its timeout.
+func TestTLSSessionsAndDrain(t *testing.T) {
+	pki := testPKI(t)
+	certs, err := tlsproxy.LoadCerts(pki.CertFile, pki.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := startProxy(t, mfa.Options{}, func(c *loop.Config) {
+		c.TLSCerts, c.TLSMode = certs, session.TLSRequire
+		c.MFATimeout = time.Minute
+	})
+	dsn := func(user, pw string) string {
+		return "postgres://" + user + ":" + pw + "@localhost:" + strconv.Itoa(p.port) + "/app?sslmode=verify-full&sslrootcert=" + pki.CAFile
+	}
+	ctx := context.Background()
+	connect := func() *pgx.Conn {
+		c, err := pgx.Connect(ctx, dsn(svc, svcPW))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close(ctx) })
+		return c
+	}
+	killed := connect()
+	s0 := onlySession(t, p)
+	if s0.Mode != "tls-relay" || s0.User != svc {
+		t.Fatalf("TLS session listed as %+v", s0)
+	}
+	var n int
+	if err := killed.QueryRow(ctx, "select length(repeat('x', 1024*1024))").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if err := killed.QueryRow(ctx, "select length(string_agg(repeat('y', 1024), '')) from generate_series(1, 1024)").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if s1 := onlySession(t, p); s1.ServerToClient <= s0.ServerToClient || s1.ClientToServer <= s0.ClientToServer {
+		t.Fatalf("counts did not grow: %+v then %+v", s0, s1)
+	}
+	if _, err := p.srv.EndSession(s0.ID, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := killed.QueryRow(ctx, "select 1").Scan(&n); err == nil {
+		t.Fatal("a query succeeded on a killed TLS session")
+	}
+
+	open := connect()
+	waiting := make(chan error, 1)
+	go func() {
+		c, err := pgx.Connect(ctx, dsn(alice, alicePW)) // no code: waits for approval
+		if err == nil {
+			c.Close(ctx)
+		}
+		waiting <- err
+	}()
+	if !eventually(20*time.Second, func() bool { return strings.Contains(p.logs.String(), "login waiting for MFA approval") }) {
+		t.Fatal("the TLS login never waited for approval")
+	}
+	res := p.srv.Drain(2 * time.Second)
+	if res.Logins != 1 || res.Sessions != 1 || res.RefusedLogins != 1 || len(res.Cut) != 1 || res.Cut[0].Mode != "tls-relay" {
+		t.Fatalf("drain: %+v", res)
+	}
+	select {
+	case err := <-waiting:
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) || pe.Code != "57P01" || !strings.Contains(pe.Hint, "--drain-timeout") {
+			t.Fatalf("the waiting TLS login got %v; want 57P01 with a HINT", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the waiting TLS login was not refused")
+	}
+	if err := open.QueryRow(ctx, "select 1").Scan(&n); err == nil {
+		t.Fatal("the TLS session survived the drain timeout")
 	}
 }

@@ -227,3 +227,66 @@ func TestReadAheadAloneIsDelivered(t *testing.T) {
 		}
 	}
 }
+
+// TestSessionCountsAndEnd: Session.Counts, read from another goroutine
+// while bytes move (the race detector watches), reaches exactly what was
+// moved; Session.End closes both sockets and reports its reason once;
+// ending again does nothing.
+func TestSessionCountsAndEnd(t *testing.T) {
+	r := newRelay(t, Options{BufferSize: 4 << 10, Workers: 1})
+	client, cfd := tcpPair(t)
+	server, sfd := tcpPair(t)
+	done := make(chan Stats, 2)
+	s, err := r.Add(cfd, sfd, []byte("hi"), nil, func(st Stats) { done <- st })
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 1 << 20
+	stop := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				s.Counts()
+			}
+		}
+	}()
+	go client.Write(bytes.Repeat([]byte{'x'}, n))
+	server.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(server, make([]byte, n+2)); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c2s, s2c := s.Counts()
+		if c2s == n+2 && s2c == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("counts %d, %d; want %d, 0", c2s, s2c, n+2)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	s.End("ended by test")
+	select {
+	case st := <-done:
+		if st.Reason != "ended by test" || st.ClientToServer != n+2 {
+			t.Fatalf("stats %+v", st)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("End did not end the session")
+	}
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := client.Read(make([]byte, 1)); err == nil {
+		t.Fatal("the client's socket is still open")
+	}
+	s.End("again")
+	select {
+	case st := <-done:
+		t.Fatalf("a second end: %+v", st)
+	case <-time.After(100 * time.Millisecond):
+	}
+}

@@ -248,7 +248,6 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		return nil, err
 	}
 	p := &proxy{srv: srv, store: store, certs: certs, log: logger, onStop: []func(){store.Close}, drainTimeout: f.drainTimeout}
-
 	if fleet {
 		ctx, stopListen := context.WithCancel(context.Background())
 		p.onStop = []func(){stopListen, store.Close}

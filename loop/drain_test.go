@@ -214,7 +214,7 @@ func TestDrainOnSIGTERM(t *testing.T) {
 	if !eventually(10*time.Second, func() bool { return refused(p.addr()) }) {
 		t.Fatal("new connections are not refused after SIGTERM")
 	}
-	if !strings.Contains(p.logs.String(), "draining") {
+	if !eventually(10*time.Second, func() bool { return strings.Contains(p.logs.String(), "draining") }) {
 		t.Fatalf("no drain in the log:\n%s", p.logs.String())
 	}
 	var one int

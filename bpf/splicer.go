@@ -113,7 +113,8 @@ type Splicer struct {
 	nextID   uint32
 	sessions map[uint32]*session // by id (the epoll data)
 	byCookie map[uint64]*session
-	kicked   []uint32 // sessions the watcher should look at once
+	kicked   []uint32     // sessions the watcher should look at once
+	ends     []endRequest // sessions to end now (Live.End)
 
 	timed map[*session]struct{} // sessions with a recheck due; watcher only
 

@@ -38,13 +38,14 @@ func (s *Splicer) watch() {
 				var b [8]byte
 				_, _ = unix.Read(s.wakefd, b[:])
 				s.mu.Lock()
-				closed, kicked := s.closed, s.kicked
-				s.kicked = nil
+				closed, kicked, ends := s.closed, s.kicked, s.ends
+				s.kicked, s.ends = nil, nil
 				s.mu.Unlock()
 				if closed {
 					s.shutdownAll("proxy shutdown")
 					return
 				}
+				s.endRequested(ends)
 				for _, id := range kicked {
 					if ss := s.session(id); ss != nil {
 						s.pollNew(ss)

@@ -128,6 +128,7 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 	c.tl.at[stepAccepted] = pc.accepted
 	c.tl.mark(stepOpened)
 	gc.SetContext(&clientSide{c})
+	s.logins.Store(id, c)
 	if s.upstreamTLS {
 		// The database side needs TLS: the whole connection runs in the
 		// TLS driver from its first byte.
@@ -411,6 +412,7 @@ func (c *conn) close(err error) {
 		return
 	}
 	c.closed = true
+	c.srv.logins.Delete(c.id)
 	c.stopWaiting()
 	c.rec.Audit(c.m, false, err)
 	if c.client != nil {
@@ -443,6 +445,7 @@ func (c *conn) finish() {
 		return
 	}
 	c.released = true
+	c.srv.logins.Delete(c.id)
 	c.srv.release()
 }
 

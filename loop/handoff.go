@@ -65,14 +65,19 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 
 	c.uncancel = c.srv.cancels.add(est.Key, c.id)
 	c.rec.Audit(c.m, true, nil)
+	// Listed before the carrier takes it: its end (ended) may come before
+	// Splice or Add returns.
+	c.srv.sessions.add(&liveSession{info: SessionInfo{ID: c.id, User: c.m.User(), Database: c.m.Database(), Client: c.addr, Since: time.Now()},
+		key: est.Key})
 
 	if sp := c.srv.splicer; sp != nil {
 		c.rec.Started(login.ModeSockmap)
-		err := sp.Splice(cfd, ufd, toServer, toClient, func(st bpf.Stats) {
+		live, err := sp.SpliceLive(cfd, ufd, toServer, toClient, func(st bpf.Stats) {
 			c.ended(login.Stats{Mode: login.ModeSockmap, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
 				Duration: st.Duration, Reason: st.Reason, FlowControl: st.FlowControl, Relayed: st.Relayed})
 		})
 		if err == nil {
+			c.srv.sessions.attach(c.id, login.ModeSockmap, spliced{live})
 			c.srv.stats.Spliced.Add(1)
 			return
 		}
@@ -89,7 +94,7 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 		c.rec.Fallback(err)
 	}
 	c.rec.Started(login.ModeRelay)
-	err = c.srv.relay.Add(cfd, ufd, toServer, toClient, func(st relay.Stats) {
+	rs, err := c.srv.relay.Add(cfd, ufd, toServer, toClient, func(st relay.Stats) {
 		c.ended(login.Stats{Mode: login.ModeRelay, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
 			Duration: st.Duration, Reason: st.Reason})
 	})
@@ -99,6 +104,7 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 		c.ended(login.Stats{Mode: login.ModeRelay, Reason: "handoff failed: " + err.Error()})
 		return
 	}
+	c.srv.sessions.attach(c.id, login.ModeRelay, rs)
 	c.srv.stats.Relayed.Add(1)
 }
 
@@ -131,6 +137,7 @@ func takeAll(gc gnet.Conn) []byte {
 // The login's timers and its out-of-band wait end here.
 func (c *conn) detach(atOpen bool) {
 	c.handedOff = true
+	c.srv.logins.Delete(c.id)
 	c.stopWaiting()
 	switch {
 	case c.client == nil:
@@ -150,6 +157,7 @@ func (c *conn) detach(atOpen bool) {
 // ended logs the end of a handed-off session and frees what it held. It
 // runs on the splicer's or the relay's goroutine.
 func (c *conn) ended(st login.Stats) {
+	c.srv.sessions.remove(c.id)
 	c.uncancel()
 	c.rec.End(c.m, st)
 	c.srv.release()

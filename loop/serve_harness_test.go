@@ -121,7 +121,9 @@ func startServe(t *testing.T, nofile int, extra ...string) *serveProc {
 		t.Fatal(err)
 	}
 	listening := make(chan struct{})
+	scanned := make(chan struct{})
 	go func() {
+		defer close(scanned)
 		sc := bufio.NewScanner(stderr)
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
 		once := sync.Once{}
@@ -134,6 +136,9 @@ func startServe(t *testing.T, nofile int, extra ...string) *serveProc {
 		}
 	}()
 	go func() {
+		// Wait closes the pipe: the log is read to its end first (EOF
+		// comes when the process exits), so no last line is lost.
+		<-scanned
 		p.waitErr = cmd.Wait()
 		close(p.exited)
 	}()

@@ -118,6 +118,9 @@ type Server struct {
 	tls         *tlsproxy.Driver // nil without TLS
 	upstreamTLS bool             // every connection goes to the TLS driver
 	cancels     cancelMap
+	sessions    sessionRegistry // live handed-off sessions (sessions.go)
+	logins      sync.Map        // id → *conn: plaintext logins in flight (drain.go)
+	draining    atomic.Bool
 
 	eng       gnet.Engine
 	acc       *acceptor

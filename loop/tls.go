@@ -36,6 +36,7 @@ func (s *Server) setUpTLS() error {
 			RouteCancel:    s.routeCancel,
 			LoginDone:      s.countLogin,
 			Observer:       s.cfg.Observer,
+			Established:    s.tlsEstablished,
 		},
 	})
 	s.upstreamTLS = s.cfg.UpstreamTLS.NeedsDriver()

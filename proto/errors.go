@@ -38,6 +38,7 @@ const (
 	CodeConnectionFailure    = "08006" // connection_failure
 	CodeFeatureNotSupported  = "0A000" // feature_not_supported
 	CodeTooManyConnections   = "53300" // too_many_connections
+	CodeAdminShutdown        = "57P01" // admin_shutdown
 )
 
 // ServerError is an ErrorResponse the PostgreSQL server sent. It is kept

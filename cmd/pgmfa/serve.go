@@ -59,6 +59,7 @@ type serveFlags struct {
 	maxAddrFailures      int
 	logLevel, logFormat  string
 	metrics              string
+	drainTimeout         time.Duration
 	tls                  tlsFlags
 	privs                privFlags
 }
@@ -98,6 +99,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://ADDR/metrics: a loopback host:port (127.0.0.1:9187) or a unix-socket path; any other address is refused (empty: off)")
+	fs.DurationVar(&f.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGTERM: stop accepting, let logins in flight finish and open sessions run for up to this long, then refuse the logins left (SQLSTATE 57P01) and cut the sessions left (0: SIGTERM stops at once, as SIGINT always does)")
 	f.tls.register(fs)
 	f.privs.register(fs)
 }
@@ -114,7 +116,8 @@ PostgreSQL; the login completes only after a TOTP code is verified:
   PGOPTIONS='-c pgmfa.code=123456' psql -h 127.0.0.1 -p 6432 -U alice db
 or, with --auth password, the code appended to the password, or out of band
 with `+"`pgmfa approve USER CODE`"+`. SIGHUP reloads the secret store and
-the TLS certificate.
+the TLS certificate. SIGTERM drains (see --drain-timeout); SIGINT stops at
+once, closing every session.
 
 flags:
 `)
@@ -157,9 +160,14 @@ type proxy struct {
 	stats  *http.Server // --metrics; nil when off
 	log    *slog.Logger
 	onStop []func()
+
+	drainTimeout time.Duration // SIGTERM drains for up to this long (0: stops at once)
 }
 
 func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
+	if f.drainTimeout < 0 {
+		return nil, errors.New("--drain-timeout must not be negative")
+	}
 	var required bool
 	switch f.mfaMode {
 	case "required":
@@ -266,7 +274,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &proxy{srv: srv, store: store, certs: certs, log: logger, onStop: []func(){store.Close}}
+	p := &proxy{srv: srv, store: store, certs: certs, log: logger, onStop: []func(){store.Close}, drainTimeout: f.drainTimeout}
 	if fleet {
 		ctx, stopListen := context.WithCancel(context.Background())
 		p.onStop = []func(){stopListen, store.Close}
@@ -320,6 +328,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		}
 		h := admin.NewServer(approvals, logger, token)
 		h.SetStats(func() any { return srv.StatsSnapshot() })
+		h.SetSessions(liveSessions{srv})
 		p.admin = h.HTTPServer()
 		go func() {
 			if err := p.admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -335,8 +344,15 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	return p, nil
 }
 
+// defaultDrainTimeout is --drain-timeout's default: time for a running
+// query or COPY to end, and less than systemd's default stop timeout (90 s).
+const defaultDrainTimeout = 30 * time.Second
+
 // runUntilSignal serves until SIGINT/SIGTERM; SIGHUP reloads the store.
+// SIGTERM drains (loop.Server.Drain; a second one changes nothing), SIGINT
+// stops at once, during a drain too.
 func (p *proxy) runUntilSignal() int {
+	draining := false
 	done := make(chan error, 1)
 	go func() { done <- p.srv.Run() }()
 	sigs := make(chan os.Signal, 4)
@@ -366,6 +382,16 @@ func (p *proxy) runUntilSignal() int {
 						p.log.Info("TLS certificate reloaded")
 					}
 				}
+				continue
+			}
+			if sig == syscall.SIGTERM && p.drainTimeout > 0 {
+				if draining {
+					p.log.Info("already draining; SIGINT stops at once", "signal", sig.String())
+					continue
+				}
+				draining = true
+				p.log.Info("shutting down gracefully", "signal", sig.String(), "drain_timeout", p.drainTimeout)
+				go p.srv.Drain(p.drainTimeout)
 				continue
 			}
 			p.log.Info("shutting down", "signal", sig.String())

@@ -5,6 +5,8 @@
 //	GET  /v1/pending  → {"pending":[...]}
 //	GET  /v1/healthz  → {"ok":true}
 //	GET  /v1/stats    → whatever Server.SetStats provides
+//	GET  /v1/sessions → {"sessions":[...]} (live handed-off sessions, Server.SetSessions)
+//	POST /v1/sessions/kill {"conn_id":7} → {"ended":{...}}; 404 (reason no_session) for an unknown id
 //
 // Access control. On the unix socket (mode 0600 in a 0700 directory) file
 // permissions decide, and the peer's uid (SO_PEERCRED) names the approver.

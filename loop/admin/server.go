@@ -23,6 +23,7 @@ type Server struct {
 	token     []byte // the credential of TCP requests; empty: TCP refused
 	mux       *http.ServeMux
 	stats     atomic.Pointer[func() any]
+	sessions  atomic.Pointer[Sessions]
 }
 
 // NewServer returns the handler of the admin API over approvals. logger may
@@ -39,6 +40,8 @@ func NewServer(approvals *mfa.Approvals, logger *slog.Logger, token string) *Ser
 	s.mux.HandleFunc("GET /v1/pending", s.pending)
 	s.mux.HandleFunc("GET /v1/healthz", s.healthz)
 	s.mux.HandleFunc("GET /v1/stats", s.serveStats)
+	s.mux.HandleFunc("GET /v1/sessions", s.listSessions)
+	s.mux.HandleFunc("POST /v1/sessions/kill", s.killSession)
 	return s
 }
 

@@ -93,23 +93,57 @@ func (r *Relay) Sessions() int { return int(r.live.Load()) }
 // Add takes ownership of two connected, non-blocking stream sockets. toServer
 // and toClient are bytes already read from one side and not yet forwarded;
 // they are sent first. onDone is called once, from a worker, after both fds
-// are closed. On error the fds are still the caller's.
-func (r *Relay) Add(client, server int, toServer, toClient []byte, onDone func(Stats)) error {
+// are closed. On error the fds are still the caller's. The Session returned
+// reads the session's counts and ends it.
+func (r *Relay) Add(client, server int, toServer, toClient []byte, onDone func(Stats)) (*Session, error) {
 	if r.closed.Load() {
-		return ErrClosed
+		return nil, ErrClosed
 	}
 	for _, fd := range []int{client, server} {
 		if err := unix.SetNonblock(fd, true); err != nil {
-			return fmt.Errorf("relay: set non-blocking: %w", err)
+			return nil, fmt.Errorf("relay: set non-blocking: %w", err)
 		}
 	}
 	w := r.workers[int(r.next.Add(1))%len(r.workers)]
 	p := &pair{
-		r: r, fds: [2]int{client, server}, start: time.Now(), onDone: onDone,
+		r: r, w: w, fds: [2]int{client, server}, start: time.Now(), onDone: onDone,
 	}
 	p.dirs[0] = direction{src: client, dst: server, pending: copyOrNil(toServer)}
 	p.dirs[1] = direction{src: server, dst: client, pending: copyOrNil(toClient)}
-	return w.add(p)
+	if err := w.add(p); err != nil {
+		return nil, err
+	}
+	return &Session{p: p}, nil
+}
+
+// Session is a handle on one relayed session, safe for use from any
+// goroutine.
+type Session struct{ p *pair }
+
+// Counts returns the bytes written so far each way (the read-ahead
+// included), as Stats counts them at the end.
+func (s *Session) Counts() (clientToServer, serverToClient uint64) {
+	return s.p.dirs[0].bytes.Load(), s.p.dirs[1].bytes.Load()
+}
+
+// End asks the session's worker to end it now (both sockets closed, onDone
+// called with reason). Ending a session that has ended does nothing.
+func (s *Session) End(reason string) {
+	w := s.p.w
+	w.mu.Lock()
+	if w.quit.Load() {
+		w.mu.Unlock()
+		return
+	}
+	w.ends = append(w.ends, endRequest{s.p, reason})
+	w.mu.Unlock()
+	w.signal()
+}
+
+// endRequest is a Session.End for the worker.
+type endRequest struct {
+	p      *pair
+	reason string
 }
 
 func copyOrNil(b []byte) []byte {
@@ -142,11 +176,14 @@ type direction struct {
 	eof      bool // src said FIN
 	shut     bool // dst got shutdown(SHUT_WR)
 	blocked  bool // the last write to dst would have blocked
-	bytes    uint64
+	// bytes is written by the worker only; atomic so that Session.Counts
+	// may read it while the session runs (one uncontended add per write).
+	bytes atomic.Uint64
 }
 
 type pair struct {
 	r      *Relay
+	w      *worker
 	fds    [2]int
 	dirs   [2]direction
 	start  time.Time
@@ -165,6 +202,7 @@ type worker struct {
 	wake int // eventfd to stop the worker
 	mu   sync.Mutex
 	byFD map[int]*pair
+	ends []endRequest // Session.End requests, under mu
 	quit atomic.Bool
 	done chan struct{}
 }
@@ -221,9 +259,14 @@ func (w *worker) add(p *pair) error {
 
 func (w *worker) stop() {
 	w.quit.Store(true)
+	w.signal()
+	<-w.done
+}
+
+// signal wakes the worker (stop, End).
+func (w *worker) signal() {
 	var one = []byte{1, 0, 0, 0, 0, 0, 0, 0}
 	_, _ = unix.Write(w.wake, one)
-	<-w.done
 }
 
 func (w *worker) run() {
@@ -238,6 +281,15 @@ func (w *worker) run() {
 		for i := 0; i < n; i++ {
 			fd := int(events[i].Fd)
 			if fd == w.wake {
+				var b [8]byte
+				_, _ = unix.Read(w.wake, b[:])
+				w.mu.Lock()
+				ends := w.ends
+				w.ends = nil
+				w.mu.Unlock()
+				for _, e := range ends {
+					w.finish(e.p, e.reason) // does nothing if it has ended
+				}
 				continue
 			}
 			w.mu.Lock()
@@ -279,8 +331,8 @@ func (w *worker) pump(p *pair) {
 		return
 	}
 	// dirs[0] writes to the server (fds[1]), dirs[1] to the client (fds[0]).
-	for i, d := range p.dirs {
-		w.setOut(p, 1-i, d.blocked)
+	for i := range p.dirs {
+		w.setOut(p, 1-i, p.dirs[i].blocked)
 	}
 }
 
@@ -358,7 +410,7 @@ func (w *worker) writeOut(d *direction, p []byte) (int, string) {
 		if err != nil {
 			return done, w.side(d.dst) + " write failed: " + err.Error()
 		}
-		d.bytes += uint64(n)
+		d.bytes.Add(uint64(n))
 		done += n
 	}
 	return done, ""
@@ -395,8 +447,8 @@ func (w *worker) finish(p *pair, reason string) {
 	w.r.live.Add(-1)
 	if p.onDone != nil {
 		p.onDone(Stats{
-			ClientToServer: p.dirs[0].bytes,
-			ServerToClient: p.dirs[1].bytes,
+			ClientToServer: p.dirs[0].bytes.Load(),
+			ServerToClient: p.dirs[1].bytes.Load(),
 			Duration:       time.Since(p.start),
 			Reason:         reason,
 		})

@@ -77,7 +77,7 @@ func TestBytesExact(t *testing.T) {
 		up, down := randBytes(rng, size()), randBytes(rng, size())
 		headUp, headDown := randBytes(rng, rng.IntN(100)), randBytes(rng, rng.IntN(100))
 		done := make(chan Stats, 1)
-		if err := r.Add(cfd, sfd, headUp, headDown, func(s Stats) { done <- s }); err != nil {
+		if _, err := r.Add(cfd, sfd, headUp, headDown, func(s Stats) { done <- s }); err != nil {
 			t.Fatal(err)
 		}
 		wg.Add(1)
@@ -128,7 +128,7 @@ func TestHalfCloseKeepsOtherDirection(t *testing.T) {
 	client, cfd := tcpPair(t)
 	server, sfd := tcpPair(t)
 	done := make(chan Stats, 1)
-	if err := r.Add(cfd, sfd, nil, nil, func(s Stats) { done <- s }); err != nil {
+	if _, err := r.Add(cfd, sfd, nil, nil, func(s Stats) { done <- s }); err != nil {
 		t.Fatal(err)
 	}
 	client.Write([]byte("bye"))
@@ -156,7 +156,7 @@ func TestSlowReaderIsBounded(t *testing.T) {
 	r := newRelay(t, Options{BufferSize: 64 << 10, Workers: 1})
 	client, cfd := tcpPair(t)
 	server, sfd := tcpPair(t)
-	if err := r.Add(cfd, sfd, nil, nil, nil); err != nil {
+	if _, err := r.Add(cfd, sfd, nil, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	// The "server" sends 256 MiB; the client reads nothing.
@@ -201,7 +201,7 @@ func TestAddAfterClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.Close()
-	if err := r.Add(0, 1, nil, nil, nil); err != ErrClosed {
+	if _, err := r.Add(0, 1, nil, nil, nil); err != ErrClosed {
 		t.Fatalf("Add after Close: %v", err)
 	}
 }
@@ -213,7 +213,7 @@ func TestReadAheadAloneIsDelivered(t *testing.T) {
 	r := newRelay(t, Options{})
 	client, cfd := tcpPair(t)
 	server, sfd := tcpPair(t)
-	if err := r.Add(cfd, sfd, []byte("to server"), []byte("to client"), nil); err != nil {
+	if _, err := r.Add(cfd, sfd, []byte("to server"), []byte("to client"), nil); err != nil {
 		t.Fatal(err)
 	}
 	for _, c := range []struct {
@@ -225,5 +225,68 @@ func TestReadAheadAloneIsDelivered(t *testing.T) {
 		if _, err := io.ReadFull(c.conn, buf); err != nil || string(buf) != c.want {
 			t.Fatalf("got %q, %v; want %q", buf, err, c.want)
 		}
+	}
+}
+
+// TestSessionCountsAndEnd: Session.Counts, read from another goroutine
+// while bytes move (the race detector watches), reaches exactly what was
+// moved; Session.End closes both sockets and reports its reason once;
+// ending again does nothing.
+func TestSessionCountsAndEnd(t *testing.T) {
+	r := newRelay(t, Options{BufferSize: 4 << 10, Workers: 1})
+	client, cfd := tcpPair(t)
+	server, sfd := tcpPair(t)
+	done := make(chan Stats, 2)
+	s, err := r.Add(cfd, sfd, []byte("hi"), nil, func(st Stats) { done <- st })
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 1 << 20
+	stop := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				s.Counts()
+			}
+		}
+	}()
+	go client.Write(bytes.Repeat([]byte{'x'}, n))
+	server.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(server, make([]byte, n+2)); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c2s, s2c := s.Counts()
+		if c2s == n+2 && s2c == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("counts %d, %d; want %d, 0", c2s, s2c, n+2)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	s.End("ended by test")
+	select {
+	case st := <-done:
+		if st.Reason != "ended by test" || st.ClientToServer != n+2 {
+			t.Fatalf("stats %+v", st)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("End did not end the session")
+	}
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := client.Read(make([]byte, 1)); err == nil {
+		t.Fatal("the client's socket is still open")
+	}
+	s.End("again")
+	select {
+	case st := <-done:
+		t.Fatalf("a second end: %+v", st)
+	case <-time.After(100 * time.Millisecond):
 	}
 }

@@ -42,6 +42,11 @@ type Hooks struct {
 	SessionDone func()
 	// Observer is every session's login.Observer (the metrics); may be nil.
 	Observer login.Observer
+	// Established is told of every released session: the connection's
+	// ID, the login's user and database, the client's address, the
+	// database's cancel key and the session's handle. The returned
+	// function is called once when the session ends. May be nil.
+	Established func(id uint64, user, database, addr string, key *pgproto3.BackendKeyData, h *Session) (remove func())
 }
 
 // Config is fixed for the life of a Driver.
@@ -110,6 +115,8 @@ type Driver struct {
 	mu       sync.Mutex
 	sessions map[*sess]struct{}
 	closed   bool
+
+	refuseState
 }
 
 // New returns a driver; it serves nothing until Serve.
@@ -124,6 +131,7 @@ func New(cfg Config) *Driver {
 	}
 	cfg.Session.TLS = cfg.Mode
 	d := &Driver{cfg: cfg, log: cfg.Logger, sessions: make(map[*sess]struct{})}
+	d.refusing = make(chan struct{})
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	if cfg.Certs != nil {
 		d.serverTLS = cfg.Certs.ServerConfig()

@@ -15,7 +15,10 @@ import (
 // deadline has passed.
 const closeGrace = time.Second
 
-var errShutdown = errors.New("proxy shutting down")
+var (
+	errShutdown = errors.New("proxy shutting down")
+	errRefused  = errors.New("proxy shutting down: the drain timeout passed before the login completed")
+)
 
 // login is the session's first goroutine and the only one that drives the
 // machine. It returns at the release (the readers carry on as the relay)
@@ -89,6 +92,12 @@ func (s *sess) login() {
 			s.close(errors.New("login did not complete in time")) // in case the machine had nothing to say
 		case <-s.d.ctx.Done():
 			s.close(errShutdown)
+		case <-s.d.refusing:
+			s.setDeadline(time.Now().Add(closeGrace))
+			if s.clientErr == nil {
+				_, _ = s.client.Write(s.d.refuseMsg)
+			}
+			s.close(errRefused)
 		}
 	}
 }

@@ -46,6 +46,9 @@ func (s *sess) establish(out session.Output) {
 	s.est = est
 	s.relayStart = time.Now()
 	s.rec.Started(login.ModeTLSRelay)
+	if f := s.d.cfg.Hooks.Established; f != nil {
+		s.unlist = f(s.h.ID, s.m.User(), s.m.Database(), s.h.Addr, est.Key, &Session{s})
+	}
 	close(s.relay)
 }
 

@@ -52,6 +52,7 @@ type sess struct {
 	// the relayed session
 	est          *session.Established
 	removeCancel func()
+	unlist       func() // from Hooks.Established
 	relayStart   time.Time
 	c2s, s2c     atomic.Uint64
 	reasonOnce   sync.Once
@@ -140,6 +141,9 @@ func (s *sess) finish() {
 	if s.est != nil {
 		if s.removeCancel != nil {
 			s.removeCancel()
+		}
+		if s.unlist != nil {
+			s.unlist()
 		}
 		s.logEnd()
 		if f := s.d.cfg.Hooks.SessionDone; f != nil {

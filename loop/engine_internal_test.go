@@ -2,8 +2,10 @@ package loop
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -41,6 +43,64 @@ func TestEngineStopIsAnError(t *testing.T) {
 		}
 	case <-time.After(15 * time.Second):
 		t.Fatal("Run did not return")
+	}
+}
+
+// TestBeforeAcceptRefuses: a BeforeAccept error (pgmfa serve's failed
+// privilege drop) stops the server before it accepts anyone: Ready says
+// why, Run returns it, and the listening address was never served.
+func TestBeforeAcceptRefuses(t *testing.T) {
+	refusal := errors.New("cannot drop privileges: test")
+	var addr string
+	client := make(chan struct{})
+	s, err := New(Config{
+		Listen:   []string{"127.0.0.1:0"},
+		Upstream: "127.0.0.1:1",
+		Loops:    1,
+		Splice:   SpliceOff,
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.cfg.BeforeAccept = func() error {
+		// The listener is bound by now: a client may already be in its
+		// backlog, and must never be served.
+		addr = s.acc.lns[0].Addr().String()
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer close(client)
+			defer c.Close()
+			_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
+			_, _ = c.Write([]byte{0, 0, 0, 8, 4, 210, 22, 47}) // SSLRequest
+			b := make([]byte, 1)
+			if n, _ := c.Read(b); n > 0 {
+				t.Errorf("a client was answered %q before the server refused to start", b[:n])
+			}
+		}()
+		return refusal
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Run() }()
+	<-s.Ready()
+	if !errors.Is(s.Err(), refusal) {
+		t.Fatalf("Ready with %v, want the refusal", s.Err())
+	}
+	select {
+	case err := <-done:
+		if !errors.Is(err, refusal) {
+			t.Fatalf("Run returned %v, want the refusal", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("Run did not return")
+	}
+	<-client // its connection ended unanswered
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.Close()
+		t.Fatal("the address still accepts connections after the refusal")
 	}
 }
 

@@ -99,6 +99,11 @@ type Config struct {
 	// Observer is told of every login and handed-off session, by both
 	// drivers (the metrics); nil: none.
 	Observer login.Observer
+	// BeforeAccept runs once everything is bound and loaded and the event
+	// loops run, before the first connection is accepted (pgmfa serve
+	// drops its privileges there, so no client is ever served by a
+	// privileged process). An error stops the server: Run returns it.
+	BeforeAccept func() error
 }
 
 // Server is a running proxy.
@@ -315,6 +320,13 @@ func (s *Server) Run() error {
 		opts = append(opts, gnet.WithNumEventLoop(s.cfg.Loops))
 	}
 	err = gnet.Rotate(s, []string{"unix://" + s.idleSock}, opts...)
+	if err == nil {
+		select {
+		case <-s.booted:
+			err = s.bootErr // BeforeAccept refused (nil otherwise)
+		default:
+		}
+	}
 	s.acc.close()
 	_ = os.RemoveAll(dir)
 	if err == nil && !s.stopped.Load() {
@@ -390,7 +402,17 @@ func (s *Server) OnBoot(eng gnet.Engine) gnet.Action {
 // sends once every event loop is registered and running (Engine.Register
 // needs them).
 func (s *Server) OnTick() (time.Duration, gnet.Action) {
+	var action gnet.Action
 	s.bootOnce.Do(func() {
+		if f := s.cfg.BeforeAccept; f != nil {
+			if err := f(); err != nil {
+				s.bootErr = err
+				close(s.booted)
+				s.stopped.Store(true)
+				action = gnet.Shutdown
+				return
+			}
+		}
 		s.acc.start()
 		_, limit := DefaultMaxConns(s.cfg.Loops)
 		s.log.Info("pgmfa listening", "listen", strings.Join(s.cfg.Listen, ","), "upstream", s.upName,
@@ -398,7 +420,7 @@ func (s *Server) OnTick() (time.Duration, gnet.Action) {
 			"max_conns", s.cfg.MaxConns, "open_file_limit", limit)
 		close(s.booted)
 	})
-	return time.Hour, gnet.None
+	return time.Hour, action
 }
 
 // resolveUpstream turns --upstream into a dialable address.

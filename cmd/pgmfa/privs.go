@@ -35,7 +35,6 @@ package main
 // Makefile builds pgmfa with CGO_ENABLED=0.
 
 import (
-	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -46,9 +45,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -60,43 +57,45 @@ import (
 // privFlags are serve's flags for least privilege.
 type privFlags struct {
 	user    string
-	account *account    // user, resolved
-	failed  atomic.Bool // dropping privileges failed: serve stopped, exit 1
+	account *account // user, resolved
 }
 
 func (p *privFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&p.user, "user", "", "when started as root: the user (name or uid) to switch to once the BPF program is loaded and the listeners are bound; supplementary groups become that user's. Not needed under systemd's User= (see README, \"Running as a service\"). Either way every capability is dropped after start-up and no_new_privs is set")
 }
 
-// afterStart waits until the proxy serves, then drops privileges and tells
-// systemd it is ready. If the drop fails the proxy stops (serve exits 1)
-// rather than serve with privileges it was told to shed: with --user, or
-// when the failure is not the cgo limit. A cgo build without --user keeps
-// its capabilities and says so.
+// afterStart tells systemd the proxy is ready once it serves (its
+// privileges are gone by then: beforeAccept).
 func (f *serveFlags) afterStart(p *proxy, logger *slog.Logger) {
 	<-p.srv.Ready()
 	if p.srv.Err() != nil {
 		return
 	}
-	if err := f.dropPrivileges(logger); err != nil {
-		if errors.Is(err, syscall.ENOTSUP) && f.privs.user == "" {
-			if self, _ := readProcCaps("/proc/self/status"); self.prm|self.amb != 0 {
-				logger.Warn("capabilities NOT dropped", "kept", self.prm.String(), "err", err)
-			} else {
-				logger.Warn("no_new_privs not set (this process holds no capability)", "err", err)
-			}
-		} else {
-			logger.Error("cannot drop privileges; stopping", "err", err)
-			f.privs.failed.Store(true)
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			_ = p.srv.Stop(ctx)
-			cancel()
-			return
-		}
-	}
 	if err := sdNotify("READY=1"); err != nil {
 		logger.Warn("could not tell systemd the service is ready", "err", err)
 	}
+}
+
+// beforeAccept is the server's BeforeAccept: privileges go once the
+// program is loaded and the listeners are bound, before any client is
+// accepted. If the drop fails the proxy stops (serve exits 1) rather than
+// serve with privileges it was told to shed: with --user, or when the
+// failure is not the cgo limit. A cgo build without --user keeps its
+// capabilities and says so.
+func (f *serveFlags) beforeAccept(logger *slog.Logger) error {
+	err := f.dropPrivileges(logger)
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, syscall.ENOTSUP) && f.privs.user == "" {
+		if self, _ := readProcCaps("/proc/self/status"); self.prm|self.amb != 0 {
+			logger.Warn("capabilities NOT dropped", "kept", self.prm.String(), "err", err)
+		} else {
+			logger.Warn("no_new_privs not set (this process holds no capability)", "err", err)
+		}
+		return nil
+	}
+	return fmt.Errorf("cannot drop privileges: %w", err)
 }
 
 // capSet is a set of Linux capabilities, bit n for capability n.

@@ -264,6 +264,12 @@ func (e *privEnv) checkCreds(t *testing.T, p *privProc, bounding capSet) {
 	if len(drop) != 1 || drop[0]["kept"] != "none" || drop[0]["bounding_set"] != bounding.String() {
 		t.Errorf("privileges dropped lines: %v", drop)
 	}
+	// Dropped before the first client could be accepted: the accept
+	// loops start (and say "pgmfa listening") only after the drop.
+	log := p.log()
+	if d, l := strings.Index(log, `"privileges dropped"`), strings.Index(log, `"pgmfa listening"`); d < 0 || l < 0 || d > l {
+		t.Errorf("privileges dropped (at %d) after the proxy started accepting (at %d):\n%s", d, l, log)
+	}
 }
 
 // login logs user in with a code and runs a query; it returns the mode of

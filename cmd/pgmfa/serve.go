@@ -145,10 +145,7 @@ flags:
 		return 1
 	}
 	go f.afterStart(p, logger) // privs.go: least privilege once serving
-	if code := p.runUntilSignal(); code != 0 || !f.privs.failed.Load() {
-		return code
-	}
-	return 1
+	return p.runUntilSignal()
 }
 
 // proxy is a configured server with its store and admin listener.
@@ -270,6 +267,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		UpstreamTLS:            upTLS,
 		Logger:                 logger,
 		Observer:               observer,
+		BeforeAccept:           func() error { return f.beforeAccept(logger) },
 	})
 	if err != nil {
 		return nil, err

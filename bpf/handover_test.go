@@ -1,0 +1,518 @@
+package bpf
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// unixConns returns two connected unix stream sockets.
+func unixConns(t testing.TB) (a, b *net.UnixConn) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := func(fd int) *net.UnixConn {
+		f := os.NewFile(uintptr(fd), "handover")
+		defer f.Close()
+		c, err := net.FileConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.(*net.UnixConn)
+	}
+	return conn(fds[0]), conn(fds[1])
+}
+
+// sendUntil writes the pattern from off to c in 256 KiB chunks, paced, until
+// stop is closed, then extra bytes more, then half-closes. It returns the
+// bytes written.
+func sendUntil(c net.Conn, off int, stop <-chan struct{}, extra int64, pace time.Duration) (int64, error) {
+	var n int64
+	left := int64(-1) // unknown until stop
+	for left != 0 {
+		if left < 0 {
+			select {
+			case <-stop:
+				left = extra
+				continue
+			default:
+			}
+		}
+		o := (off + int(n%int64(len(pattern)))) % len(pattern)
+		chunk := pattern[o:min(len(pattern), o+256<<10)]
+		if left >= 0 && int64(len(chunk)) > left {
+			chunk = chunk[:left]
+		}
+		w, err := c.Write(chunk)
+		n += int64(w)
+		if left > 0 {
+			left -= int64(w)
+		}
+		if err != nil {
+			return n, err
+		}
+		time.Sleep(pace)
+	}
+	return n, c.(interface{ CloseWrite() error }).CloseWrite()
+}
+
+// recvCheck reads to EOF and compares every byte with the pattern from off
+// as it goes (a hash could not say where a stream went wrong). got counts
+// the bytes received.
+func recvCheck(c net.Conn, off int, got *atomic.Int64) error {
+	buf := make([]byte, 256<<10)
+	for {
+		r, err := c.Read(buf)
+		pos := got.Load()
+		for k := 0; k < r; k++ {
+			if buf[k] != pattern[(int64(off)+pos+int64(k))%int64(len(pattern))] {
+				return fmt.Errorf("first difference at byte %d: %s", pos+int64(k), placeOf(buf[k:r], off, pos+int64(k), 1<<40))
+			}
+		}
+		got.Add(int64(r))
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// childReport is what TestHandOverChild tells its parent, one JSON line
+// each: the end of an adopted session (by its meta), then a final report.
+type childReport struct {
+	Meta  string      `json:"meta,omitempty"`
+	Stats *Stats      `json:"stats,omitempty"`
+	Final *childFinal `json:"final,omitempty"`
+	Error string      `json:"error,omitempty"`
+}
+
+type childFinal struct {
+	Adopted, Sessions, MapEntries int
+	Anomalies                     uint64
+	NewSession                    string // the error of a session spliced after the adoption, or ""
+}
+
+const handOverChildEnv = "PGMFA_HANDOVER_CHILD"
+
+// TestHandOverChild is the new process of TestHandOver: it adopts the
+// sessions on fd 3, reports each one's end, then splices a session of its
+// own with the adopted objects and reports what is left. It does nothing
+// in a normal run.
+func TestHandOverChild(t *testing.T) {
+	if os.Getenv(handOverChildEnv) != "1" {
+		t.Skip("only runs as TestHandOver's child")
+	}
+	f := os.NewFile(3, "handover")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := c.(*net.UnixConn)
+	// Ready: the parent hands over once the receiver is up, so that the
+	// time the sessions go unwatched is the hand-over's own.
+	if _, err := conn.Write([]byte("ready\n")); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	enc := json.NewEncoder(conn)
+	report := func(r childReport) {
+		mu.Lock()
+		defer mu.Unlock()
+		if err := enc.Encode(&r); err != nil {
+			t.Errorf("reporting: %v", err)
+		}
+	}
+	var adopted int
+	var ended atomic.Int64
+	allEnded := make(chan struct{})
+	sp, err := Adopt(conn, Options{}, func(meta []byte) func(Stats) {
+		adopted++
+		return func(st Stats) {
+			report(childReport{Meta: string(meta), Stats: &st})
+			if ended.Add(1) == int64(adopted) {
+				close(allEnded)
+			}
+		}
+	})
+	if err != nil {
+		report(childReport{Error: err.Error()})
+		t.Fatal(err)
+	}
+	defer sp.Close()
+	select {
+	case <-allEnded:
+	case <-time.After(5 * time.Minute):
+		report(childReport{Error: "adopted sessions did not end:\n" + sp.dump()})
+		t.Fatal("adopted sessions did not end")
+	}
+	// The adopted objects splice new sessions too: the program stayed
+	// attached to the adopted verdict map.
+	fin := &childFinal{Adopted: adopted}
+	if err := transfer(t, sp, newHarness(t), 3, 4<<20, 4<<20); err != nil {
+		fin.NewSession = err.Error()
+	}
+	fin.Sessions, fin.Anomalies = sp.Sessions(), sp.Anomalies()
+	fin.MapEntries, err = sp.MapEntries()
+	if err != nil {
+		fin.MapEntries = -1
+	}
+	report(childReport{Final: fin})
+}
+
+// TestHandOver: sessions of every kind are handed over in the middle of
+// their transfers to a Splicer in another process (this test binary,
+// re-executed): bulk streams both ways, a server streaming to a client
+// that reads with pauses (in and out of flow control), a server streaming
+// to a client that reads nothing until after the hand-over (in flow
+// control, with bytes the watcher read and could not write yet), and idle
+// sessions that talk only afterwards. Every byte must arrive exactly once
+// and in order; the sessions end in the new process with totals that count
+// the bytes before the hand-over too; the old Splicer keeps nothing (fds,
+// sessions) and calls no onDone; the new one leaves nothing behind.
+func TestHandOver(t *testing.T) {
+	h := newHarness(t)
+	fds0 := openFDs(t)
+	// A small threshold, so that the slow readers enter flow control.
+	sp := needSplicer(t, Options{FlowThreshold: 256 << 10})
+	n := envInt(t, "PGMFA_HANDOVER_SESSIONS", 24)
+	const (
+		bulk = iota
+		slow
+		stalled
+		idle
+		kinds
+	)
+	kindName := []string{"bulk", "slow", "stalled", "idle"}
+	type sess struct {
+		kind         int
+		p            *pair
+		offC, offS   int // pattern offsets of the two streams
+		raC, raS     int // read-ahead bytes of each
+		sentC, sentS int64
+		gotC, gotS   atomic.Int64 // at the client (from the server), at the server
+		errs         []error
+		cookieS      uint64
+	}
+	handed := make(chan struct{}) // closed once HandOver returned
+	all := make([]*sess, n)
+	var wg sync.WaitGroup
+	for i := range all {
+		s := &sess{kind: i % kinds, p: h.pair(), offC: i * 7919, offS: i*7919 + 4099, raC: 1 + i%5, raS: 1 + i%3}
+		s.cookieS = cookieMust(t, s.p.ps)
+		all[i] = s
+		toServer := pattern[s.offC : s.offC+s.raC]
+		toClient := pattern[s.offS : s.offS+s.raS]
+		if s.kind == stalled {
+			// Small client buffer: the stall reaches the kernel's queue
+			// (and flow control) quickly.
+			s.p.client.(*net.TCPConn).SetReadBuffer(128 << 10)
+		}
+		err := sp.SpliceWithMeta(s.p.pc, s.p.ps, toServer, toClient, []byte(fmt.Sprint(i)), func(st Stats) {
+			t.Errorf("session %d ended in the old process: %+v", i, st)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var mu sync.Mutex
+		fail := func(err error) {
+			if err != nil {
+				mu.Lock()
+				s.errs = append(s.errs, err)
+				mu.Unlock()
+			}
+		}
+		switch s.kind {
+		case idle:
+			wg.Add(2)
+			// Nothing before the hand-over; then 20 exchanges, then the
+			// ends close.
+			go func() {
+				defer wg.Done()
+				<-handed
+				r := rand.New(rand.NewPCG(uint64(i), 0))
+				o := s.offC + s.raC
+				buf := make([]byte, 8<<10)
+				for range 20 {
+					m := 1 + r.IntN(len(buf))
+					if _, err := s.p.client.Write(pattern[o : o+m]); err != nil {
+						fail(err)
+						return
+					}
+					s.sentC += int64(m)
+					if _, err := io.ReadFull(s.p.client, buf[:m]); err != nil {
+						fail(fmt.Errorf("client: %w", err))
+						return
+					}
+					s.gotC.Add(int64(m))
+					if !bytes.Equal(buf[:m], pattern[o:o+m]) {
+						fail(errors.New("the echo differs"))
+					}
+					o += m
+				}
+				fail(s.p.client.(*net.TCPConn).CloseWrite())
+			}()
+			go func() {
+				// The server first takes the read-ahead, then echoes.
+				defer wg.Done()
+				ra := make([]byte, s.raC)
+				if _, err := io.ReadFull(s.p.server, ra); err != nil || !bytes.Equal(ra, pattern[s.offC:s.offC+s.raC]) {
+					fail(fmt.Errorf("server read-ahead: %q %v", ra, err))
+					return
+				}
+				s.gotS.Add(int64(s.raC))
+				buf := make([]byte, 8<<10)
+				for {
+					m, err := s.p.server.Read(buf)
+					s.gotS.Add(int64(m))
+					if m > 0 {
+						if _, werr := s.p.server.Write(buf[:m]); werr != nil {
+							fail(werr)
+							return
+						}
+						s.sentS += int64(m)
+					}
+					if err == io.EOF {
+						fail(s.p.server.(*net.TCPConn).CloseWrite())
+						return
+					}
+					if err != nil {
+						fail(err)
+						return
+					}
+				}
+			}()
+			continue
+		}
+		wg.Add(4)
+		pace := 2 * time.Millisecond
+		go func() {
+			defer wg.Done()
+			var err error
+			extra := int64(4 << 20)
+			if s.kind != bulk {
+				extra = 1 << 20
+			}
+			if s.kind == stalled {
+				// A client that sends while it reads nothing defeats flow
+				// control (TestHardBound): this one sends afterwards.
+				<-handed
+			}
+			s.sentC, err = sendUntil(s.p.client, s.offC+s.raC, handed, extra, pace)
+			fail(err)
+		}()
+		go func() {
+			defer wg.Done()
+			var err error
+			extra := int64(8 << 20)
+			if s.kind == slow {
+				extra = 1 << 20
+			}
+			s.sentS, err = sendUntil(s.p.server, s.offS+s.raS, handed, extra, pace/2)
+			fail(err)
+		}()
+		go func() { defer wg.Done(); fail(recvCheck(s.p.server, s.offC, &s.gotS)) }()
+		go func() {
+			defer wg.Done()
+			c := net.Conn(s.p.client)
+			switch s.kind {
+			case stalled:
+				<-handed
+			case slow:
+				c = jitterConn{c, &jitter{r: rand.New(rand.NewPCG(uint64(i), 1)), minPause: 20 * time.Millisecond, maxPause: 100 * time.Millisecond, oneIn: 32}}
+			}
+			fail(recvCheck(c, s.offS, &s.gotC))
+		}()
+	}
+	// The idle sessions' clients read their read-ahead before anything.
+	for _, s := range all {
+		if s.kind == idle {
+			ra := make([]byte, s.raS)
+			if _, err := io.ReadFull(s.p.client, ra); err != nil || !bytes.Equal(ra, pattern[s.offS:s.offS+s.raS]) {
+				t.Fatalf("idle client read-ahead: %q %v", ra, err)
+			}
+			s.gotC.Add(int64(s.raS))
+		}
+	}
+
+	// Hand over in the middle: every stream is moving, every stalled
+	// session is in flow control.
+	t0 := time.Now()
+	deadline := t0.Add(2 * time.Minute)
+	for {
+		ready := true
+		for _, s := range all {
+			switch s.kind {
+			case bulk, slow:
+				ready = ready && s.gotC.Load() > 1<<20 && s.gotS.Load() > 1<<20
+			case stalled:
+				var v spliceDir
+				ready = ready && sp.obj.Dirs.Lookup(s.cookieS, &v) == nil && v.Flags&dirPass != 0
+			}
+		}
+		if ready {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the transfers did not get going; state:\n%s", sp.dump())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	old, child := unixConns(t)
+	cf, err := child.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	child.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHandOverChild$", "-test.count=1", "-test.v", "-test.timeout=10m")
+	cmd.Env = append(os.Environ(), handOverChildEnv+"=1")
+	cmd.ExtraFiles = []*os.File{cf}
+	var childOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &childOut, &childOut
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	cf.Close()
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		select {
+		case <-exited:
+		case <-time.After(time.Minute):
+			cmd.Process.Kill()
+		}
+	})
+
+	ready := make([]byte, 6)
+	old.SetReadDeadline(time.Now().Add(2 * time.Minute))
+	if _, err := io.ReadFull(old, ready); err != nil || string(ready) != "ready\n" {
+		t.Fatalf("the child did not start: %q %v\n%s", ready, err, childOut.String())
+	}
+	old.SetReadDeadline(time.Time{})
+	t1 := time.Now()
+	rep, err := sp.HandOver(old)
+	close(handed)
+	t.Logf("transfers going after %v; HandOver took %v", t1.Sub(t0).Round(time.Millisecond), time.Since(t1).Round(time.Millisecond))
+	if err != nil {
+		t.Fatalf("HandOver: %v\nchild:\n%s", err, childOut.String())
+	}
+	t.Logf("handed over %d sessions, %d directions under flow control holding %d bytes read and not yet written; the watcher was parked for %v",
+		rep.Sessions, rep.Relaying, rep.Held, rep.Parked)
+	if rep.Sessions != n {
+		t.Errorf("handed over %d sessions, want %d", rep.Sessions, n)
+	}
+	if rep.Relaying < n/kinds || rep.Held == 0 {
+		t.Errorf("%d directions under flow control holding %d bytes at the hand-over: the stalled sessions' were not exercised", rep.Relaying, rep.Held)
+	}
+	if k := sp.Sessions(); k != 0 {
+		t.Errorf("the old Splicer still has %d sessions", k)
+	}
+	if err := sp.Close(); err != nil {
+		t.Errorf("Close after HandOver: %v", err)
+	}
+	if _, err := sp.HandOver(old); !errors.Is(err, ErrClosed) {
+		t.Errorf("a second HandOver: %v, want ErrClosed", err)
+	}
+	if err := sp.Splice(-1, -1, nil, nil, nil); !errors.Is(err, ErrClosed) {
+		t.Errorf("Splice after HandOver: %v, want ErrClosed", err)
+	}
+
+	// The streams finish through the new process.
+	appsDone := make(chan struct{})
+	go func() { wg.Wait(); close(appsDone) }()
+	select {
+	case <-appsDone:
+	case <-time.After(5 * time.Minute):
+		t.Fatalf("the transfers did not finish after the hand-over\nchild:\n%s", childOut.String())
+	}
+	t.Logf("transfers finished %v after the hand-over", time.Since(t1).Round(time.Millisecond))
+	for i, s := range all {
+		for _, err := range s.errs {
+			t.Errorf("session %d (%s): %v", i, kindName[s.kind], err)
+		}
+		wantC, wantS := int64(s.raC)+s.sentC, int64(s.raS)+s.sentS
+		if s.gotS.Load() != wantC || s.gotC.Load() != wantS {
+			t.Errorf("session %d (%s): the server got %d of %d bytes, the client %d of %d", i, kindName[s.kind], s.gotS.Load(), wantC, s.gotC.Load(), wantS)
+		}
+	}
+
+	// The new process's account of each session.
+	seen := make([]bool, n)
+	sc := bufio.NewScanner(old)
+	sc.Buffer(nil, 1<<20)
+	old.SetReadDeadline(time.Now().Add(5 * time.Minute))
+	var fin *childFinal
+	for fin == nil && sc.Scan() {
+		var r childReport
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			t.Fatalf("child report %q: %v", sc.Text(), err)
+		}
+		switch {
+		case r.Error != "":
+			t.Fatalf("child: %s\n%s", r.Error, childOut.String())
+		case r.Final != nil:
+			fin = r.Final
+		case r.Stats != nil:
+			var i int
+			if _, err := fmt.Sscan(r.Meta, &i); err != nil || i < 0 || i >= n || seen[i] {
+				t.Errorf("a report for meta %q", r.Meta)
+				continue
+			}
+			seen[i] = true
+			s, st := all[i], r.Stats
+			wantC, wantS := uint64(s.raC)+uint64(s.sentC), uint64(s.raS)+uint64(s.sentS)
+			if st.ClientToServer != wantC || st.ServerToClient != wantS || st.Anomaly != "" ||
+				st.Reason != "client closed" && st.Reason != "server closed" {
+				t.Errorf("session %d (%s): stats %+v, want %d/%d bytes and a clean end", i, kindName[s.kind], *st, wantC, wantS)
+			}
+			if s.kind == stalled && (st.FlowControl == 0 || st.Relayed == 0) {
+				t.Errorf("session %d (stalled): stats %+v, want flow control counted across the hand-over", i, *st)
+			}
+		}
+	}
+	if fin == nil {
+		t.Fatalf("no final report from the child (%v)\n%s", sc.Err(), childOut.String())
+	}
+	for i, ok := range seen {
+		if !ok {
+			t.Errorf("session %d (%s): no end reported by the new process", i, kindName[all[i].kind])
+		}
+	}
+	t.Logf("new process: %+v", *fin)
+	if fin.Adopted != n || fin.Sessions != 0 || fin.MapEntries != 0 || fin.Anomalies != 0 || fin.NewSession != "" {
+		t.Errorf("new process: %+v, want %d adopted and nothing left", *fin, n)
+	}
+	select {
+	case <-exited:
+		if waitErr != nil {
+			t.Errorf("child: %v\n%s", waitErr, childOut.String())
+		}
+	case <-time.After(2 * time.Minute):
+		t.Errorf("the child did not exit\n%s", childOut.String())
+	}
+	old.Close()
+	for _, s := range all {
+		s.p.close()
+	}
+	if k := openFDs(t); k != fds0 {
+		t.Errorf("open fds: %d before, %d after (the old process must keep no reference)", fds0, k)
+	}
+}

@@ -3,6 +3,7 @@ package bpf
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -515,4 +517,249 @@ func TestHandOver(t *testing.T) {
 	if k := openFDs(t); k != fds0 {
 		t.Errorf("open fds: %d before, %d after (the old process must keep no reference)", fds0, k)
 	}
+}
+
+// encodeFrame builds a frame as writeFrame sends it (without fds).
+func encodeFrame(kind byte, nfds int, payload []byte) []byte {
+	b := make([]byte, frameHeaderLen, frameHeaderLen+len(payload))
+	binary.BigEndian.PutUint32(b, uint32(len(payload)))
+	binary.BigEndian.PutUint16(b[4:], uint16(nfds))
+	b[6] = kind
+	return append(b, payload...)
+}
+
+func preambleOf(version uint32) []byte {
+	return binary.BigEndian.AppendUint32([]byte(handOverMagic), version)
+}
+
+// TestAdoptBadInput: Adopt on a socket that does not carry a pgmfa
+// hand-over of this version and program fails with an error that says
+// what it got, closes every fd that came with it, and disturbs nothing:
+// a live Splicer whose real objects were passed in a hand-over Adopt
+// refused still splices (the program stays attached).
+func TestAdoptBadInput(t *testing.T) {
+	sp := needSplicer(t, Options{})
+	h := newHarness(t)
+	names, objFDs := sp.obj.handed()
+	hdr := func(program string, objects []string) []byte {
+		b, _ := json.Marshal(&handOverHeader{Program: program, Objects: objects, Sessions: 1})
+		return b
+	}
+	pipe := func() []int {
+		var p [2]int
+		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		return p[:]
+	}
+	p := h.pair() // its proxy fds only serve as sockets with the wrong cookies
+	defer p.close()
+	defer unix.Close(p.pc)
+	defer unix.Close(p.ps)
+	wrongCookies, _ := json.Marshal([]handOverSession{{Cookies: [2]uint64{1, 2}}})
+	for _, c := range []struct {
+		name string
+		send func(conn *net.UnixConn)
+		want string
+	}{
+		{"http", func(c *net.UnixConn) { c.Write([]byte("GET / HTTP/1.1\r\nHost: pgmfa\r\n\r\n")) }, `not a pgmfa hand-over: it starts with "GET`},
+		{"nothing", func(c *net.UnixConn) {}, "not a pgmfa hand-over: the peer closed without sending anything"},
+		{"short", func(c *net.UnixConn) { c.Write([]byte("pgmf")) }, `not a pgmfa hand-over: the peer closed after "pgmf"`},
+		{"version", func(c *net.UnixConn) { c.Write(preambleOf(99)) }, "a pgmfa hand-over of version 99; this pgmfa speaks version 1"},
+		{"huge frame", func(c *net.UnixConn) {
+			c.Write(append(preambleOf(1), 0xff, 0xff, 0xff, 0xff, 0, 0, frameHeader, 0))
+		}, "a frame of"},
+		{"garbage json", func(c *net.UnixConn) {
+			c.Write(append(preambleOf(1), encodeFrame(frameHeader, 0, []byte("{\"program\":"))...))
+		}, "the hand-over's header"},
+		{"other program", func(c *net.UnixConn) {
+			fds := pipe()
+			c.Write(preambleOf(1))
+			writeFrame(c, frameHeader, hdr("0123", []string{"a", "b"}), fds)
+			closeAll(fds)
+		}, "the sender runs another BPF program"},
+		{"wrong objects", func(c *net.UnixConn) {
+			fds := pipe()
+			c.Write(preambleOf(1))
+			writeFrame(c, frameHeader, hdr(objectHash(), []string{"a", "b"}), fds)
+			closeAll(fds)
+		}, "the hand-over carries the objects [a b]"},
+		{"fds that are not maps", func(c *net.UnixConn) {
+			var fds []int
+			for len(fds) < len(names) {
+				fds = append(fds, pipe()...)
+			}
+			c.Write(preambleOf(1))
+			writeFrame(c, frameHeader, hdr(objectHash(), names), fds[:len(names)])
+			closeAll(fds)
+		}, "is not a BPF map"},
+		{"wrong cookies", func(c *net.UnixConn) {
+			c.Write(preambleOf(1))
+			writeFrame(c, frameHeader, hdr(objectHash(), names), objFDs)
+			writeFrame(c, frameSessions, wrongCookies, []int{p.pc, p.ps})
+		}, "the hand-over announced 1"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			fds0 := openFDs(t)
+			a, b := unixConns(t)
+			go func() {
+				c.send(a)
+				a.CloseWrite()
+			}()
+			s, err := Adopt(b, Options{}, nil)
+			if err == nil {
+				s.Close()
+				t.Fatal("Adopt accepted it")
+			}
+			t.Logf("%v", err)
+			if !strings.Contains(err.Error(), c.want) {
+				t.Errorf("error %q, want it to say %q", err, c.want)
+			}
+			// The refusal reaches the sender.
+			a.SetReadDeadline(time.Now().Add(time.Minute))
+			r := newFrameReader(a)
+			if kind, payload, _, err := r.frame(0); err != nil || kind != frameRefuse || !strings.Contains(string(payload), c.want[:10]) {
+				t.Errorf("the sender read kind %d %q (%v), want a refusal", kind, payload, err)
+			}
+			a.Close()
+			b.Close()
+			if k := openFDs(t); k != fds0 {
+				t.Errorf("open fds: %d before, %d after", fds0, k)
+			}
+		})
+	}
+	// The Splicer whose objects went into a refused hand-over still works.
+	if err := transfer(t, sp, h, 5, 1<<20, 1<<20); err != nil {
+		t.Errorf("a transfer after the refused hand-overs: %v", err)
+	}
+}
+
+// TestHandOverFailsSafe: a hand-over that does not complete (a receiver
+// that is not a pgmfa and closes, one that refuses, one that never
+// answers) returns an error that says so and leaves the Splicer running
+// every session as before: transfers that were under way when it started
+// finish byte-exact, through the same Splicer, with their full totals.
+func TestHandOverFailsSafe(t *testing.T) {
+	sp := needSplicer(t, Options{})
+	h := newHarness(t)
+	fds0 := openFDs(t)
+	const n = 4
+	type sess struct {
+		p            *pair
+		done         <-chan Stats
+		sentC, sentS int64
+		gotC, gotS   atomic.Int64
+		errs         [4]error
+	}
+	stop := make(chan struct{})
+	all := make([]*sess, n)
+	var wg sync.WaitGroup
+	for i := range all {
+		s := &sess{p: h.pair()}
+		all[i] = s
+		var onDone func(Stats)
+		onDone, s.done = doneChan(t)
+		if err := sp.Splice(s.p.pc, s.p.ps, nil, nil, onDone); err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(4)
+		go func() {
+			defer wg.Done()
+			s.sentC, s.errs[0] = sendUntil(s.p.client, i, stop, 1<<20, 2*time.Millisecond)
+		}()
+		go func() {
+			defer wg.Done()
+			s.sentS, s.errs[1] = sendUntil(s.p.server, i+1, stop, 1<<20, 2*time.Millisecond)
+		}()
+		go func() { defer wg.Done(); s.errs[2] = recvCheck(s.p.server, i, &s.gotS) }()
+		go func() { defer wg.Done(); s.errs[3] = recvCheck(s.p.client, i+1, &s.gotC) }()
+	}
+	defer func(d time.Duration) { handOverTimeout = d }(handOverTimeout)
+	handOverTimeout = 2 * time.Second
+	for _, c := range []struct {
+		name string
+		peer func(*net.UnixConn)
+		want string
+	}{
+		{"closes", func(c *net.UnixConn) { io.Copy(io.Discard, io.LimitReader(c, 100)); c.Close() }, "waiting for the receiver's answer"},
+		{"refuses", func(c *net.UnixConn) {
+			io.ReadFull(c, make([]byte, 12))
+			b, _ := json.Marshal(&handOverCount{Error: "a test says no"})
+			writeFrame(c, frameRefuse, b, nil)
+			io.Copy(io.Discard, c)
+		}, "the receiver refused: a test says no"},
+		{"silent", func(c *net.UnixConn) { io.Copy(io.Discard, c) }, "i/o timeout"},
+	} {
+		a, b := unixConns(t)
+		go c.peer(b)
+		rep, err := sp.HandOver(a)
+		a.Close()
+		b.Close()
+		t.Logf("%s: %v (%+v)", c.name, err, rep)
+		if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "the sessions stay here") {
+			t.Errorf("%s: HandOver error %v, want it to say %q and that the sessions stay", c.name, err, c.want)
+		}
+		if k := sp.Sessions(); k != n {
+			t.Errorf("%s: %d sessions after the failed hand-over, want %d", c.name, k, n)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	for i, s := range all {
+		for _, err := range s.errs {
+			if err != nil {
+				t.Errorf("session %d: %v", i, err)
+			}
+		}
+		if s.gotS.Load() != s.sentC || s.gotC.Load() != s.sentS {
+			t.Errorf("session %d: the server got %d of %d bytes, the client %d of %d", i, s.gotS.Load(), s.sentC, s.gotC.Load(), s.sentS)
+		}
+		st := waitDone(t, s.done)
+		if st.ClientToServer != uint64(s.sentC) || st.ServerToClient != uint64(s.sentS) {
+			t.Errorf("session %d: stats %+v, want %d/%d", i, st, s.sentC, s.sentS)
+		}
+		s.p.close()
+	}
+	checkEnded(t, sp, fds0)
+}
+
+// FuzzReceiveHandOver: the receiver's parser, on any byte stream (without
+// fds), neither panics nor accepts one that does not start with the
+// magic and this version.
+func FuzzReceiveHandOver(f *testing.F) {
+	hdr, _ := json.Marshal(&handOverHeader{Program: objectHash(), Objects: []string{"targets"}, Sessions: 1})
+	sess, _ := json.Marshal([]handOverSession{{Cookies: [2]uint64{1, 2}, Dirs: [2]handOverDir{{Relaying: true, Out: []byte("held")}}}})
+	end, _ := json.Marshal(&handOverCount{Sessions: 1})
+	valid := append(preambleOf(1), encodeFrame(frameHeader, 0, hdr)...)
+	valid = append(valid, encodeFrame(frameSessions, 0, sess)...)
+	valid = append(valid, encodeFrame(frameEnd, 0, end)...)
+	f.Add(valid)
+	f.Add(preambleOf(2))
+	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
+	f.Add(append(preambleOf(1), encodeFrame(frameAbort, 0, nil)...))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		rest := in
+		r := &frameReader{recv: func(p, oob []byte) (int, int, int, error) {
+			// Short reads, to exercise reassembly.
+			k := copy(p, rest[:min(len(rest), 1+len(rest)%7)])
+			rest = rest[k:]
+			if k == 0 {
+				return 0, 0, 0, io.EOF
+			}
+			return k, 0, 0, nil
+		}, tmp: make([]byte, 64)}
+		err := receiveHandOver(r,
+			func(*handOverHeader, []int) error { return nil },
+			func(h *handOverSession, fds [2]int) error {
+				for _, d := range h.Dirs {
+					if len(d.Out) > relayBufSize {
+						return errors.New("too much held")
+					}
+				}
+				return nil
+			})
+		if err == nil && !bytes.HasPrefix(in, preambleOf(handOverVersion)) {
+			t.Fatalf("accepted %q", in)
+		}
+	})
 }

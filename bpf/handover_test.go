@@ -763,3 +763,170 @@ func FuzzReceiveHandOver(f *testing.F) {
 		}
 	})
 }
+
+// TestHandOverChain: sessions whose four parties all stall and burst at
+// random (as in TestFlowControlStress, so directions enter and leave flow
+// control all the time and some end while it happens) are handed over
+// from Splicer to Splicer (in this process, over socketpairs) again and
+// again, at whatever point each one is, while new sessions keep being
+// spliced into whichever Splicer is current. Every stream must arrive
+// exactly, every session end once, in the Splicer that has it then, with
+// its totals since its splice; nothing may be left behind.
+func TestHandOverChain(t *testing.T) {
+	h := newHarness(t)
+	fds0 := openFDs(t)
+	opts := Options{FlowThreshold: 256 << 10}
+	cur := needSplicer(t, opts)
+	n := envInt(t, "PGMFA_HANDOVER_CHAIN_SESSIONS", 32)
+	hops := envInt(t, "PGMFA_HANDOVER_HOPS", 8)
+	dones := make([]chan Stats, n)
+	for i := range dones {
+		dones[i] = make(chan Stats, 2)
+	}
+	onDone := func(meta []byte) func(Stats) {
+		var i int
+		if _, err := fmt.Sscan(string(meta), &i); err != nil || i < 0 || i >= n {
+			t.Errorf("adopted a session with meta %q", meta)
+			return nil
+		}
+		return func(st Stats) { dones[i] <- st }
+	}
+	var mu sync.Mutex // cur, splicers
+	splicers := []*Splicer{cur}
+	current := func() *Splicer { mu.Lock(); defer mu.Unlock(); return cur }
+	sizes := rand.New(rand.NewPCG(7, 7)) // start's, one goroutine at a time
+	pauses := rand.New(rand.NewPCG(7, 8))
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	start := func(i int) {
+		c2s, s2c := logUniformIn(sizes, 256<<10, 16<<20), logUniformIn(sizes, 256<<10, 16<<20)
+		js := [4]*jitter{}
+		for k := range js {
+			js[k] = &jitter{r: rand.New(rand.NewPCG(uint64(i), uint64(k))), minPause: 20 * time.Millisecond, maxPause: 250 * time.Millisecond, oneIn: 64}
+		}
+		p := h.pair()
+		p.client.(*net.TCPConn).SetReadBuffer(128 << 10)
+		p.server.(*net.TCPConn).SetReadBuffer(128 << 10)
+		for {
+			err := current().SpliceWithMeta(p.pc, p.ps, nil, nil, []byte(fmt.Sprint(i)), onDone([]byte(fmt.Sprint(i))))
+			if errors.Is(err, ErrHandingOver) || errors.Is(err, ErrClosed) {
+				time.Sleep(time.Millisecond) // the next Splicer is about to take over
+				continue
+			}
+			if err != nil {
+				t.Errorf("session %d: %v", i, err)
+				p.close()
+				return
+			}
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer p.close()
+			fail := func(format string, a ...any) {
+				if failed.Add(1) <= 10 {
+					t.Errorf("session %d (%d/%d bytes): %s", i, c2s, s2c, fmt.Sprintf(format, a...))
+				}
+			}
+			var gotS, gotC struct {
+				sum uint64
+				n   int64
+				err error
+			}
+			var sendErr [2]error
+			var w sync.WaitGroup
+			w.Add(4)
+			go func() { defer w.Done(); _, sendErr[0] = sendStream(jitterConn{p.client, js[0]}, c2s, i) }()
+			go func() { defer w.Done(); _, sendErr[1] = sendStream(jitterConn{p.server, js[1]}, s2c, i+1) }()
+			go func() { defer w.Done(); gotS.sum, gotS.n, gotS.err = recvStream(jitterConn{p.server, js[2]}) }()
+			go func() { defer w.Done(); gotC.sum, gotC.n, gotC.err = recvStream(jitterConn{p.client, js[3]}) }()
+			w.Wait()
+			if err := errors.Join(sendErr[0], sendErr[1], gotS.err, gotC.err); err != nil {
+				fail("%v", err)
+				return
+			}
+			if want := hashOf(nil, c2s, i); gotS.n != c2s || gotS.sum != want {
+				fail("client->server: %d of %d bytes, hash %x want %x (lost, duplicated or reordered)", gotS.n, c2s, gotS.sum, want)
+			}
+			if want := hashOf(nil, s2c, i+1); gotC.n != s2c || gotC.sum != want {
+				fail("server->client: %d of %d bytes, hash %x want %x (lost, duplicated or reordered)", gotC.n, s2c, gotC.sum, want)
+			}
+			st := waitDone(t, dones[i])
+			if st.ClientToServer != uint64(c2s) || st.ServerToClient != uint64(s2c) || st.Anomaly != "" ||
+				st.Reason != "client closed" && st.Reason != "server closed" {
+				fail("stats %+v", st)
+			}
+		}()
+	}
+	for i := range n / 2 {
+		start(i)
+	}
+	var started sync.WaitGroup
+	var relaying, held int
+	for hop := range hops {
+		if hop == 1 {
+			started.Add(1)
+			go func() {
+				defer started.Done()
+				for i := n / 2; i < n; i++ {
+					start(i)
+				}
+			}()
+		}
+		time.Sleep(time.Duration(100+pauses.IntN(300)) * time.Millisecond)
+		a, b := unixConns(t)
+		type adopted struct {
+			s   *Splicer
+			err error
+		}
+		ch := make(chan adopted, 1)
+		go func() { s, err := Adopt(b, opts, onDone); ch <- adopted{s, err} }()
+		old := current()
+		rep, err := old.HandOver(a)
+		got := <-ch
+		a.Close()
+		b.Close()
+		if err != nil || got.err != nil {
+			t.Fatalf("hop %d: HandOver: %v; Adopt: %v", hop, err, got.err)
+		}
+		mu.Lock()
+		cur = got.s
+		splicers = append(splicers, cur)
+		mu.Unlock()
+		t.Logf("hop %d: %d sessions, %d directions under flow control holding %d bytes; parked %v", hop, rep.Sessions, rep.Relaying, rep.Held, rep.Parked.Round(time.Microsecond))
+		relaying += rep.Relaying
+		held += rep.Held
+		if k := old.Sessions(); k != 0 {
+			t.Errorf("hop %d: the old Splicer kept %d sessions", hop, k)
+		}
+	}
+	started.Wait()
+	wg.Wait()
+	last := current()
+	var episodes, anomalies uint64
+	for _, s := range splicers {
+		ep, _ := s.FlowControl()
+		episodes += ep
+		anomalies += s.Anomalies()
+	}
+	t.Logf("%d hops; %d directions were under flow control at a hand-over, with %d bytes held; %d flow-control episodes in all", hops, relaying, held, episodes)
+	if anomalies != 0 {
+		t.Errorf("%d sessions whose byte counts disagree with TCP's", anomalies)
+	}
+	if relaying == 0 {
+		t.Errorf("no hand-over found a direction under flow control: the test did not exercise it")
+	}
+	if k := last.Sessions(); k != 0 {
+		t.Errorf("%d sessions still live", k)
+	}
+	if k, err := last.MapEntries(); k != 0 || err != nil {
+		t.Errorf("%d map entries left (%v)", k, err)
+	}
+	if err := last.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	if k := openFDs(t); k != fds0 {
+		t.Errorf("open fds: %d before, %d after", fds0, k)
+	}
+}

@@ -277,10 +277,3 @@ func adopt(names []string, fds []int, noQueues string) (l *loaded, err error) {
 	}
 	return l, nil
 }
-
-// drop closes this process's references to the objects without detaching
-// the program: after a hand-over the other process runs them on.
-func (l *loaded) drop() error {
-	l.attached = false
-	return l.close()
-}

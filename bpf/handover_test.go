@@ -930,3 +930,87 @@ func TestHandOverChain(t *testing.T) {
 		t.Errorf("open fds: %d before, %d after", fds0, k)
 	}
 }
+
+// TestHandOverMany: more sessions than one SCM_RIGHTS message carries (so
+// they go in several frames), idle at the hand-over, each then exchanging
+// a few bytes each way through the Splicer that adopted them; and a
+// Splicer with no session hands over its objects alone.
+func TestHandOverMany(t *testing.T) {
+	h := newHarness(t)
+	fds0 := openFDs(t)
+	sp := needSplicer(t, Options{})
+	n := envInt(t, "PGMFA_HANDOVER_MANY", 3*maxSessionsPerFrame+5)
+	pairs := make([]*pair, n)
+	dones := make([]chan Stats, n)
+	for i := range pairs {
+		pairs[i] = h.pair()
+		dones[i] = make(chan Stats, 1)
+		if err := sp.SpliceWithMeta(pairs[i].pc, pairs[i].ps, nil, nil, []byte(fmt.Sprint(i)), func(Stats) {
+			t.Errorf("session %d ended in the old Splicer", i)
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	onDone := func(meta []byte) func(Stats) {
+		var i int
+		fmt.Sscan(string(meta), &i)
+		return func(st Stats) { dones[i] <- st }
+	}
+	handOver := func(from *Splicer) *Splicer {
+		a, b := unixConns(t)
+		defer a.Close()
+		defer b.Close()
+		ch := make(chan error, 1)
+		var to *Splicer
+		go func() { var err error; to, err = Adopt(b, Options{}, onDone); ch <- err }()
+		rep, err := from.HandOver(a)
+		if aerr := <-ch; err != nil || aerr != nil {
+			t.Fatalf("HandOver: %v; Adopt: %v", err, aerr)
+		}
+		t.Logf("handed over %d sessions, parked %v", rep.Sessions, rep.Parked.Round(time.Microsecond))
+		return to
+	}
+	sp2 := handOver(sp)
+	if k := sp2.Sessions(); k != n {
+		t.Fatalf("adopted %d sessions, want %d", k, n)
+	}
+	var wg sync.WaitGroup
+	for i, p := range pairs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			msg := []byte(fmt.Sprintf("ping %d", i))
+			p.client.Write(msg)
+			p.client.(*net.TCPConn).CloseWrite()
+			p.server.SetReadDeadline(time.Now().Add(2 * time.Minute))
+			if got, err := io.ReadAll(p.server); err != nil || !bytes.Equal(got, msg) {
+				t.Errorf("session %d: the server got %q (%v)", i, got, err)
+			}
+			p.server.Write(msg[1:])
+			p.server.(*net.TCPConn).CloseWrite()
+			p.client.SetReadDeadline(time.Now().Add(2 * time.Minute))
+			if got, err := io.ReadAll(p.client); err != nil || !bytes.Equal(got, msg[1:]) {
+				t.Errorf("session %d: the client got %q (%v)", i, got, err)
+			}
+			st := waitDone(t, dones[i])
+			if st.ClientToServer != uint64(len(msg)) || st.ServerToClient != uint64(len(msg)-1) {
+				t.Errorf("session %d: stats %+v", i, st)
+			}
+			p.close()
+		}()
+	}
+	wg.Wait()
+	// Nothing left to hand over but the objects: the third Splicer still
+	// splices with them.
+	sp3 := handOver(sp2)
+	if err := transfer(t, sp3, h, 9, 1<<20, 1<<20); err != nil {
+		t.Errorf("a transfer after an empty hand-over: %v", err)
+	}
+	if k, err := sp3.MapEntries(); k != 0 || err != nil {
+		t.Errorf("%d map entries left (%v)", k, err)
+	}
+	sp3.Close()
+	if k := openFDs(t); k != fds0 {
+		t.Errorf("open fds: %d before, %d after", fds0, k)
+	}
+}

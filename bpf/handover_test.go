@@ -1014,3 +1014,166 @@ func TestHandOverMany(t *testing.T) {
 		t.Errorf("open fds: %d before, %d after", fds0, k)
 	}
 }
+
+// relayHandOver forwards a hand-over from the sender's socket to the
+// receiver's, frame by frame with their fds, up to the receiver's ack.
+// Then, if gone, it passes the ack on, takes the sender's decision and
+// closes the receiver's socket without passing it on (a sender that died
+// after the ack); otherwise it tells the sender that the receiver
+// refused, and passes the sender's abort on (a hand-over aborted after
+// the receiver acknowledged it).
+func relayHandOver(from, to *net.UnixConn, gone bool) error {
+	fr, tr := newFrameReader(from), newFrameReader(to)
+	defer fr.closeFDs()
+	defer tr.closeFDs()
+	if err := fr.preamble(); err != nil {
+		return err
+	}
+	if _, err := to.Write(preambleOf(handOverVersion)); err != nil {
+		return err
+	}
+	for {
+		kind, payload, fds, err := fr.frame(-1)
+		if err != nil {
+			return err
+		}
+		err = writeFrame(to, kind, payload, fds)
+		closeAll(fds)
+		if err != nil {
+			return err
+		}
+		if kind == frameEnd {
+			break
+		}
+	}
+	kind, payload, _, err := tr.frame(0)
+	if err != nil || kind != frameAck {
+		return fmt.Errorf("the receiver answered kind %d %q (%v)", kind, payload, err)
+	}
+	if gone {
+		if err := writeFrame(from, frameAck, payload, nil); err != nil {
+			return err
+		}
+		if kind, _, _, err := fr.frame(0); err != nil || kind != frameCommit {
+			return fmt.Errorf("the sender decided kind %d (%v)", kind, err)
+		}
+		return to.Close()
+	}
+	b, _ := json.Marshal(&handOverCount{Error: "the relay says no"})
+	if err := writeFrame(from, frameRefuse, b, nil); err != nil {
+		return err
+	}
+	if kind, _, _, err := fr.frame(0); err != nil || kind != frameAbort {
+		return fmt.Errorf("the sender decided kind %d (%v)", kind, err)
+	}
+	return writeFrame(to, frameAbort, nil, nil)
+}
+
+// TestHandOverDecision: after the receiver's ack, the sender alone
+// decides. A receiver whose sender goes silent (EOF: it died, its
+// references are gone) takes the sessions and runs them; a receiver told
+// to abort closes everything it received, and the sessions run on in the
+// sender, undisturbed. Transfers under way throughout arrive exact.
+func TestHandOverDecision(t *testing.T) {
+	for _, gone := range []bool{true, false} {
+		t.Run(map[bool]string{true: "sender gone", false: "aborted"}[gone], func(t *testing.T) {
+			h := newHarness(t)
+			fds0 := openFDs(t)
+			sp := needSplicer(t, Options{})
+			const n = 3
+			type sess struct {
+				p            *pair
+				done         chan Stats
+				sentC, sentS int64
+				gotC, gotS   atomic.Int64
+				errs         [4]error
+			}
+			stop := make(chan struct{})
+			all := make([]*sess, n)
+			var wg sync.WaitGroup
+			for i := range all {
+				s := &sess{p: h.pair(), done: make(chan Stats, 1)}
+				all[i] = s
+				if err := sp.SpliceWithMeta(s.p.pc, s.p.ps, nil, nil, []byte(fmt.Sprint(i)), func(st Stats) { s.done <- st }); err != nil {
+					t.Fatal(err)
+				}
+				wg.Add(4)
+				go func() {
+					defer wg.Done()
+					s.sentC, s.errs[0] = sendUntil(s.p.client, i, stop, 1<<20, 2*time.Millisecond)
+				}()
+				go func() {
+					defer wg.Done()
+					s.sentS, s.errs[1] = sendUntil(s.p.server, i+1, stop, 1<<20, 2*time.Millisecond)
+				}()
+				go func() { defer wg.Done(); s.errs[2] = recvCheck(s.p.server, i, &s.gotS) }()
+				go func() { defer wg.Done(); s.errs[3] = recvCheck(s.p.client, i+1, &s.gotC) }()
+			}
+			a, a2 := unixConns(t)
+			b2, b := unixConns(t)
+			relayed := make(chan error, 1)
+			go func() { relayed <- relayHandOver(a2, b2, gone) }()
+			adopted := make(chan error, 1)
+			var sp2 *Splicer
+			go func() {
+				var err error
+				sp2, err = Adopt(b, Options{}, func(meta []byte) func(Stats) {
+					var i int
+					fmt.Sscan(string(meta), &i)
+					return func(st Stats) { all[i].done <- st }
+				})
+				adopted <- err
+			}()
+			_, herr := sp.HandOver(a)
+			rerr, aerr := <-relayed, <-adopted
+			for _, c := range []*net.UnixConn{a, a2, b, b2} {
+				c.Close()
+			}
+			if rerr != nil {
+				t.Fatalf("relay: %v", rerr)
+			}
+			owner := sp
+			if gone {
+				if herr != nil || aerr != nil {
+					t.Fatalf("HandOver: %v; Adopt: %v", herr, aerr)
+				}
+				owner = sp2
+			} else {
+				t.Logf("HandOver: %v; Adopt: %v", herr, aerr)
+				if herr == nil || !strings.Contains(herr.Error(), "the relay says no") {
+					t.Errorf("HandOver: %v, want the refusal", herr)
+				}
+				if aerr == nil || !strings.Contains(aerr.Error(), "the sender aborted") {
+					t.Errorf("Adopt: %v, want that the sender aborted", aerr)
+				}
+			}
+			if k := owner.Sessions(); k != n {
+				t.Errorf("%d sessions with their owner, want %d", k, n)
+			}
+			close(stop)
+			wg.Wait()
+			for i, s := range all {
+				for _, err := range s.errs {
+					if err != nil {
+						t.Errorf("session %d: %v", i, err)
+					}
+				}
+				if s.gotS.Load() != s.sentC || s.gotC.Load() != s.sentS {
+					t.Errorf("session %d: the server got %d of %d bytes, the client %d of %d", i, s.gotS.Load(), s.sentC, s.gotC.Load(), s.sentS)
+				}
+				st := waitDone(t, s.done)
+				if st.ClientToServer != uint64(s.sentC) || st.ServerToClient != uint64(s.sentS) {
+					t.Errorf("session %d: stats %+v, want %d/%d", i, st, s.sentC, s.sentS)
+				}
+				s.p.close()
+			}
+			if k, err := owner.MapEntries(); k != 0 || err != nil {
+				t.Errorf("%d map entries left (%v)", k, err)
+			}
+			owner.Close()
+			if k := openFDs(t); k != fds0 {
+				t.Errorf("open fds: %d before, %d after", fds0, k)
+			}
+		})
+	}
+}

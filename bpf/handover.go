@@ -134,7 +134,8 @@ type handOverCount struct {
 }
 
 // HandOver gives every spliced session, and the kernel objects, to the
-// process at the other end of conn, which calls Adopt. It stops Splice
+// process at the other end of conn (a unix stream socket), which calls
+// Adopt. It stops Splice
 // (ErrHandingOver) and waits for the calls under way, parks the watcher
 // between two steps, sends the objects and the sessions with their
 // user-space state (including bytes a direction under flow control has
@@ -144,6 +145,9 @@ type handOverCount struct {
 // calling any session's onDone. On an error before the commit nothing
 // has changed: the watcher resumes and the Splicer runs on.
 func (s *Splicer) HandOver(conn *net.UnixConn) (HandOverReport, error) {
+	if err := streamConn(conn); err != nil {
+		return HandOverReport{}, err
+	}
 	s.life.Lock()
 	defer s.life.Unlock()
 	s.mu.Lock()
@@ -303,6 +307,9 @@ func (ss *session) handedOver(rep *HandOverReport) handOverSession {
 // is loaded or attached here: the program stays attached as the first
 // process attached it, and this Splicer detaches it on Close.
 func Adopt(conn *net.UnixConn, opts Options, onDone func(meta []byte) func(Stats)) (*Splicer, error) {
+	if err := streamConn(conn); err != nil {
+		return nil, err
+	}
 	if err := conn.SetDeadline(time.Now().Add(handOverTimeout)); err != nil {
 		return nil, err
 	}
@@ -382,6 +389,27 @@ func Adopt(conn *net.UnixConn, opts Options, onDone func(meta []byte) func(Stats
 	}
 	go s.watch()
 	return s, nil
+}
+
+// streamConn checks that conn is a unix stream socket, the one kind the
+// protocol is framed for (a datagram or seqpacket socket would cut frames
+// at the reader's buffer size).
+func streamConn(conn *net.UnixConn) error {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	typ := -1
+	if cerr := rc.Control(func(fd uintptr) { typ, err = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_TYPE) }); cerr != nil {
+		return cerr
+	}
+	if err != nil {
+		return err
+	}
+	if typ != unix.SOCK_STREAM {
+		return errors.New("bpf: a hand-over needs a unix stream socket")
+	}
+	return nil
 }
 
 // adoptedSession rebuilds a session from its hand-over, with the fds

@@ -681,7 +681,8 @@ func TestHandOverFailsSafe(t *testing.T) {
 		peer func(*net.UnixConn)
 		want string
 	}{
-		{"closes", func(c *net.UnixConn) { io.Copy(io.Discard, io.LimitReader(c, 100)); c.Close() }, "waiting for the receiver's answer"},
+		// Its close meets the sender writing (EPIPE) or waiting (ECONNRESET).
+		{"closes", func(c *net.UnixConn) { io.Copy(io.Discard, io.LimitReader(c, 100)); c.Close() }, "unix"},
 		{"refuses", func(c *net.UnixConn) {
 			io.ReadFull(c, make([]byte, 12))
 			b, _ := json.Marshal(&handOverCount{Error: "a test says no"})
@@ -1175,5 +1176,29 @@ func TestHandOverDecision(t *testing.T) {
 				t.Errorf("open fds: %d before, %d after", fds0, k)
 			}
 		})
+	}
+}
+
+// TestHandOverNeedsStream: both ends refuse a socket the protocol is not
+// framed for, before anything else.
+func TestHandOverNeedsStream(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "seqpacket")
+	defer f.Close()
+	defer unix.Close(fds[1])
+	c, err := net.FileConn(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := Adopt(c.(*net.UnixConn), Options{}, nil); err == nil || !strings.Contains(err.Error(), "unix stream socket") {
+		t.Errorf("Adopt on a seqpacket socket: %v", err)
+	}
+	sp := needSplicer(t, Options{})
+	if _, err := sp.HandOver(c.(*net.UnixConn)); err == nil || !strings.Contains(err.Error(), "unix stream socket") {
+		t.Errorf("HandOver on a seqpacket socket: %v", err)
 	}
 }

@@ -289,7 +289,8 @@ func (s *Splicer) FlowControl() (episodes, relayed uint64) {
 
 // Close tears down every pair (Reason "proxy shutdown"), stops the
 // watcher, detaches the program and closes the maps. onDone runs for every
-// pair before Close returns. After a successful HandOver it does nothing.
+// pair before Close returns. It waits for a HandOver under way; after a
+// successful one it does nothing.
 func (s *Splicer) Close() error {
 	s.life.Lock()
 	defer s.life.Unlock()

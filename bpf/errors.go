@@ -8,6 +8,10 @@ import (
 // ErrClosed is returned by Splice after Close.
 var ErrClosed = errors.New("bpf: splicer closed")
 
+// ErrHandingOver is returned by Splice while HandOver is under way: the
+// caller relays the session instead (nothing was changed).
+var ErrHandingOver = errors.New("bpf: the splicer is handing its sessions over to another process; not spliced")
+
 // PartialWriteError reports that Splice failed after it had already changed
 // the byte streams: some or all of the read-ahead reached its destination,
 // or one direction had started to move in the kernel. The fds are still

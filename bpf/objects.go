@@ -1,7 +1,9 @@
 package bpf
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -162,4 +164,117 @@ func oneLine(s string) string {
 		s = s[:i]
 	}
 	return strings.TrimRight(s, ". :")
+}
+
+// handedMaps and handedPrograms name, in splice.c's terms and in the order
+// a hand-over sends their fds, the kernel objects a new process takes
+// over (HandOver, Adopt); pgmfa_queues follows when it is loaded.
+var (
+	handedMaps     = []string{spliceMapTargets, spliceMapVerdictSocks, spliceMapDirs, spliceMapRelayed, spliceMapEvents, spliceMapLost}
+	handedPrograms = []string{spliceProgPgmfaVerdict, spliceProgPgmfaQueues}
+)
+
+// handed returns the names and fds of the objects to hand over.
+func (l *loaded) handed() (names []string, fds []int) {
+	for _, o := range []struct {
+		name string
+		fd   int
+	}{
+		{spliceMapTargets, l.Targets.FD()}, {spliceMapVerdictSocks, l.VerdictSocks.FD()},
+		{spliceMapDirs, l.Dirs.FD()}, {spliceMapRelayed, l.Relayed.FD()},
+		{spliceMapEvents, l.Events.FD()}, {spliceMapLost, l.Lost.FD()},
+		{spliceProgPgmfaVerdict, l.PgmfaVerdict.FD()},
+	} {
+		names, fds = append(names, o.name), append(fds, o.fd)
+	}
+	if l.PgmfaQueues != nil {
+		names, fds = append(names, spliceProgPgmfaQueues), append(fds, l.PgmfaQueues.FD())
+	}
+	return names, fds
+}
+
+// objectHash identifies the BPF object this binary embeds: a hand-over is
+// only possible between binaries with the same one, since the new process
+// keeps running the old program on the old maps (a psock keeps the
+// program it was linked with) and reads their values with its own
+// layouts.
+func objectHash() string {
+	sum := sha256.Sum256(_SpliceBytes)
+	return hex.EncodeToString(sum[:16])
+}
+
+// adopt wraps objects another process handed over (names and fds in the
+// order of handed; it owns the fds from here on, and on error they are
+// closed). Each map is checked against this binary's spec. The verdict
+// program stays attached to verdict_socks as the first process attached
+// it: attaching again would give new sockets another program than the
+// ones already spliced (and the new process detaches it on Close, like
+// one that loaded it). The iterator gets a link of its own, since links
+// die with the process that made them; noQueues is the old process's
+// reason when it had no iterator.
+func adopt(names []string, fds []int, noQueues string) (l *loaded, err error) {
+	l = &loaded{}
+	next := 0
+	defer func() {
+		if err != nil {
+			for _, fd := range fds[next:] {
+				unix.Close(fd)
+			}
+			l.spliceObjects.Close()
+			if l.queues != nil {
+				l.queues.Close()
+			}
+		}
+	}()
+	spec, err := loadSplice()
+	if err != nil {
+		return nil, err
+	}
+	want := append(append([]string(nil), handedMaps...), handedPrograms[0])
+	if len(names) == len(want)+1 {
+		want = append(want, handedPrograms[1])
+	}
+	if strings.Join(names, ",") != strings.Join(want, ",") || len(fds) != len(names) {
+		return l, fmt.Errorf("the hand-over carries the objects %v with %d fds, want %v", names, len(fds), want)
+	}
+	maps := map[string]**ebpf.Map{
+		spliceMapTargets: &l.Targets, spliceMapVerdictSocks: &l.VerdictSocks, spliceMapDirs: &l.Dirs,
+		spliceMapRelayed: &l.Relayed, spliceMapEvents: &l.Events, spliceMapLost: &l.Lost,
+	}
+	progs := map[string]**ebpf.Program{spliceProgPgmfaVerdict: &l.PgmfaVerdict, spliceProgPgmfaQueues: &l.PgmfaQueues}
+	for i, name := range names {
+		next = i + 1 // the wrapper owns fds[i] from here, even on error
+		if dst, ok := maps[name]; ok {
+			m, err := ebpf.NewMapFromFD(fds[i])
+			if err != nil {
+				return l, fmt.Errorf("the hand-over's %s is not a BPF map: %w", name, err)
+			}
+			*dst = m
+			if err := spec.Maps[name].Compatible(m); err != nil {
+				return l, fmt.Errorf("the hand-over's map %s does not match this binary's: %w", name, err)
+			}
+			continue
+		}
+		p, err := ebpf.NewProgramFromFD(fds[i])
+		if err != nil {
+			return l, fmt.Errorf("the hand-over's %s is not a BPF program: %w", name, err)
+		}
+		*progs[name] = p
+		if p.Type() != spec.Programs[name].Type {
+			return l, fmt.Errorf("the hand-over's program %s is of type %v, want %v", name, p.Type(), spec.Programs[name].Type)
+		}
+	}
+	l.attached = true
+	if l.PgmfaQueues == nil {
+		l.noQueues = errors.New(noQueues)
+		if noQueues == "" {
+			l.noQueues = errors.New("the old process had no sockmap iterator")
+		}
+		return l, nil
+	}
+	if l.queues, err = link.AttachIter(link.IterOptions{Program: l.PgmfaQueues, Map: l.Targets}); err != nil {
+		l.noQueues = fmt.Errorf("the kernel refused to attach the sockmap iterator: %v", err)
+		err = nil
+	}
+	return l, nil
 }

@@ -73,6 +73,7 @@ type session struct {
 	dirs    [2]*direction // by source side
 	start   time.Time
 	onDone  func(Stats)
+	meta    []byte // the caller's, handed over with the session
 
 	// A unix-socket server side: alt is the cookie of the database's end,
 	// under which this kernel reports the bytes it sends (the server's

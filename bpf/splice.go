@@ -50,13 +50,37 @@ import (
 // reader falls behind is moved by the watcher until it catches up (flow
 // control, Options.FlowThreshold).
 func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone func(Stats)) error {
+	return s.SpliceWithMeta(client, server, toServer, toClient, nil, onDone)
+}
+
+// SpliceWithMeta is Splice with meta: opaque bytes the Splicer keeps with
+// the session and hands over with it (HandOver), so that the process that
+// adopts the session knows what it is (a connection id, the user, the
+// database, the client's address, the login time: whatever the caller
+// records). The Splicer keeps meta as given; the caller must not change it.
+func (s *Splicer) SpliceWithMeta(client, server int, toServer, toClient, meta []byte, onDone func(Stats)) error {
 	start := time.Now()
 	s.mu.Lock()
-	closed := s.closed
-	s.mu.Unlock()
-	if closed {
-		return ErrClosed
+	closed, handing := s.closed, s.handing
+	if !closed && !handing {
+		// HandOver waits for this Splice to finish (register or fail)
+		// before it parks the watcher, so no session is half built then.
+		s.splicing++
 	}
+	s.mu.Unlock()
+	switch {
+	case closed:
+		return ErrClosed
+	case handing:
+		return ErrHandingOver
+	}
+	defer func() {
+		s.mu.Lock()
+		if s.splicing--; s.splicing == 0 {
+			s.idle.Broadcast()
+		}
+		s.mu.Unlock()
+	}()
 	ck, err := kindOf(client)
 	if err != nil {
 		return fmt.Errorf("bpf: client socket: %w", err)
@@ -89,7 +113,7 @@ func (s *Splicer) Splice(client, server int, toServer, toClient []byte, onDone f
 			return fmt.Errorf("bpf: the %s socket is no longer established (it already received FIN or a reset); not spliced", side(i))
 		}
 	}
-	ss := &session{fds: [2]int{client, server}, cookies: cookies, start: start, onDone: onDone, unixServer: unixUp}
+	ss := &session{fds: [2]int{client, server}, cookies: cookies, start: start, onDone: onDone, unixServer: unixUp, meta: meta}
 
 	// 1. The accounting base of the end-of-session audit (session.audit):
 	// before the sockets enter any map, because a TCP socket in a sockmap

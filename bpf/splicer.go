@@ -108,8 +108,16 @@ type Splicer struct {
 	epfd       int
 	wakefd     int // eventfd: Close wakes the watcher
 
+	// life serializes Close and HandOver: each ends the Splicer's
+	// ownership of its sessions in its own way.
+	life sync.Mutex
+
 	mu       sync.Mutex
 	closed   bool
+	handing  bool       // HandOver is under way: Splice refuses new sessions
+	splicing int        // Splice calls past their first check, not yet returned
+	idle     *sync.Cond // on mu: signalled when splicing drops to 0
+	park     *parkReq   // HandOver asks the watcher to stop at a consistent point
 	nextID   uint32
 	sessions map[uint32]*session // by id (the epoll data)
 	byCookie map[uint64]*session
@@ -140,6 +148,21 @@ const (
 // NewSplicer loads and attaches the verdict program and starts the
 // watcher. On error nothing is left loaded.
 func NewSplicer(opts Options) (*Splicer, error) {
+	s := newShell(opts)
+	var err error
+	if s.obj, err = load(); err != nil {
+		return nil, err
+	}
+	if err := s.open(); err != nil {
+		s.release()
+		return nil, err
+	}
+	go s.watch()
+	return s, nil
+}
+
+// newShell builds a Splicer with no kernel objects and no watcher.
+func newShell(opts Options) *Splicer {
 	s := &Splicer{
 		log:        opts.Logger,
 		maxBacklog: uint64(opts.MaxBacklog),
@@ -167,37 +190,36 @@ func NewSplicer(opts Options) (*Splicer, error) {
 	if s.pendingTO <= 0 {
 		s.pendingTO = DefaultPendingWriteTimeout
 	}
+	s.idle = sync.NewCond(&s.mu)
+	return s
+}
+
+// open acquires what the watcher waits on, for the kernel objects in
+// s.obj. On error the caller releases.
+func (s *Splicer) open() error {
 	var err error
-	if s.obj, err = load(); err != nil {
-		return nil, err
-	}
-	fail := func(err error) (*Splicer, error) {
-		s.release()
-		return nil, err
-	}
 	if s.rb, err = ringbuf.NewReader(s.obj.Events); err != nil {
-		return fail(fmt.Errorf("bpf: ring buffer: %w", err))
+		return fmt.Errorf("bpf: ring buffer: %w", err)
 	}
 	if s.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
-		return fail(fmt.Errorf("bpf: epoll: %w", err))
+		return fmt.Errorf("bpf: epoll: %w", err)
 	}
 	if s.wakefd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
-		return fail(fmt.Errorf("bpf: eventfd: %w", err))
+		return fmt.Errorf("bpf: eventfd: %w", err)
 	}
 	if err := s.epollAdd(s.wakefd, idWake, 0, unix.EPOLLIN); err != nil {
-		return fail(err)
+		return err
 	}
 	// The ring buffer map fd is pollable on its own; the Reader is only
 	// used to consume records, never to wait.
-	if err := s.epollAdd(s.obj.Events.FD(), idRing, 0, unix.EPOLLIN); err != nil {
-		return fail(err)
-	}
-	go s.watch()
-	return s, nil
+	return s.epollAdd(s.obj.Events.FD(), idRing, 0, unix.EPOLLIN)
 }
 
 // release frees what NewSplicer acquired; the watcher must not be running.
 func (s *Splicer) release() error {
+	if s.obj == nil {
+		return nil
+	}
 	var errs []error
 	if s.rb != nil {
 		errs = append(errs, s.rb.Close())
@@ -268,8 +290,11 @@ func (s *Splicer) FlowControl() (episodes, relayed uint64) {
 
 // Close tears down every pair (Reason "proxy shutdown"), stops the
 // watcher, detaches the program and closes the maps. onDone runs for every
-// pair before Close returns.
+// pair before Close returns. It waits for a HandOver under way; after a
+// successful one it does nothing.
 func (s *Splicer) Close() error {
+	s.life.Lock()
+	defer s.life.Unlock()
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()

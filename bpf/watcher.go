@@ -38,8 +38,8 @@ func (s *Splicer) watch() {
 				var b [8]byte
 				_, _ = unix.Read(s.wakefd, b[:])
 				s.mu.Lock()
-				closed, kicked, ends := s.closed, s.kicked, s.ends
-				s.kicked, s.ends = nil, nil
+				closed, kicked, ends, park := s.closed, s.kicked, s.ends, s.park
+				s.kicked, s.ends, s.park = nil, nil, nil
 				s.mu.Unlock()
 				if closed {
 					s.shutdownAll("proxy shutdown")
@@ -50,6 +50,9 @@ func (s *Splicer) watch() {
 					if ss := s.session(id); ss != nil {
 						s.pollNew(ss)
 					}
+				}
+				if park != nil && s.parked(park) {
+					return // handed over: the sessions are another process's now
 				}
 			case idRing:
 				s.readOver(&rec)
@@ -74,6 +77,27 @@ func (s *Splicer) watch() {
 			}
 		}
 	}
+}
+
+// parkReq is HandOver's request to the watcher: stop between two steps
+// (parked closed), let HandOver read every session, then either exit
+// (handed receives true: the sessions are handed over) or go on (false:
+// the hand-over failed and nothing changed).
+type parkReq struct {
+	parked chan struct{}
+	handed chan bool
+}
+
+// parked stops the watcher for HandOver and reports whether the sessions
+// were handed over. It is called between steps, where every session is
+// at a consistent point: no syscall of the watcher is half done, and what
+// a direction under flow control read and has not written yet is in its
+// out buffer, which HandOver sends along. Events that arrive meanwhile
+// wait in epoll (edge-triggered events are queued, not lost) and the ring
+// buffer.
+func (s *Splicer) parked(p *parkReq) bool {
+	close(p.parked)
+	return <-p.handed
 }
 
 // sweepEvery is how often the watcher checks for notifications the ring

@@ -93,7 +93,7 @@ flags:
 		}
 		pending, err := client.List(ctx)
 		if err != nil {
-			return approveFailed(stderr, err)
+			return adminFailed(stderr, "approve", err)
 		}
 		printPending(stdout, pending, "no logins are waiting for approval\n")
 		return 0
@@ -128,7 +128,7 @@ flags:
 		return 1
 	}
 	if err != nil {
-		return approveFailed(stderr, err)
+		return adminFailed(stderr, "approve", err)
 	}
 	if len(released) == 0 {
 		// The logins went away (timed out, client gave up) between the
@@ -175,16 +175,17 @@ func orDash(s string) string {
 	return s
 }
 
-// approveFailed prints the proxy's refusal with its hint and returns 1.
-func approveFailed(stderr io.Writer, err error) int {
+// adminFailed prints an admin API call's failure (the proxy's refusal
+// with its hint, or why the call failed) as subcommand cmd and returns 1.
+func adminFailed(stderr io.Writer, cmd string, err error) int {
 	var e *admin.Error
 	if errors.As(err, &e) {
-		fmt.Fprintln(stderr, "pgmfa approve:", e.Message)
+		fmt.Fprintf(stderr, "pgmfa %s: %s\n", cmd, e.Message)
 		if e.Hint != "" {
 			fmt.Fprintln(stderr, "HINT:", e.Hint)
 		}
 		return 1
 	}
-	fmt.Fprintln(stderr, "pgmfa approve:", err)
+	fmt.Fprintf(stderr, "pgmfa %s: %v\n", cmd, err)
 	return 1
 }

@@ -65,7 +65,7 @@ flags:
 	if *kill != 0 {
 		ended, err := client.KillSession(ctx, *kill)
 		if err != nil {
-			return sessionsFailed(stderr, err)
+			return adminFailed(stderr, "sessions", err)
 		}
 		if *asJSON {
 			return printJSON(stdout, stderr, map[string]admin.Session{"ended": ended})
@@ -76,7 +76,7 @@ flags:
 	}
 	list, err := client.ListSessions(ctx)
 	if err != nil {
-		return sessionsFailed(stderr, err)
+		return adminFailed(stderr, "sessions", err)
 	}
 	if *asJSON {
 		if list == nil {
@@ -125,20 +125,6 @@ func humanBytes(n uint64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
-
-// sessionsFailed prints the proxy's refusal with its hint and returns 1.
-func sessionsFailed(stderr io.Writer, err error) int {
-	var e *admin.Error
-	if errors.As(err, &e) {
-		fmt.Fprintln(stderr, "pgmfa sessions:", e.Message)
-		if e.Hint != "" {
-			fmt.Fprintln(stderr, "HINT:", e.Hint)
-		}
-		return 1
-	}
-	fmt.Fprintln(stderr, "pgmfa sessions:", err)
-	return 1
 }
 
 // liveSessions serves the admin API's sessions from the proxy's registry.

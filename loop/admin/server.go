@@ -144,16 +144,26 @@ func quote(s string) string {
 	return string(b)
 }
 
-func (s *Server) approve(w http.ResponseWriter, r *http.Request) {
-	var req approveRequest
+// decodeRequest reads a request body of one JSON object into v: no
+// unknown field, nothing after it, at most maxBody bytes. On failure it has
+// answered 400 and returns false.
+func decodeRequest(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
+	if err := dec.Decode(v); err != nil {
 		writeError(w, http.StatusBadRequest, errorResponse{Error: "malformed request: " + err.Error(), Reason: "bad_request"})
-		return
+		return false
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		writeError(w, http.StatusBadRequest, errorResponse{Error: "malformed request: trailing data", Reason: "bad_request"})
+		return false
+	}
+	return true
+}
+
+func (s *Server) approve(w http.ResponseWriter, r *http.Request) {
+	var req approveRequest
+	if !decodeRequest(w, r, &req) {
 		return
 	}
 	req.User = strings.TrimSpace(req.User)

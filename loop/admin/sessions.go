@@ -2,9 +2,7 @@ package admin
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"io"
 	"net/http"
 	"strconv"
 	"time"
@@ -83,14 +81,7 @@ func (s *Server) killSession(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req killRequest
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, errorResponse{Error: "malformed request: " + err.Error(), Reason: "bad_request"})
-		return
-	}
-	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		writeError(w, http.StatusBadRequest, errorResponse{Error: "malformed request: trailing data", Reason: "bad_request"})
+	if !decodeRequest(w, r, &req) {
 		return
 	}
 	if req.ConnID == 0 {

@@ -286,7 +286,10 @@ func TestTLSSessionsAndDrain(t *testing.T) {
 		t.Fatal("the TLS login never waited for approval")
 	}
 	res := p.srv.Drain(2 * time.Second)
-	if res.Logins != 1 || res.Sessions != 1 || res.RefusedLogins != 1 || len(res.Cut) != 1 || res.Cut[0].Mode != "tls-relay" {
+	// Logins in flight: the waiting one, and possibly the CancelRequest
+	// pgx sends when the killed session's connection broke (it is a
+	// connection in flight until the database closes the forwarded one).
+	if res.Logins < 1 || res.Sessions != 1 || res.RefusedLogins != 1 || len(res.Cut) != 1 || res.Cut[0].Mode != "tls-relay" {
 		t.Fatalf("drain: %+v", res)
 	}
 	select {

@@ -31,13 +31,14 @@ import (
 // Label values of the "mfa" label of pgmfa_logins_total: how MFA was
 // decided, or "none" when the login ended before it was.
 var paths = []string{string(mfa.PathExempt), string(mfa.PathCode), string(mfa.PathPassword),
-	string(mfa.PathRemembered), string(mfa.PathApproval), "none"}
+	string(mfa.PathRemembered), string(mfa.PathApproval), string(mfa.PathWeb), "none"}
 
 // Label values of pgmfa_mfa_refusals_total's "reason": the MFA outcomes
 // that refuse a login, and "other" for any reason this list does not know
 // (so a new reason in package mfa cannot add series unnoticed).
 var refusals = []string{mfa.ReasonBadCode, mfa.ReasonReplayed, mfa.ReasonThrottled, mfa.ReasonNotEnrolled,
-	mfa.ReasonMalformed, mfa.ReasonTimeout, mfa.ReasonBadAccount, mfa.ReasonStore, mfa.ReasonStoreDown, "other"}
+	mfa.ReasonMalformed, mfa.ReasonTimeout, mfa.ReasonBadAccount, mfa.ReasonStore, mfa.ReasonStoreDown,
+	mfa.ReasonWebLink, mfa.ReasonDenied, "other"}
 
 // Label values of the approval wait's "result".
 var waits = []string{login.WaitApproved, login.WaitRefused, login.WaitTimedOut, login.WaitAbandoned}

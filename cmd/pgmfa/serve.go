@@ -319,6 +319,9 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	}
 	if met != nil {
 		met.Splicer(srv.Splicer())
+		if page != nil && page.hook != nil {
+			met.Webhook(page.hook.Sent, page.hook.Failed)
+		}
 		ln, err := metrics.Listen(f.metrics)
 		if err != nil {
 			return nil, err

@@ -24,7 +24,7 @@ type webFlags struct {
 
 func (f *webFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.addr, "web", "", "serve the approval page on this host:port over HTTPS (empty: off); a login without a code then gets a one-time link (see --web-mode)")
-	fs.StringVar(&f.url, "web-url", "", "the approval page's address as users reach it, used in links (default: https://ADDR of --web)")
+	fs.StringVar(&f.url, "web-url", "", "the approval page's address as users reach it, used in links (default: https://ADDR of --web; required when --web has no specific host)")
 	fs.StringVar(&f.cert, "web-cert", "", "PEM certificate of the approval page (default: --tls-cert); reloaded on SIGHUP")
 	fs.StringVar(&f.key, "web-key", "", "PEM private key of --web-cert")
 	fs.BoolVar(&f.insecureLoopback, "web-insecure-loopback", false, "serve the approval page over plaintext HTTP; only on a loopback --web address (tests, development)")
@@ -66,6 +66,14 @@ func (f *webFlags) build(guard *mfa.Guard, approvals *mfa.Approvals, clientCerts
 	}
 	if (f.cert == "") != (f.key == "") {
 		return nil, errors.New("--web-cert and --web-key go together")
+	}
+	if f.url == "" {
+		// A link to 0.0.0.0 reaches nobody: say where users find the page.
+		if host, _, err := net.SplitHostPort(f.addr); err == nil {
+			if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+				return nil, fmt.Errorf("--web %s listens on every address: give --web-url, the page's address as users reach it", f.addr)
+			}
+		}
 	}
 	p := &webPage{}
 	var getCert func(*tls.ClientHelloInfo) (*tls.Certificate, error)

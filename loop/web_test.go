@@ -319,6 +319,11 @@ func TestWebApprovalRefer(t *testing.T) {
 	if link2 == link {
 		t.Fatal("two refusals carried the same link")
 	}
+	// Signed in as alice, her new link leads to the start page, which
+	// lists that login.
+	if st, _ := wp.get(t, c, link2); st != http.StatusSeeOther {
+		t.Fatalf("a link while signed in: %d, want 303 to the start page", st)
+	}
 	_, body = wp.get(t, c, wp.base+"/")
 	id2 := rowID(t, body, "127.0.0.2:")
 

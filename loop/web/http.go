@@ -134,6 +134,12 @@ func (s *Server) linkPage(w http.ResponseWriter, r *http.Request) {
 		s.gone(w)
 		return
 	}
+	if se, _ := s.current(r); se != nil && se.user == lk.login.User {
+		// Signed in already: the start page lists this login too, and a
+		// second sign-in would cost the user another code.
+		http.Redirect(w, r, "/", http.StatusSeeOther)
+		return
+	}
 	d := rowOf(lk, s.cfg.Now())
 	s.render(w, pageData{Title: "Approve a database login", SignIn: true, FixedUser: lk.login.User, Token: r.PathValue("token"),
 		LinkDetail: &d, CSRF: s.preToken(w, r)})

@@ -1,6 +1,8 @@
 package web
 
 import (
+	"bytes"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -42,6 +44,18 @@ func TestWebhookGivesUpAndNeverBlocks(t *testing.T) {
 	}))
 	defer srv.Close()
 	defer close(stuck)
+	// A webhook nobody answers: its URL (often a secret) is not logged.
+	var logs bytes.Buffer
+	dead := NewWebhook("http://127.0.0.1:1/hooks/SECRET", slog.New(slog.NewTextHandler(&logs, nil)))
+	dead.Backoff = nil
+	dead.Send(Event{User: "alice"})
+	for dead.Failed() != 1 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	dead.Close()
+	if !strings.Contains(logs.String(), "giving up") || strings.Contains(logs.String(), "SECRET") {
+		t.Fatalf("log of a dead webhook:\n%s", logs.String())
+	}
 	h := NewWebhook(srv.URL, nil)
 	h.Backoff = []time.Duration{time.Millisecond, time.Millisecond}
 	defer h.Close()

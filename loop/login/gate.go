@@ -55,8 +55,9 @@ func (g *Gate) Decided(req *session.MFARequest, addr string) (mfa.Path, mfa.Outc
 	return "", mfa.Outcome{}, false
 }
 
-// Resolve decides an MFA request: exempt, remembered, a code verified now,
-// or a wait for `pgmfa approve`. When it can decide now it returns the
+// Resolve decides an MFA request: exempt, remembered (or approved on the
+// web page), a code verified now, a refusal carrying the web page's link,
+// or a wait for `pgmfa approve` (or the page). When it can decide now it returns the
 // decision; otherwise waiting is true and later is called exactly once from
 // another goroutine, unless cancel is called first. A request with a code
 // is always decided now. Every branch but exemption may do store I/O (a

@@ -78,6 +78,8 @@ type Config struct {
 	MFAExempt   map[string]bool
 	Guard       *mfa.Guard
 	Approvals   *mfa.Approvals
+	// Web is the approval page (--web; nil: none): see login.Gate.Web.
+	Web login.Web
 
 	Splice        string // auto | sockmap | off
 	FlowThreshold int64  // sockmap: redirect queue per direction that starts flow control (0: bpf default; <0: off)
@@ -180,7 +182,7 @@ func New(cfg Config) (*Server, error) {
 			"max_conns", cfg.MaxConns, "fits", fit, "open_file_limit", limit)
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, booted: make(chan struct{}), gate: &login.Gate{
-		Required: cfg.MFARequired, Exempt: cfg.MFAExempt, Guard: cfg.Guard, Approvals: cfg.Approvals, Logger: cfg.Logger,
+		Required: cfg.MFARequired, Exempt: cfg.MFAExempt, Guard: cfg.Guard, Approvals: cfg.Approvals, Web: cfg.Web, Logger: cfg.Logger,
 	}}
 	var err error
 	if s.upAddr, s.upName, err = resolveUpstream(cfg.Upstream); err != nil {

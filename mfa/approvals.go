@@ -325,3 +325,47 @@ func several(user string, n int) Outcome {
 		fmt.Sprintf("%d logins of user %q are waiting for approval; none was released and the code was not used", n, user),
 		fmt.Sprintf("approve the one you started: pgmfa approve --conn ID %s CODE (the ids are listed); one you do not recognise may be someone else who has the password", user))
 }
+
+// Decide releases the waiting login id of user without a code: its
+// caller has already proved the user's second factor (the approval page,
+// loop/web, signs the user in with a code). OK releases it as an approval
+// does (opening the --mfa-remember window for its address); otherwise it
+// ends with refusal o. Only a login waiting in this process can be
+// decided (the page lists those); false: no such login of user waits here.
+func (a *Approvals) Decide(user string, id uint64, approve bool, refusal Outcome) (Pending, bool) {
+	a.mu.Lock()
+	w, ok := a.waiting[id]
+	if ok && w.User == user {
+		delete(a.waiting, id)
+	}
+	a.mu.Unlock()
+	if !ok || w.User != user {
+		return Pending{}, false
+	}
+	if a.fleet != nil && id < localIDs {
+		// The store's row of a login that no longer waits.
+		go func() {
+			if err := a.fleet.Withdraw(id); err != nil {
+				a.g.storeError(user, err)
+			}
+		}()
+	}
+	if approve {
+		a.g.rememberApproved(w.User, w.Addr)
+		w.run(Outcome{OK: true})
+	} else {
+		w.run(refusal)
+	}
+	return w.Pending, true
+}
+
+// Local returns the logins of user waiting in this process, oldest first.
+func (a *Approvals) Local(user string) []Pending {
+	var out []Pending
+	for _, p := range a.localList() {
+		if p.User == user {
+			out = append(out, p)
+		}
+	}
+	return out
+}

@@ -168,6 +168,14 @@ func (g *Guard) Verify(user, addr, code string) Outcome {
 	return g.verify(attempt{user: user, addr: addr, code: code})
 }
 
+// VerifyPage is Verify for a sign-in on the approval page (loop/web) from
+// addr: the same throttles, budgets and single use, but no remember
+// window is opened or honoured (a code spent on the page is spent, and the
+// browser's address gains nothing for database logins).
+func (g *Guard) VerifyPage(user, addr, code string) Outcome {
+	return g.verify(attempt{user: user, addr: addr, code: code, page: true})
+}
+
 // attempt is one code to verify.
 type attempt struct {
 	user, addr, code string
@@ -176,9 +184,18 @@ type attempt struct {
 	// alone, and it is no client: nothing is remembered for it and the pool
 	// rule does not apply (a spent code must not approve twice).
 	approver string
+	// page is a sign-in on the approval page (loop/web): throttled and
+	// charged like a client (the user's and the address's budgets) and
+	// single use like any code, but it opens no remember window — the
+	// browser's address is not a database client's.
+	page bool
 }
 
 func (a attempt) client() bool { return a.approver == "" }
+
+// remembers reports whether a success of a opens (or the pool rule of a
+// reads) a remember window: a database client's only.
+func (a attempt) remembers() bool { return a.client() && !a.page }
 
 // checked is check's verdict: a final outcome, a claim to make, or a claim
 // of this Guard's to wait for.
@@ -319,7 +336,7 @@ func (g *Guard) settle(a attempt, c checked) Outcome {
 	var accepted int64
 	var err error
 	grantKey := ""
-	if g.shared != nil && a.client() && g.opts.Remember > 0 {
+	if g.shared != nil && a.remembers() && g.opts.Remember > 0 {
 		grantKey = rememberKey(a.user, a.addr)
 	}
 	// The store's failures of the user were just loaded (preload): reset
@@ -398,7 +415,7 @@ func (g *Guard) acceptLocked(a attempt, acct Account, start int64, now time.Time
 	// The user proved possession: forgive their failures (the address's
 	// budget stays spent).
 	g.byUser.reset(a.user)
-	if a.client() {
+	if a.remembers() {
 		g.rememberLocked(a.user, a.addr, acct.Secret, start, now)
 	}
 }
@@ -406,7 +423,7 @@ func (g *Guard) acceptLocked(a attempt, acct Account, start int64, now time.Time
 // usedLocked is the answer to a valid code whose steps were all used: the
 // pool rule (Remember) or a replay.
 func (g *Guard) usedLocked(a attempt, acct Account, starts []int64, now time.Time, p params) Outcome {
-	if a.client() && g.opts.Remember > 0 {
+	if a.remembers() && g.opts.Remember > 0 {
 		if r, hit := g.remember[rememberKey(a.user, a.addr)]; hit && now.Before(r.until) && r.tag == SecretTag(acct.Secret) {
 			for _, s := range starts {
 				if s == r.stepStart {
@@ -546,7 +563,7 @@ func (g *Guard) preload(a attempt) error {
 		g.byApprover.set(a.approver, got[keys[0]])
 	}
 	g.mu.Unlock()
-	if a.client() && g.opts.Remember > 0 {
+	if a.remembers() && g.opts.Remember > 0 {
 		return g.loadGrant(a)
 	}
 	return nil

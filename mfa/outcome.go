@@ -18,6 +18,7 @@ const (
 	PathApproval   Path = "approval"   // pgmfa approve
 	PathRemembered Path = "remembered" // --mfa-remember
 	PathExempt     Path = "exempt"     // --mfa-exempt or --mfa off
+	PathWeb        Path = "web"        // approved on the approval page (--web), or refused with its link
 )
 
 // SQLState is the SQLSTATE of every MFA refusal: invalid_authorization_specification.
@@ -37,6 +38,8 @@ const (
 	ReasonStore       = "store_error"     // the store could not record the accepted code; refused (fail closed)
 	ReasonStoreDown   = "store_down"      // the store could not be read (unreachable); refused (fail closed)
 	ReasonSeveral     = "several_waiting" // Approvals.Approve: several logins of the user wait; none released
+	ReasonWebLink     = "web_link"        // refused with a link to the approval page (--web): approve there, then retry
+	ReasonDenied      = "denied"          // denied by its user on the approval page
 )
 
 // Outcome of a verification. When !OK, Code is the SQLSTATE (28000), Message

@@ -62,6 +62,7 @@ type serveFlags struct {
 	drainTimeout         time.Duration
 	tls                  tlsFlags
 	privs                privFlags
+	web                  webFlags
 }
 
 func (f *serveFlags) register(fs *flag.FlagSet) {
@@ -102,6 +103,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGTERM: stop accepting, let logins in flight finish and open sessions run for up to this long, then refuse the logins left (SQLSTATE 57P01) and cut the sessions left (0: SIGTERM stops at once, as SIGINT always does)")
 	f.tls.register(fs)
 	f.privs.register(fs)
+	f.web.register(fs)
 }
 
 func runServe(args []string) int {
@@ -150,13 +152,15 @@ flags:
 
 // proxy is a configured server with its store and admin listener.
 type proxy struct {
-	srv    *loop.Server
-	store  mfaStore
-	certs  *tlsproxy.Certs // nil without client TLS
-	admin  *http.Server
-	stats  *http.Server // --metrics; nil when off
-	log    *slog.Logger
-	onStop []func()
+	srv   *loop.Server
+	store mfaStore
+	certs *tlsproxy.Certs // nil without client TLS
+	// webCerts is --web-cert (nil: none, or the page reuses certs).
+	webCerts *tlsproxy.Certs
+	admin    *http.Server
+	stats    *http.Server // --metrics; nil when off
+	log      *slog.Logger
+	onStop   []func()
 
 	drainTimeout time.Duration // SIGTERM drains for up to this long (0: stops at once)
 }
@@ -240,6 +244,14 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		// instance reaches the one holding the login by NOTIFY.
 		approvals = mfa.NewFleetApprovals(guard, ps)
 	}
+	page, err := f.web.build(guard, approvals, certs, logger)
+	if err != nil {
+		return nil, err
+	}
+	var webGate login.Web // stays nil (not a nil *web.Server) without --web
+	if page != nil {
+		webGate = page.srv
+	}
 
 	srv, err := loop.New(loop.Config{
 		Listen:                 splitList(f.listen),
@@ -256,6 +268,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		MFAExempt:              toSet(splitList(f.exempt)),
 		Guard:                  guard,
 		Approvals:              approvals,
+		Web:                    webGate,
 		Splice:                 f.splice,
 		FlowThreshold:          f.flowThreshold,
 		MaxBacklog:             f.maxBacklog,
@@ -299,8 +312,16 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 			}
 		}()
 	}
+	if page != nil {
+		p.onStop = append(p.onStop, page.serve(logger))
+		p.webCerts = page.certs
+		logger.Info("approval page listening", "web", page.ln.Addr().String(), "mode", f.web.mode, "webhook", f.web.webhook != "")
+	}
 	if met != nil {
 		met.Splicer(srv.Splicer())
+		if page != nil && page.hook != nil {
+			met.Webhook(page.hook.Sent, page.hook.Failed)
+		}
 		ln, err := metrics.Listen(f.metrics)
 		if err != nil {
 			return nil, err
@@ -378,6 +399,11 @@ func (p *proxy) runUntilSignal() int {
 						p.log.Error("reload of the TLS certificate failed; keeping the old one", "err", err)
 					} else {
 						p.log.Info("TLS certificate reloaded")
+					}
+				}
+				if p.webCerts != nil {
+					if err := p.webCerts.Reload(); err != nil {
+						p.log.Error("reload of the approval page's certificate failed; keeping the old one", "err", err)
 					}
 				}
 				continue

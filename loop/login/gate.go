@@ -20,6 +20,11 @@ type Gate struct {
 	// the logins waiting for `pgmfa approve`. Both are needed when Required.
 	Guard     *mfa.Guard
 	Approvals *mfa.Approvals
+	// Web is the approval page (--web; nil: none). It admits a login its
+	// user approved on the page, and hears of every login that needs an
+	// approval: it may refuse it at once with a link (Referral.Refused) or
+	// let it wait, then tell the user where to approve it.
+	Web Web
 	// Logger receives the warning about a second login of a user waiting
 	// at the same time.
 	Logger *slog.Logger
@@ -43,12 +48,16 @@ func (g *Gate) Decided(req *session.MFARequest, addr string) (mfa.Path, mfa.Outc
 		// Only a store without I/O (the file store) answers from memory;
 		// a PostgreSQL store's window is read on a goroutine (Resolve).
 		return mfa.PathRemembered, mfa.Outcome{OK: true}, true
+	case g.Web != nil && g.Web.Admitted(req.User, addr):
+		// Approved on the page moments ago, for this address (in memory).
+		return mfa.PathWeb, mfa.Outcome{OK: true}, true
 	}
 	return "", mfa.Outcome{}, false
 }
 
-// Resolve decides an MFA request: exempt, remembered, a code verified now,
-// or a wait for `pgmfa approve`. When it can decide now it returns the
+// Resolve decides an MFA request: exempt, remembered (or approved on the
+// web page), a code verified now, a refusal carrying the web page's link,
+// or a wait for `pgmfa approve` (or the page). When it can decide now it returns the
 // decision; otherwise waiting is true and later is called exactly once from
 // another goroutine, unless cancel is called first. A request with a code
 // is always decided now. Every branch but exemption may do store I/O (a
@@ -81,8 +90,18 @@ func (g *Gate) Resolve(req *session.MFARequest, connID uint64, addr string, late
 		// Not enrolled, or the store cannot say (fail closed).
 		return mfa.PathCode, o, nil, false
 	}
-	p, others, cancel := g.Approvals.Wait(mfa.Login{ConnID: connID, User: req.User, Addr: addr, Database: req.Database, AppName: req.AppName},
-		func(o mfa.Outcome) { later(mfa.PathApproval, o) })
+	l := mfa.Login{ConnID: connID, User: req.User, Addr: addr, Database: req.Database, AppName: req.AppName}
+	if g.Web != nil {
+		if o, refused := g.Web.Refer(l); refused {
+			// libpq shows nothing but an error before AuthenticationOk:
+			// the link travels in the refusal's HINT.
+			return mfa.PathWeb, o, nil, false
+		}
+	}
+	p, others, cancel := g.Approvals.Wait(l, func(o mfa.Outcome) { later(mfa.PathApproval, o) })
+	if g.Web != nil {
+		g.Web.Waiting(p)
+	}
 	for _, w := range others {
 		// Whoever has the password may be racing the real user for the
 		// approval: say so, with both addresses.
@@ -91,6 +110,20 @@ func (g *Gate) Resolve(req *session.MFARequest, connID uint64, addr string, late
 			"waiting_since", w.Since.Format(time.RFC3339))
 	}
 	return mfa.PathApproval, mfa.Outcome{}, cancel, true
+}
+
+// Web is the approval page as the gate sees it (loop/web.Server). Its
+// methods must not block: Admitted runs on event loops.
+type Web interface {
+	// Admitted reports whether user from addr was approved on the page
+	// within its short window (in memory).
+	Admitted(user, addr string) bool
+	// Refer is asked about a login of an enrolled user without a code
+	// before it would wait: refused true ends it now with o (a link in
+	// the HINT); false lets it wait.
+	Refer(l mfa.Login) (o mfa.Outcome, refused bool)
+	// Waiting hears of a login that started waiting for approval.
+	Waiting(p mfa.Pending)
 }
 
 // Ask is Resolve for a caller that takes every decision the same way:

@@ -31,13 +31,14 @@ import (
 // Label values of the "mfa" label of pgmfa_logins_total: how MFA was
 // decided, or "none" when the login ended before it was.
 var paths = []string{string(mfa.PathExempt), string(mfa.PathCode), string(mfa.PathPassword),
-	string(mfa.PathRemembered), string(mfa.PathApproval), "none"}
+	string(mfa.PathRemembered), string(mfa.PathApproval), string(mfa.PathWeb), "none"}
 
 // Label values of pgmfa_mfa_refusals_total's "reason": the MFA outcomes
 // that refuse a login, and "other" for any reason this list does not know
 // (so a new reason in package mfa cannot add series unnoticed).
 var refusals = []string{mfa.ReasonBadCode, mfa.ReasonReplayed, mfa.ReasonThrottled, mfa.ReasonNotEnrolled,
-	mfa.ReasonMalformed, mfa.ReasonTimeout, mfa.ReasonBadAccount, mfa.ReasonStore, mfa.ReasonStoreDown, "other"}
+	mfa.ReasonMalformed, mfa.ReasonTimeout, mfa.ReasonBadAccount, mfa.ReasonStore, mfa.ReasonStoreDown,
+	mfa.ReasonWebLink, mfa.ReasonDenied, "other"}
 
 // Label values of the approval wait's "result".
 var waits = []string{login.WaitApproved, login.WaitRefused, login.WaitTimedOut, login.WaitAbandoned}
@@ -107,11 +108,11 @@ func New(version string) *Metrics {
 
 	logins := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "pgmfa_logins_total",
-		Help: "Logins that named a user, by result (ok, refused) and how MFA was decided (exempt, code, password, remembered, approval; none: the login ended before MFA).",
+		Help: "Logins that named a user, by result (ok, refused) and how MFA was decided (exempt, code, password, remembered, approval, web; none: the login ended before MFA).",
 	}, []string{"result", "mfa"})
 	refused := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "pgmfa_mfa_refusals_total",
-		Help: "Logins refused by MFA, by reason (bad_code, replayed, throttled, not_enrolled, malformed, timeout, bad_account, store_error, store_down, other); throttled ones were refused without checking the code.",
+		Help: "Logins refused by MFA, by reason (bad_code, replayed, throttled, not_enrolled, malformed, timeout, bad_account, store_error, store_down, web_link, denied, other); throttled ones were refused without checking the code.",
 	}, []string{"reason"})
 	loginTime := prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "pgmfa_login_duration_seconds",
@@ -187,6 +188,22 @@ func (m *Metrics) Splicer(sp *bpf.Splicer) {
 	if sp != nil {
 		m.reg.MustRegister(spliceCollector{sp})
 	}
+}
+
+// Webhook exposes the --mfa-webhook's counts (loop/web.Webhook), read at
+// scrape time: events delivered, and events given up on (out of retries,
+// or dropped by a full queue).
+func (m *Metrics) Webhook(sent, failed func() uint64) {
+	m.reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "pgmfa_mfa_webhook_sent_total",
+			Help: "Events --mfa-webhook delivered (a 2xx answer).",
+		}, func() float64 { return float64(sent()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "pgmfa_mfa_webhook_failed_total",
+			Help: "Events --mfa-webhook gave up on: out of retries, or dropped by a full queue (each is logged).",
+		}, func() float64 { return float64(failed()) }),
+	)
 }
 
 // Login implements login.Observer.

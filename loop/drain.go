@@ -55,6 +55,12 @@ func (s *Server) Drain(timeout time.Duration) DrainResult {
 	if s.bootErr != nil || s.stopped.Load() || !s.draining.CompareAndSwap(false, true) {
 		return res
 	}
+	return s.drain(timeout)
+}
+
+// drain is Drain once draining is set (by Drain, or by a takeover).
+func (s *Server) drain(timeout time.Duration) DrainResult {
+	var res DrainResult
 	s.acc.close()
 	infos := s.Sessions()
 	res.Sessions = len(infos)

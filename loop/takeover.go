@@ -469,10 +469,15 @@ func (s *Server) TakeOver(path string) (*Takeover, error) {
 		return nil, fmt.Errorf("taking over through %s: %w", path, err)
 	}
 	_ = conn.SetDeadline(time.Now().Add(takeoverTimeout))
-	if err := writeMagic(conn); err != nil {
-		return fail(err)
+	err = writeMagic(conn)
+	if err == nil {
+		err = writeMsg(conn, &takeoverMsg{Version: takeoverVersion, Listen: s.addrs, PID: os.Getpid()}, nil)
 	}
-	if err := writeMsg(conn, &takeoverMsg{Version: takeoverVersion, Listen: s.addrs, PID: os.Getpid()}, nil); err != nil {
+	if err != nil {
+		// A peer that closed at once: what it said first tells more.
+		if merr := readMagic(conn); merr != nil {
+			return fail(merr)
+		}
 		return fail(err)
 	}
 	if err := readMagic(conn); err != nil {

@@ -1,0 +1,455 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
+	"github.com/pgmfa/pgmfa/bpf"
+	"github.com/pgmfa/pgmfa/loop/admin"
+)
+
+// takeoverEnv is a database with alice and bob (enrolled) and svc (exempt
+// from MFA), a file store, and the pgmfa binary.
+type takeoverEnv struct {
+	t     *testing.T
+	bin   string
+	db    *pgcluster.Cluster
+	store string
+	port  int
+	tk    string // the takeover socket
+}
+
+type serveProc struct {
+	name  string
+	admin string
+	mu    sync.Mutex
+	logs  strings.Builder
+	cmd   *exec.Cmd
+	done  chan struct{}
+	err   error
+}
+
+func (p *serveProc) log() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.logs.String()
+}
+
+func newTakeoverEnv(t *testing.T, rows int) *takeoverEnv {
+	t.Helper()
+	e := &takeoverEnv{t: t, bin: buildBinary(t)}
+	e.db = pgtest.Start(t, pgcluster.Options{
+		Users:     []pgcluster.User{{Name: "alice", Password: fleetPW}, {Name: "bob", Password: fleetPW}, {Name: "svc", Password: fleetPW}},
+		Databases: []string{"app"},
+	})
+	dir := t.TempDir()
+	e.store = filepath.Join(dir, "totp.json")
+	e.tk = filepath.Join(dir, "takeover.sock")
+	for _, u := range []string{"alice", "bob"} {
+		if out, err := e.run("enroll", "--store", e.store, "--store-key-file", "", "--qr=false", u); err != nil {
+			t.Fatalf("enroll %s: %v\n%s", u, err, out)
+		}
+	}
+	var err error
+	if e.port, err = pgcluster.FreePort(); err != nil {
+		t.Fatal(err)
+	}
+	if rows > 0 {
+		if _, err := e.db.PsqlDB("app", fmt.Sprintf(`create table big as
+			select g, md5(g::text) || repeat('x', 200) as payload from generate_series(1, %d) g;
+			grant select on big to public`, rows)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return e
+}
+
+func (e *takeoverEnv) run(args ...string) (string, error) {
+	cmd := exec.Command(e.bin, args...)
+	cmd.Env = append(os.Environ(), "PGMFA_STORE=", "PGMFA_STORE_KEY_FILE=", "PGMFA_STORE_KEY=")
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func (e *takeoverEnv) code(user string) string {
+	e.t.Helper()
+	out, err := e.run("code", "--store", e.store, "--store-key-file", "", user)
+	if err != nil {
+		e.t.Fatalf("pgmfa code: %v\n%s", err, out)
+	}
+	return strings.TrimSpace(out)
+}
+
+// serve starts pgmfa serve (name for the log) and returns at once.
+func (e *takeoverEnv) serve(name string, extra ...string) *serveProc {
+	t := e.t
+	p := &serveProc{name: name, admin: filepath.Join(t.TempDir(), "admin.sock"), done: make(chan struct{})}
+	args := append([]string{"serve", "--listen", "127.0.0.1:" + strconv.Itoa(e.port), "--upstream", e.db.Addr(),
+		"--store", e.store, "--store-key-file", "", "--admin", p.admin, "--loops", "1", "--mfa-exempt", "svc"}, extra...)
+	p.cmd = exec.Command(e.bin, args...)
+	p.cmd.Env = append(os.Environ(), "PGMFA_STORE_KEY=")
+	stderr, err := p.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	read := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			p.mu.Lock()
+			p.logs.WriteString(sc.Text() + "\n")
+			p.mu.Unlock()
+		}
+		close(read)
+	}()
+	go func() { <-read; p.err = p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		_ = p.cmd.Process.Signal(syscall.SIGINT)
+		select {
+		case <-p.done:
+		case <-time.After(15 * time.Second):
+			_ = p.cmd.Process.Kill()
+			<-p.done
+		}
+		if t.Failed() {
+			t.Logf("pgmfa serve %s log:\n%s", p.name, p.log())
+		}
+	})
+	return p
+}
+
+func (p *serveProc) waitLog(t *testing.T, d time.Duration, want string) {
+	t.Helper()
+	if !eventually(d, func() bool { return strings.Contains(p.log(), want) }) {
+		t.Fatalf("pgmfa serve %s did not log %q:\n%s", p.name, want, p.log())
+	}
+}
+
+func (p *serveProc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// sessions lists the live sessions through `pgmfa sessions --json`.
+func (e *takeoverEnv) sessions(p *serveProc) []admin.Session {
+	e.t.Helper()
+	cmd := exec.Command(e.bin, "sessions", "--admin", p.admin, "--json")
+	out, err := cmd.Output()
+	if err != nil {
+		e.t.Fatalf("pgmfa sessions (%s): %v\n%s", p.name, err, out)
+	}
+	var v struct{ Sessions []admin.Session }
+	if err := json.Unmarshal(out, &v); err != nil {
+		e.t.Fatal(err)
+	}
+	return v.Sessions
+}
+
+func (e *takeoverEnv) login(ctx context.Context, user, code string) error {
+	dsn := pgcluster.DSN("127.0.0.1", e.port, user, fleetPW, "app")
+	if code != "" {
+		dsn += "&options=-c%20pgmfa.code%3D" + code
+	}
+	c, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return err
+	}
+	defer c.Close(context.Background())
+	var one int
+	return c.QueryRow(ctx, "SELECT 1").Scan(&one)
+}
+
+// copyHash runs psql \copy of big to stdout and hashes it, reading slowly
+// (1 MiB per 50 ms) until fast is closed, so the COPY is in the middle of
+// its stream when the takeover happens; read counts the bytes so far.
+func copyHash(t *testing.T, host string, port int, user, code string, fast <-chan struct{}, read *atomic.Int64) (string, int64, error) {
+	cmd := exec.Command("psql", "-X", "-h", host, "-p", strconv.Itoa(port), "-U", user, "-d", "app",
+		"-c", `\copy (select * from big order by g) to stdout`)
+	cmd.Env = append(os.Environ(), "PGPASSWORD="+fleetPW, "PGSSLMODE=disable", "PGOPTIONS=")
+	if code != "" {
+		cmd.Env = append(cmd.Env, "PGOPTIONS=-c pgmfa.code="+code)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return "", 0, err
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		return "", 0, err
+	}
+	h := sha256.New()
+	var n int64
+	buf := make([]byte, 1<<20)
+	for {
+		if fast != nil {
+			select {
+			case <-fast:
+			default:
+				time.Sleep(50 * time.Millisecond)
+			}
+		}
+		m, err := io.ReadFull(stdout, buf)
+		h.Write(buf[:m])
+		n += int64(m)
+		if read != nil {
+			read.Store(n)
+		}
+		if err != nil {
+			break
+		}
+	}
+	if err := cmd.Wait(); err != nil {
+		return "", n, fmt.Errorf("psql \\copy: %v\n%s", err, stderr.String())
+	}
+	return hex.EncodeToString(h.Sum(nil)), n, nil
+}
+
+// TestTakeover: serve B takes over from serve A (--splice sockmap) while
+// pgbench (16 clients) and a large COPY run through A's spliced sessions
+// and new logins keep coming: A exits 0, B owns every session (it lists
+// them, and writes their "session end" lines), pgbench has no failed
+// transaction and no lost connection, the COPY is byte-identical to a
+// direct one, and every login during the takeover succeeds.
+func TestTakeover(t *testing.T) {
+	if err := bpf.Probe(); err != nil {
+		pgtest.SkipOrFail(t, "kernel splicing unavailable: %v", err)
+	}
+	if _, err := exec.LookPath("pgbench"); err != nil {
+		pgtest.SkipOrFail(t, "pgbench not installed")
+	}
+	rows := 400_000 // about 100 MB of COPY
+	if os.Getenv("PGMFA_SOAK") == "1" {
+		rows = 2_000_000 // about 500 MB
+	}
+	e := newTakeoverEnv(t, rows)
+	cmd := exec.Command("pgbench", "-i", "-q", "-s", "1", "-h", e.db.Host, "-p", strconv.Itoa(e.db.Port), "-U", "alice", "app")
+	cmd.Env = append(os.Environ(), "PGPASSWORD="+fleetPW, "PGOPTIONS=")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("pgbench -i: %v\n%s", err, out)
+	}
+	want, size, err := copyHash(t, e.db.Host, e.db.Port, "svc", "", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	flags := []string{"--splice", "sockmap", "--mfa-remember", "10m", "--drain-timeout", "120s", "--takeover-socket", e.tk}
+	a := e.serve("A", flags...)
+	a.waitLog(t, 60*time.Second, "takeover socket listening")
+
+	// alice's code, once: the rest of her logins are remembered (A).
+	code := e.code("alice")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := e.login(ctx, "alice", code); err != nil {
+		t.Fatalf("first login: %v", err)
+	}
+
+	fast := make(chan struct{})
+	var copyRead atomic.Int64
+	type copyRes struct {
+		hash string
+		n    int64
+		err  error
+	}
+	copyDone := make(chan copyRes, 1)
+	go func() {
+		h, n, err := copyHash(t, "127.0.0.1", e.port, "alice", code, fast, &copyRead)
+		copyDone <- copyRes{h, n, err}
+	}()
+	benchDone := make(chan string, 1)
+	go func() {
+		cmd := exec.Command("pgbench", "-n", "-S", "-c", "16", "-j", "2", "-T", "40",
+			"-h", "127.0.0.1", "-p", strconv.Itoa(e.port), "-U", "alice", "app")
+		cmd.Env = append(os.Environ(), "PGPASSWORD="+fleetPW, "PGOPTIONS=-c pgmfa.code="+code, "PGSSLMODE=disable")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			out = append(out, []byte("\nexit: "+err.Error())...)
+		}
+		benchDone <- string(out)
+	}()
+	var before []admin.Session
+	if !eventually(60*time.Second, func() bool { before = e.sessions(a); return len(before) >= 17 }) {
+		t.Fatalf("A lists %d sessions, want 17 (16 pgbench, 1 COPY)", len(before))
+	}
+	for _, s := range before {
+		if s.Mode != "sockmap" {
+			t.Fatalf("session %d is carried by %s, not spliced", s.ID, s.Mode)
+		}
+	}
+
+	// New logins (svc: no MFA) all through the takeover.
+	stopLogins := make(chan struct{})
+	var logins, loginErrs atomic.Int64
+	var firstErr atomic.Value
+	loginsDone := make(chan struct{})
+	go func() {
+		defer close(loginsDone)
+		for {
+			select {
+			case <-stopLogins:
+				return
+			default:
+			}
+			lctx, lcancel := context.WithTimeout(ctx, 60*time.Second)
+			err := e.login(lctx, "svc", "")
+			lcancel()
+			logins.Add(1)
+			if err != nil {
+				loginErrs.Add(1)
+				firstErr.CompareAndSwap(nil, err.Error())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+
+	b := e.serve("B", append(flags, "--takeover", e.tk)...)
+	select {
+	case <-a.done:
+	case <-time.After(3 * time.Minute):
+		t.Fatalf("A did not exit after the takeover:\n%s", a.log())
+	}
+	if a.err != nil {
+		t.Fatalf("A exited with %v", a.err)
+	}
+	if got := copyRead.Load(); got >= size {
+		t.Fatalf("the COPY had finished (%d bytes) before the takeover completed: it proves nothing", got)
+	}
+	if !strings.Contains(a.log(), "takeover complete") || !strings.Contains(b.log(), "takeover complete") {
+		t.Fatalf("no 'takeover complete' in the logs:\nA:\n%s\nB:\n%s", a.log(), b.log())
+	}
+	after := e.sessions(b)
+	owned := map[uint64]bool{}
+	for _, s := range after {
+		owned[s.ID] = true
+	}
+	for _, s := range before {
+		if !owned[s.ID] {
+			t.Fatalf("session %d (%s) of A is not listed by B: %+v", s.ID, s.User, after)
+		}
+	}
+	t.Logf("B lists %d sessions after the takeover; the COPY had read %d of %d bytes", len(after), copyRead.Load(), size)
+	if _, err := os.Stat(e.tk); err != nil {
+		t.Fatalf("B has no takeover socket: %v", err)
+	}
+	// MFA works in B too.
+	if err := e.login(ctx, "bob", e.code("bob")); err != nil {
+		t.Fatalf("bob's login through B: %v", err)
+	}
+
+	close(fast)
+	cr := <-copyDone
+	if cr.err != nil || cr.hash != want || cr.n != size {
+		t.Fatalf("COPY across the takeover: %d bytes %s (%v); direct: %d bytes %s", cr.n, cr.hash, cr.err, size, want)
+	}
+	out := <-benchDone
+	if !strings.Contains(out, "number of failed transactions: 0") || strings.Contains(out, "aborted") || strings.Contains(out, "exit:") {
+		t.Fatalf("pgbench across the takeover:\n%s", out)
+	}
+	close(stopLogins)
+	<-loginsDone
+	if loginErrs.Load() > 0 || logins.Load() == 0 {
+		t.Fatalf("%d of %d logins during the takeover failed; first: %v", loginErrs.Load(), logins.Load(), firstErr.Load())
+	}
+	// B writes the end of every session it took over.
+	for _, s := range before {
+		line := fmt.Sprintf("session end\" conn=%d ", s.ID)
+		b.waitLog(t, 30*time.Second, line)
+	}
+	t.Logf("%d logins during the takeover, all succeeded; pgbench:\n%s", logins.Load(), out)
+}
+
+// TestTakeoverRefused: --takeover where nothing listens, where something
+// that is not a pgmfa listens, or with other --listen addresses fails
+// with a clear error; a peer that is not a pgmfa, on A's takeover socket,
+// leaves A serving.
+func TestTakeoverRefused(t *testing.T) {
+	e := newTakeoverEnv(t, 0)
+	a := e.serve("A", "--takeover-socket", e.tk)
+	a.waitLog(t, 60*time.Second, "takeover socket listening")
+
+	out, err := e.run("serve", "--listen", "127.0.0.1:"+strconv.Itoa(e.port), "--upstream", e.db.Addr(), "--store", e.store,
+		"--store-key-file", "", "--admin", "", "--takeover", filepath.Join(t.TempDir(), "nothing.sock"))
+	if err == nil || !strings.Contains(out, "no pgmfa listens on the takeover socket") {
+		t.Fatalf("--takeover where nothing listens: %v\n%s", err, out)
+	}
+
+	// Something else on a unix socket: an HTTP-ish server.
+	other := filepath.Join(t.TempDir(), "other.sock")
+	ln, err := net.Listen("unix", other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = c.Write([]byte("HTTP/1.1 400 Bad Request\r\n\r\n"))
+			c.Close()
+		}
+	}()
+	out, err = e.run("serve", "--listen", "127.0.0.1:"+strconv.Itoa(e.port), "--upstream", e.db.Addr(), "--store", e.store,
+		"--store-key-file", "", "--admin", "", "--takeover", other)
+	if err == nil || !strings.Contains(out, "not a pgmfa takeover socket") {
+		t.Fatalf("--takeover on a socket that is not a pgmfa's: %v\n%s", err, out)
+	}
+
+	// Other listen addresses: A refuses, and serves on.
+	port2, err := pgcluster.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err = e.run("serve", "--listen", "127.0.0.1:"+strconv.Itoa(port2), "--upstream", e.db.Addr(), "--store", e.store,
+		"--store-key-file", "", "--admin", "", "--takeover", e.tk)
+	if err == nil || !strings.Contains(out, "a takeover keeps the listeners") {
+		t.Fatalf("--takeover with another --listen: %v\n%s", err, out)
+	}
+
+	// A garbage peer on A's takeover socket.
+	c, err := net.Dial("unix", e.tk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
+	_, _ = io.Copy(io.Discard, c)
+	c.Close()
+	a.waitLog(t, 30*time.Second, "takeover failed; this process serves on")
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := e.login(ctx, "alice", e.code("alice")); err != nil {
+		t.Fatalf("A after the refused takeovers: %v", err)
+	}
+	if a.exited() {
+		t.Fatalf("A exited:\n%s", a.log())
+	}
+}

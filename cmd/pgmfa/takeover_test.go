@@ -57,7 +57,16 @@ func (p *serveProc) log() string {
 
 func newTakeoverEnv(t *testing.T, rows int) *takeoverEnv {
 	t.Helper()
-	e := &takeoverEnv{t: t, bin: buildBinary(t)}
+	// Built as make build builds it (CGO_ENABLED=0), so that serve drops
+	// every capability before it accepts: B adopts the sessions without
+	// any, as in production.
+	bin := filepath.Join(t.TempDir(), "pgmfa")
+	build := exec.Command("go", "build", "-o", bin, ".")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	e := &takeoverEnv{t: t, bin: bin}
 	e.db = pgtest.Start(t, pgcluster.Options{
 		Users:     []pgcluster.User{{Name: "alice", Password: fleetPW}, {Name: "bob", Password: fleetPW}, {Name: "svc", Password: fleetPW}},
 		Databases: []string{"app"},
@@ -250,6 +259,9 @@ func TestTakeover(t *testing.T) {
 		rows = 2_000_000 // about 500 MB
 	}
 	e := newTakeoverEnv(t, rows)
+	if _, err := e.db.PsqlDB("app", "grant all on schema public to alice"); err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command("pgbench", "-i", "-q", "-s", "1", "-h", e.db.Host, "-p", strconv.Itoa(e.db.Port), "-U", "alice", "app")
 	cmd.Env = append(os.Environ(), "PGPASSWORD="+fleetPW, "PGOPTIONS=")
 	if out, err := cmd.CombinedOutput(); err != nil {
@@ -341,6 +353,9 @@ func TestTakeover(t *testing.T) {
 	if got := copyRead.Load(); got >= size {
 		t.Fatalf("the COPY had finished (%d bytes) before the takeover completed: it proves nothing", got)
 	}
+	if !strings.Contains(b.log(), "privileges dropped") {
+		t.Fatalf("B kept its capabilities: the test would not show that adopting needs none:\n%s", b.log())
+	}
 	if !strings.Contains(a.log(), "takeover complete") || !strings.Contains(b.log(), "takeover complete") {
 		t.Fatalf("no 'takeover complete' in the logs:\nA:\n%s\nB:\n%s", a.log(), b.log())
 	}
@@ -383,6 +398,13 @@ func TestTakeover(t *testing.T) {
 		b.waitLog(t, 30*time.Second, line)
 	}
 	t.Logf("%d logins during the takeover, all succeeded; pgbench:\n%s", logins.Load(), out)
+	for _, p := range []*serveProc{a, b} {
+		for _, l := range strings.Split(p.log(), "\n") {
+			if strings.Contains(l, "takeover") {
+				t.Logf("%s: %s", p.name, l)
+			}
+		}
+	}
 }
 
 // TestTakeoverRefused: --takeover where nothing listens, where something

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
 	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
@@ -28,7 +30,7 @@ import (
 	"github.com/pgmfa/pgmfa/loop/admin"
 )
 
-// takeoverEnv is a database with alice and bob (enrolled) and svc (exempt
+// takeoverEnv is a database with alice, bob and carol (enrolled) and svc (exempt
 // from MFA), a file store, and the pgmfa binary.
 type takeoverEnv struct {
 	t     *testing.T
@@ -68,13 +70,13 @@ func newTakeoverEnv(t *testing.T, rows int) *takeoverEnv {
 	}
 	e := &takeoverEnv{t: t, bin: bin}
 	e.db = pgtest.Start(t, pgcluster.Options{
-		Users:     []pgcluster.User{{Name: "alice", Password: fleetPW}, {Name: "bob", Password: fleetPW}, {Name: "svc", Password: fleetPW}},
+		Users:     []pgcluster.User{{Name: "alice", Password: fleetPW}, {Name: "bob", Password: fleetPW}, {Name: "carol", Password: fleetPW}, {Name: "svc", Password: fleetPW}},
 		Databases: []string{"app"},
 	})
 	dir := t.TempDir()
 	e.store = filepath.Join(dir, "totp.json")
 	e.tk = filepath.Join(dir, "takeover.sock")
-	for _, u := range []string{"alice", "bob"} {
+	for _, u := range []string{"alice", "bob", "carol"} {
 		if out, err := e.run("enroll", "--store", e.store, "--store-key-file", "", "--qr=false", u); err != nil {
 			t.Fatalf("enroll %s: %v\n%s", u, err, out)
 		}
@@ -283,6 +285,17 @@ func TestTakeover(t *testing.T) {
 		t.Fatalf("first login: %v", err)
 	}
 
+	// An idle session of bob's, for a cancel and a --kill through B.
+	bobCfg, err := pgx.ParseConfig(pgcluster.DSN("127.0.0.1", e.port, "bob", fleetPW, "app") + "&options=-c%20pgmfa.code%3D" + e.code("bob"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	idle, err := pgx.ConnectConfig(ctx, bobCfg)
+	if err != nil {
+		t.Fatalf("bob's login: %v", err)
+	}
+	defer idle.Close(context.Background())
+
 	fast := make(chan struct{})
 	var copyRead atomic.Int64
 	type copyRes struct {
@@ -307,8 +320,8 @@ func TestTakeover(t *testing.T) {
 		benchDone <- string(out)
 	}()
 	var before []admin.Session
-	if !eventually(60*time.Second, func() bool { before = e.sessions(a); return len(before) >= 17 }) {
-		t.Fatalf("A lists %d sessions, want 17 (16 pgbench, 1 COPY)", len(before))
+	if !eventually(60*time.Second, func() bool { before = e.sessions(a); return len(before) >= 18 }) {
+		t.Fatalf("A lists %d sessions, want 18 (16 pgbench, 1 COPY, bob's)", len(before))
 	}
 	for _, s := range before {
 		if s.Mode != "sockmap" {
@@ -374,8 +387,35 @@ func TestTakeover(t *testing.T) {
 		t.Fatalf("B has no takeover socket: %v", err)
 	}
 	// MFA works in B too.
-	if err := e.login(ctx, "bob", e.code("bob")); err != nil {
-		t.Fatalf("bob's login through B: %v", err)
+	if err := e.login(ctx, "carol", e.code("carol")); err != nil {
+		t.Fatalf("carol's login through B: %v", err)
+	}
+	// B routes the cancel of an adopted session (pgx cancels through the
+	// proxy's address when the context ends) and ends it on --kill.
+	var bobID uint64
+	for _, s := range before {
+		if s.User == "bob" {
+			bobID = s.ID
+		}
+	}
+	go func() {
+		time.Sleep(2 * time.Second)
+		// A CancelRequest with the key bob's client got from A, to B.
+		if err := idle.PgConn().CancelRequest(ctx); err != nil {
+			t.Errorf("cancel request: %v", err)
+		}
+	}()
+	_, err = idle.Exec(ctx, "select pg_sleep(60)")
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "57014" {
+		t.Fatalf("pg_sleep(60) on an adopted session, cancelled through B: %v, want 57014", err)
+	}
+	if out, err := e.run("sessions", "--admin", b.admin, "--kill", strconv.FormatUint(bobID, 10)); err != nil {
+		t.Fatalf("pgmfa sessions --kill %d on B: %v\n%s", bobID, err, out)
+	}
+	b.waitLog(t, 30*time.Second, fmt.Sprintf("session end\" conn=%d ", bobID))
+	if !strings.Contains(b.log(), `reason="ended by pgmfa sessions --kill"`) {
+		t.Fatalf("B did not end bob's adopted session on --kill:\n%s", b.log())
 	}
 
 	close(fast)

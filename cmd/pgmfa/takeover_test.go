@@ -198,8 +198,9 @@ func (e *takeoverEnv) login(ctx context.Context, user, code string) error {
 }
 
 // copyHash runs psql \copy of big to stdout and hashes it, reading slowly
-// (1 MiB per 50 ms) until fast is closed, so the COPY is in the middle of
-// its stream when the takeover happens; read counts the bytes so far.
+// (1 MiB per 20 ms) and stopping at 24 MiB until fast is closed, so the
+// COPY is in the middle of its stream, its reader stalled, when the
+// takeovers happen; read counts the bytes so far.
 func copyHash(t *testing.T, host string, port int, user, code string, fast <-chan struct{}, read *atomic.Int64) (string, int64, error) {
 	cmd := exec.Command("psql", "-X", "-h", host, "-p", strconv.Itoa(port), "-U", user, "-d", "app",
 		"-c", `\copy (select * from big order by g) to stdout`)
@@ -224,7 +225,10 @@ func copyHash(t *testing.T, host string, port int, user, code string, fast <-cha
 			select {
 			case <-fast:
 			default:
-				time.Sleep(50 * time.Millisecond)
+				time.Sleep(20 * time.Millisecond)
+				if n >= 24<<20 {
+					<-fast // stalled: psql, then the sessions' TCP windows, fill up
+				}
 			}
 		}
 		m, err := io.ReadFull(stdout, buf)
@@ -243,10 +247,11 @@ func copyHash(t *testing.T, host string, port int, user, code string, fast <-cha
 	return hex.EncodeToString(h.Sum(nil)), n, nil
 }
 
-// TestTakeover: serve B takes over from serve A (--splice sockmap) while
+// TestTakeover: serve B takes over from serve A (--splice sockmap), and C
+// from B, while
 // pgbench (16 clients) and a large COPY run through A's spliced sessions
-// and new logins keep coming: A exits 0, B owns every session (it lists
-// them, and writes their "session end" lines), pgbench has no failed
+// and new logins keep coming: A and B exit 0, B then C own every session
+// (they list them; C writes their "session end" lines), pgbench has no failed
 // transaction and no lost connection, the COPY is byte-identical to a
 // direct one, and every login during the takeover succeeds.
 func TestTakeover(t *testing.T) {
@@ -418,6 +423,32 @@ func TestTakeover(t *testing.T) {
 		t.Fatalf("B did not end bob's adopted session on --kill:\n%s", b.log())
 	}
 
+	// And again: C takes over from B, which hands over its own Splicer
+	// (bob's and carol's sessions were B's) and the one it adopted.
+	c := e.serve("C", append(flags, "--takeover", e.tk)...)
+	select {
+	case <-b.done:
+	case <-time.After(3 * time.Minute):
+		t.Fatalf("B did not exit after C took over:\n%s", b.log())
+	}
+	if b.err != nil {
+		t.Fatalf("B exited with %v", b.err)
+	}
+	left := e.sessions(c)
+	ownedC := map[uint64]bool{}
+	for _, s := range left {
+		ownedC[s.ID] = true
+	}
+	for _, s := range before {
+		if s.User == "alice" && !ownedC[s.ID] {
+			t.Fatalf("alice's session %d is not listed by C: %+v", s.ID, left)
+		}
+	}
+	if got := copyRead.Load(); got >= size {
+		t.Fatalf("the COPY had finished (%d bytes) before the second takeover", got)
+	}
+	b = c // the session ends are C's now
+
 	close(fast)
 	cr := <-copyDone
 	if cr.err != nil || cr.hash != want || cr.n != size {
@@ -434,11 +465,14 @@ func TestTakeover(t *testing.T) {
 	}
 	// B writes the end of every session it took over.
 	for _, s := range before {
+		if s.ID == bobID {
+			continue // killed in B
+		}
 		line := fmt.Sprintf("session end\" conn=%d ", s.ID)
 		b.waitLog(t, 30*time.Second, line)
 	}
 	t.Logf("%d logins during the takeover, all succeeded; pgbench:\n%s", logins.Load(), out)
-	for _, p := range []*serveProc{a, b} {
+	for _, p := range []*serveProc{a, b} { // b is C here
 		for _, l := range strings.Split(p.log(), "\n") {
 			if strings.Contains(l, "takeover") {
 				t.Logf("%s: %s", p.name, l)

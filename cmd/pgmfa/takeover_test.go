@@ -359,7 +359,12 @@ func TestTakeover(t *testing.T) {
 		}
 	}()
 
-	b := e.serve("B", append(flags, "--takeover", e.tk)...)
+	mport, err := pgcluster.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bMetrics := "127.0.0.1:" + strconv.Itoa(mport)
+	b := e.serve("B", append(flags, "--takeover", e.tk, "--metrics", bMetrics)...)
 	select {
 	case <-a.done:
 	case <-time.After(3 * time.Minute):
@@ -388,6 +393,10 @@ func TestTakeover(t *testing.T) {
 		}
 	}
 	t.Logf("B lists %d sessions after the takeover; the COPY had read %d of %d bytes", len(after), copyRead.Load(), size)
+	// B's metrics count the adopted sessions as open.
+	if _, m := scrape(t, bMetrics); m[`pgmfa_sessions_open{mode="sockmap"}`] < float64(len(before)) {
+		t.Fatalf("B's pgmfa_sessions_open{mode=\"sockmap\"} is %v; it adopted %d", m[`pgmfa_sessions_open{mode="sockmap"}`], len(before))
+	}
 	if _, err := os.Stat(e.tk); err != nil {
 		t.Fatalf("B has no takeover socket: %v", err)
 	}

@@ -558,3 +558,48 @@ func TestTakeoverRefused(t *testing.T) {
 		t.Fatalf("A exited:\n%s", a.log())
 	}
 }
+
+// TestTakeoverDrainsRelayed: sessions in the user-space relay are not
+// handed over: the old process keeps them until they end (a drain), then
+// exits 0, while the new one serves the new logins.
+func TestTakeoverDrainsRelayed(t *testing.T) {
+	e := newTakeoverEnv(t, 0)
+	flags := []string{"--splice", "off", "--drain-timeout", "120s", "--takeover-socket", e.tk}
+	a := e.serve("A", flags...)
+	a.waitLog(t, 60*time.Second, "takeover socket listening")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, pgcluster.DSN("127.0.0.1", e.port, "svc", fleetPW, "app"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	b := e.serve("B", append(flags, "--takeover", e.tk)...)
+	a.waitLog(t, 60*time.Second, "takeover complete")
+	if err := e.login(ctx, "alice", e.code("alice")); err != nil {
+		t.Fatalf("a login during the takeover: %v", err)
+	}
+	// The relayed session still works, in A.
+	var one int
+	if err := conn.QueryRow(ctx, "select 1").Scan(&one); err != nil {
+		t.Fatalf("the relayed session after the takeover: %v", err)
+	}
+	if a.exited() {
+		t.Fatalf("A exited with a relayed session open:\n%s", a.log())
+	}
+	conn.Close(ctx)
+	select {
+	case <-a.done:
+	case <-time.After(time.Minute):
+		t.Fatalf("A did not exit once its relayed session ended:\n%s", a.log())
+	}
+	if a.err != nil {
+		t.Fatalf("A exited with %v", a.err)
+	}
+	if !strings.Contains(a.log(), "mode=relay") || !strings.Contains(a.log(), "drain finished") {
+		t.Fatalf("A did not drain its relayed session:\n%s", a.log())
+	}
+	if b.exited() {
+		t.Fatalf("B exited:\n%s", b.log())
+	}
+}

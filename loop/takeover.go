@@ -37,7 +37,7 @@ import (
 //  3. while the logins in flight in the old process finish there (as in
 //     a drain), serves new logins itself;
 //  4. adopts the old process's Splicers with their sessions (bpf.Adopt,
-//     AdoptSessions), each carried with what the old process knew of it
+//     Takeover.Adopt), each carried with what the old process knew of it
 //     (sessionMeta): they are listed, counted, cancelled and logged here
 //     from then on.
 //

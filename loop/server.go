@@ -135,6 +135,12 @@ type Server struct {
 	handedListeners atomic.Bool
 	adoptMu         sync.Mutex
 	adopted         []*bpf.Splicer
+	// tkMu orders a takeover against Drain: a Drain asked while a
+	// takeover runs (takingOver) waits for its outcome (drainAsked, -1:
+	// none).
+	tkMu       sync.Mutex
+	takingOver bool
+	drainAsked time.Duration
 
 	eng       gnet.Engine
 	acc       *acceptor

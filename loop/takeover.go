@@ -286,20 +286,21 @@ func (s *Server) handTakeover(conn *net.UnixConn, drainTimeout time.Duration) (c
 		return refuse(fmt.Errorf("a takeover of version %d; this pgmfa speaks version %d", req.Version, takeoverVersion))
 	case !slices.Equal(req.Listen, s.addrs):
 		return refuse(fmt.Errorf("the new process would listen on %v, this one listens on %v: a takeover keeps the listeners", req.Listen, s.addrs))
-	case !s.draining.CompareAndSwap(false, true):
+	case !s.startTakeover():
 		return refuse(errors.New("this process is draining or stopping"))
 	}
 	s.log.Info("takeover: a new process is taking over; handing it the listeners", "pid", pid)
+	defer s.endTakeover()
 	files, err := s.listenerFiles()
 	if err != nil {
-		s.draining.Store(false)
+		s.resumeAfterTakeover()
 		return refuse(err)
 	}
 	resume := func(err error) (bool, error) {
 		if s.acc.resume(fileListeners(files)) {
 			s.log.Info("takeover: accepting again on the listeners")
 		}
-		s.draining.Store(false)
+		s.resumeAfterTakeover()
 		return false, err
 	}
 	s.acc.pause()
@@ -372,6 +373,40 @@ func (s *Server) handTakeover(conn *net.UnixConn, drainTimeout time.Duration) (c
 	s.log.Info("takeover complete: the new process owns the listeners and the spliced sessions; draining the relayed and TLS sessions here",
 		"sessions_handed_over", handed, "sessions_left", len(s.Sessions()))
 	return true, nil
+}
+
+// startTakeover marks the server draining for a takeover, unless it is
+// draining already.
+func (s *Server) startTakeover() bool {
+	s.tkMu.Lock()
+	defer s.tkMu.Unlock()
+	if !s.draining.CompareAndSwap(false, true) {
+		return false
+	}
+	s.takingOver, s.drainAsked = true, -1
+	return true
+}
+
+// resumeAfterTakeover ends a failed takeover: the server is no longer
+// draining, unless a Drain was asked meanwhile, which runs now.
+func (s *Server) resumeAfterTakeover() {
+	s.tkMu.Lock()
+	d := s.drainAsked
+	s.takingOver, s.drainAsked = false, -1
+	if d < 0 {
+		s.draining.Store(false)
+	}
+	s.tkMu.Unlock()
+	if d >= 0 {
+		go s.drain(d)
+	}
+}
+
+// endTakeover ends a takeover that went through (or was resumed).
+func (s *Server) endTakeover() {
+	s.tkMu.Lock()
+	s.takingOver = false
+	s.tkMu.Unlock()
 }
 
 // takeoverFailed ends a takeover that failed at a Splicer's hand-over:

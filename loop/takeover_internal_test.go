@@ -106,6 +106,61 @@ func TestTakeoverPeerDiesWithTheListeners(t *testing.T) {
 	}
 }
 
+// TestTakeoverFailsDuringDrainRequest: a Drain (SIGTERM) asked while a
+// takeover runs waits for it; when the takeover fails, the drain runs.
+func TestTakeoverFailsDuringDrainRequest(t *testing.T) {
+	var logs syncBuf
+	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, Upstream: "127.0.0.1:1", Loops: 1, Splice: SpliceOff,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Run() }()
+	<-s.Ready()
+	if err := s.Err(); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "takeover.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go s.ServeTakeovers(ln, 5*time.Second)
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = writeMagic(c)
+	_ = writeMsg(c, &takeoverMsg{Version: takeoverVersion, Listen: s.addrs}, nil)
+	if err := readMagic(c); err != nil {
+		t.Fatal(err)
+	}
+	_, fds, err := readMsg(c, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closeFDs(fds)
+	res := s.Drain(5 * time.Second) // returns at once: the takeover decides
+	if res.Sessions != 0 || res.Logins != 0 || !strings.Contains(logs.String(), "drains once it ends") {
+		t.Fatalf("Drain during a takeover: %+v\n%s", res, logs.String())
+	}
+	_ = writeMsg(c, &takeoverMsg{Error: "no"}, nil)
+	c.Close()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the server did not drain after the failed takeover:\n%s", logs.String())
+	}
+	if !strings.Contains(logs.String(), "drain finished") {
+		t.Fatalf("no drain:\n%s", logs.String())
+	}
+}
+
 type syncBuf struct {
 	mu sync.Mutex
 	b  bytes.Buffer

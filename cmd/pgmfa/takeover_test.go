@@ -561,10 +561,15 @@ func TestTakeoverRefused(t *testing.T) {
 
 // TestTakeoverDrainsRelayed: sessions in the user-space relay are not
 // handed over: the old process keeps them until they end (a drain), then
-// exits 0, while the new one serves the new logins.
+// exits 0, while the new one serves the new logins, on a unix-socket
+// listener too (whose path outlives the old process).
 func TestTakeoverDrainsRelayed(t *testing.T) {
 	e := newTakeoverEnv(t, 0)
-	flags := []string{"--splice", "off", "--drain-timeout", "120s", "--takeover-socket", e.tk}
+	// A unix-socket listener too: handed over, and its path kept.
+	dir := t.TempDir()
+	sock := filepath.Join(dir, fmt.Sprintf(".s.PGSQL.%d", e.port))
+	flags := []string{"--splice", "off", "--drain-timeout", "120s", "--takeover-socket", e.tk,
+		"--listen", fmt.Sprintf("127.0.0.1:%d,%s", e.port, dir)}
 	a := e.serve("A", flags...)
 	a.waitLog(t, 60*time.Second, "takeover socket listening")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -602,4 +607,12 @@ func TestTakeoverDrainsRelayed(t *testing.T) {
 	if b.exited() {
 		t.Fatalf("B exited:\n%s", b.log())
 	}
+	if _, err := os.Stat(sock); err != nil {
+		t.Fatalf("the unix-socket listener's path is gone after A exited: %v", err)
+	}
+	uc, err := pgx.Connect(ctx, fmt.Sprintf("host=%s port=%d user=svc password=%s dbname=app", dir, e.port, fleetPW))
+	if err != nil {
+		t.Fatalf("a login through the unix socket B took over: %v", err)
+	}
+	uc.Close(ctx)
 }

@@ -299,14 +299,15 @@ func (ss *session) handedOver(rep *HandOverReport) handOverSession {
 // session keeps the flow-control threshold and bound it was spliced with
 // (they are in the maps). onDone, if not nil, is called once per adopted
 // session before the watcher follows it, with the meta the old process
-// gave it (SpliceWithMeta), and returns the session's onDone (nil: none).
+// gave it (SpliceWithMeta) and the session's Live, and returns the
+// session's onDone (nil: none).
 //
 // If conn does not carry a pgmfa hand-over of this version, or carries
 // objects of another BPF program, Adopt refuses with an error saying so
 // and closes whatever it received; the sender keeps its sessions. Nothing
 // is loaded or attached here: the program stays attached as the first
 // process attached it, and this Splicer detaches it on Close.
-func Adopt(conn *net.UnixConn, opts Options, onDone func(meta []byte) func(Stats)) (*Splicer, error) {
+func Adopt(conn *net.UnixConn, opts Options, onDone func(meta []byte, live Live) func(Stats)) (*Splicer, error) {
 	if err := streamConn(conn); err != nil {
 		return nil, err
 	}
@@ -375,7 +376,7 @@ func Adopt(conn *net.UnixConn, opts Options, onDone func(meta []byte) func(Stats
 	// watcher starts; each is looked at once (pollNew) as it starts.
 	for _, x := range ss {
 		if onDone != nil {
-			x.onDone = onDone(x.meta)
+			x.onDone = onDone(x.meta, Live{s: s, cookie: x.cookies[0]})
 		}
 		if err := s.register(x); err != nil {
 			// Only an epoll failure: nobody could watch it, so end it.

@@ -145,7 +145,7 @@ func TestHandOverChild(t *testing.T) {
 	var adopted int
 	var ended atomic.Int64
 	allEnded := make(chan struct{})
-	sp, err := Adopt(conn, Options{}, func(meta []byte) func(Stats) {
+	sp, err := Adopt(conn, Options{}, func(meta []byte, _ Live) func(Stats) {
 		adopted++
 		return func(st Stats) {
 			report(childReport{Meta: string(meta), Stats: &st})
@@ -784,7 +784,7 @@ func TestHandOverChain(t *testing.T) {
 	for i := range dones {
 		dones[i] = make(chan Stats, 2)
 	}
-	onDone := func(meta []byte) func(Stats) {
+	onDone := func(meta []byte, _ Live) func(Stats) {
 		var i int
 		if _, err := fmt.Sscan(string(meta), &i); err != nil || i < 0 || i >= n {
 			t.Errorf("adopted a session with meta %q", meta)
@@ -809,7 +809,7 @@ func TestHandOverChain(t *testing.T) {
 		p.client.(*net.TCPConn).SetReadBuffer(128 << 10)
 		p.server.(*net.TCPConn).SetReadBuffer(128 << 10)
 		for {
-			err := current().SpliceWithMeta(p.pc, p.ps, nil, nil, []byte(fmt.Sprint(i)), onDone([]byte(fmt.Sprint(i))))
+			err := current().SpliceWithMeta(p.pc, p.ps, nil, nil, []byte(fmt.Sprint(i)), onDone([]byte(fmt.Sprint(i)), Live{}))
 			if errors.Is(err, ErrHandingOver) || errors.Is(err, ErrClosed) {
 				time.Sleep(time.Millisecond) // the next Splicer is about to take over
 				continue
@@ -952,7 +952,7 @@ func TestHandOverMany(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	onDone := func(meta []byte) func(Stats) {
+	onDone := func(meta []byte, _ Live) func(Stats) {
 		var i int
 		fmt.Sscan(string(meta), &i)
 		return func(st Stats) { dones[i] <- st }
@@ -1118,7 +1118,7 @@ func TestHandOverDecision(t *testing.T) {
 			var sp2 *Splicer
 			go func() {
 				var err error
-				sp2, err = Adopt(b, Options{}, func(meta []byte) func(Stats) {
+				sp2, err = Adopt(b, Options{}, func(meta []byte, _ Live) func(Stats) {
 					var i int
 					fmt.Sscan(string(meta), &i)
 					return func(st Stats) { all[i].done <- st }

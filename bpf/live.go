@@ -23,13 +23,13 @@ type Live struct {
 	cookie uint64
 }
 
-// SpliceLive is Splice that also returns the session's Live.
-func (s *Splicer) SpliceLive(client, server int, toServer, toClient []byte, onDone func(Stats)) (Live, error) {
+// SpliceLive is SpliceWithMeta that also returns the session's Live.
+func (s *Splicer) SpliceLive(client, server int, toServer, toClient, meta []byte, onDone func(Stats)) (Live, error) {
 	ck, err := cookieOf(client)
 	if err != nil {
 		return Live{}, err
 	}
-	if err := s.Splice(client, server, toServer, toClient, onDone); err != nil {
+	if err := s.SpliceWithMeta(client, server, toServer, toClient, meta, onDone); err != nil {
 		return Live{}, err
 	}
 	return Live{s: s, cookie: ck}, nil

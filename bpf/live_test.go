@@ -23,7 +23,7 @@ func TestLiveCountsAndEnd(t *testing.T) {
 	p := h.pair()
 	defer p.close()
 	onDone, done := doneChan(t)
-	live, err := sp.SpliceLive(p.pc, p.ps, []byte("up"), []byte("down!"), onDone)
+	live, err := sp.SpliceLive(p.pc, p.ps, []byte("up"), []byte("down!"), nil, onDone)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -126,7 +126,11 @@ type acceptor struct {
 	reserveMu sync.Mutex
 	reserve   int // a descriptor held for shedding at EMFILE; -1 when none
 
-	closeOnce             sync.Once
+	stop   chan struct{} // closed by close: registrations under way are abandoned (not by pause)
+	mu     sync.Mutex    // lns, quit, paused, closed: pause and resume (takeover.go)
+	paused bool          // the accept loops are stopped, for now or (closed) for good
+	closed bool
+
 	errLog, refusedLog    everyLog
 	tooMany, outOfFDReply []byte
 }
@@ -185,7 +189,7 @@ func (s *Server) listen() ([]net.Listener, error) {
 
 func newAcceptor(s *Server, lns []net.Listener) *acceptor {
 	a := &acceptor{
-		s: s, lns: lns, quit: make(chan struct{}), inflight: make(chan struct{}, acceptInFlight), reserve: -1,
+		s: s, lns: lns, quit: make(chan struct{}), stop: make(chan struct{}), inflight: make(chan struct{}, acceptInFlight), reserve: -1,
 		errLog: everyLog{every: 10 * time.Second}, refusedLog: everyLog{every: 10 * time.Second},
 		tooMany: proto.Append(nil, proto.Fatal(proto.CodeTooManyConnections, "sorry, too many clients already",
 			"pgmfa's --max-conns limit is reached; try again later")),
@@ -198,21 +202,58 @@ func newAcceptor(s *Server, lns []net.Listener) *acceptor {
 
 // start runs one accept loop per listener.
 func (a *acceptor) start() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	for _, ln := range a.lns {
 		a.wg.Add(1)
-		go a.run(ln)
+		go a.run(ln, a.quit)
 	}
 }
 
-// close stops accepting: it closes the listeners and waits for the loops.
-func (a *acceptor) close() {
-	a.closeOnce.Do(func() {
+// pause stops accepting for now: it closes the listeners (a takeover holds
+// duplicates of their fds, so their sockets and accept queues live on) and
+// waits for the loops. Connections accepted before it may still be on
+// their way into gnet (at most acceptInFlight).
+func (a *acceptor) pause() {
+	a.mu.Lock()
+	if !a.paused {
+		a.paused = true
 		close(a.quit)
 		for _, ln := range a.lns {
 			ln.Close()
 		}
-	})
+	}
+	a.mu.Unlock()
 	a.wg.Wait()
+}
+
+// resume accepts on lns again after a pause, unless the acceptor was
+// closed meanwhile (then it closes lns and reports false).
+func (a *acceptor) resume(lns []net.Listener) bool {
+	a.mu.Lock()
+	if a.closed || !a.paused {
+		a.mu.Unlock()
+		for _, ln := range lns {
+			ln.Close()
+		}
+		return false
+	}
+	a.lns, a.quit, a.paused = lns, make(chan struct{}), false
+	a.mu.Unlock()
+	a.start()
+	return true
+}
+
+// close stops accepting for good: it closes the listeners and waits for
+// the loops.
+func (a *acceptor) close() {
+	a.mu.Lock()
+	if !a.closed {
+		a.closed = true
+		close(a.stop)
+	}
+	a.mu.Unlock()
+	a.pause()
 	a.reserveMu.Lock()
 	if a.reserve >= 0 {
 		unix.Close(a.reserve)
@@ -221,13 +262,13 @@ func (a *acceptor) close() {
 	a.reserveMu.Unlock()
 }
 
-func (a *acceptor) run(ln net.Listener) {
+func (a *acceptor) run(ln net.Listener, quit chan struct{}) {
 	defer a.wg.Done()
 	var delay time.Duration
 	for {
 		select {
 		case a.inflight <- struct{}{}:
-		case <-a.quit:
+		case <-quit:
 			return
 		}
 		nc, err := ln.Accept()
@@ -259,7 +300,7 @@ func (a *acceptor) run(ln net.Listener) {
 		}
 		select {
 		case <-time.After(delay):
-		case <-a.quit:
+		case <-quit:
 			return
 		}
 	}
@@ -301,7 +342,7 @@ func (a *acceptor) admit(nc net.Conn) {
 		var r gnet.RegisteredResult
 		select {
 		case r = <-ch:
-		case <-a.quit:
+		case <-a.stop:
 		}
 		if pc.state.CompareAndSwap(pendingWaiting, pendingAbandoned) {
 			s.conns.Add(-1)

@@ -52,9 +52,27 @@ var drainRefusal = proto.Append(nil, proto.Fatal(proto.CodeAdminShutdown, "termi
 func (s *Server) Drain(timeout time.Duration) DrainResult {
 	var res DrainResult
 	<-s.booted
-	if s.bootErr != nil || s.stopped.Load() || !s.draining.CompareAndSwap(false, true) {
+	if s.bootErr != nil || s.stopped.Load() {
 		return res
 	}
+	s.tkMu.Lock()
+	ok := s.draining.CompareAndSwap(false, true)
+	if !ok && s.takingOver {
+		// A takeover drains this server when it succeeds; should it
+		// fail, this drain runs then (takeover.go).
+		s.drainAsked = timeout
+		s.log.Info("a takeover is under way: this server drains once it ends")
+	}
+	s.tkMu.Unlock()
+	if !ok {
+		return res
+	}
+	return s.drain(timeout)
+}
+
+// drain is Drain once draining is set (by Drain, or by a takeover).
+func (s *Server) drain(timeout time.Duration) DrainResult {
+	var res DrainResult
 	s.acc.close()
 	infos := s.Sessions()
 	res.Sessions = len(infos)

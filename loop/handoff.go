@@ -67,17 +67,27 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 	c.rec.Audit(c.m, true, nil)
 	// Listed before the carrier takes it: its end (ended) may come before
 	// Splice or Add returns.
-	c.srv.sessions.add(&liveSession{info: SessionInfo{ID: c.id, User: c.m.User(), Database: c.m.Database(), Client: c.addr, Since: time.Now()},
+	since := time.Now()
+	c.srv.sessions.add(&liveSession{info: SessionInfo{ID: c.id, User: c.m.User(), Database: c.m.Database(), Client: c.addr, Since: since},
 		key: est.Key})
 
 	if sp := c.srv.splicer; sp != nil {
 		c.rec.Started(login.ModeSockmap)
-		live, err := sp.SpliceLive(cfd, ufd, toServer, toClient, func(st bpf.Stats) {
+		// What a process taking over needs to carry the session on
+		// (takeover.go).
+		meta := encodeMeta(c.id, c.m.User(), c.m.Database(), c.addr, since, est.Key)
+		live, err := sp.SpliceLive(cfd, ufd, toServer, toClient, meta, func(st bpf.Stats) {
 			c.ended(login.Stats{Mode: login.ModeSockmap, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
 				Duration: st.Duration, Reason: st.Reason, FlowControl: st.FlowControl, Relayed: st.Relayed})
 		})
 		if err == nil {
-			c.srv.sessions.attach(c.id, login.ModeSockmap, spliced{live})
+			c.srv.sessions.attachSpliced(c.id, sp, live, func() {
+				// Handed over to another process, which ends it: this
+				// one only lets go of it.
+				c.uncancel()
+				c.rec.HandedOver()
+				c.srv.release()
+			})
 			c.srv.stats.Spliced.Add(1)
 			return
 		}

@@ -129,6 +129,21 @@ type Server struct {
 	logins      sync.Map        // id → *conn: plaintext logins in flight (drain.go)
 	draining    atomic.Bool
 
+	// Takeover (takeover.go): the listeners received from the process
+	// taken over (Run accepts on them), whether this process handed its
+	// own to a successor (its unix-socket paths are then the successor's),
+	// and the Splicers adopted from the process taken over.
+	inherited       []net.Listener
+	handedListeners atomic.Bool
+	adoptMu         sync.Mutex
+	adopted         []*bpf.Splicer
+	// tkMu orders a takeover against Drain: a Drain asked while a
+	// takeover runs (takingOver) waits for its outcome (drainAsked, -1:
+	// none).
+	tkMu       sync.Mutex
+	takingOver bool
+	drainAsked time.Duration
+
 	eng       gnet.Engine
 	acc       *acceptor
 	idleSock  string // gnet's own, unreachable listener (see accept.go)
@@ -288,16 +303,19 @@ func (s *Server) MaxConns() int { return s.cfg.MaxConns }
 // Stop, an error when the proxy could not start or its event engine
 // stopped by itself (a fatal error: the caller should exit non-zero).
 func (s *Server) Run() error {
-	for _, p := range s.unixList {
-		if err := removeStaleSocket(p); err != nil {
+	lns := s.inherited
+	if lns == nil {
+		for _, p := range s.unixList {
+			if err := removeStaleSocket(p); err != nil {
+				s.failBoot(err)
+				return err
+			}
+		}
+		var err error
+		if lns, err = s.listen(); err != nil {
 			s.failBoot(err)
 			return err
 		}
-	}
-	lns, err := s.listen()
-	if err != nil {
-		s.failBoot(err)
-		return err
 	}
 	s.acc = newAcceptor(s, lns)
 	dir, err := os.MkdirTemp("", "pgmfa-engine-")
@@ -341,8 +359,10 @@ func (s *Server) Run() error {
 	}
 	s.failBoot(err)
 	s.shutdownHandoff()
-	for _, p := range s.unixList {
-		_ = os.Remove(p)
+	if !s.handedListeners.Load() {
+		for _, p := range s.unixList {
+			_ = os.Remove(p)
+		}
 	}
 	return err
 }
@@ -382,6 +402,13 @@ func (s *Server) shutdownHandoff() {
 	}
 	if s.splicer != nil {
 		s.splicer.Close()
+	}
+	s.adoptMu.Lock()
+	adopted := s.adopted
+	s.adopted = nil
+	s.adoptMu.Unlock()
+	for _, sp := range adopted {
+		sp.Close()
 	}
 	if s.relay != nil {
 		s.relay.Close()

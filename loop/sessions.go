@@ -54,6 +54,10 @@ type liveSession struct {
 	info    SessionInfo
 	key     *pgproto3.BackendKeyData
 	carrier carrier
+	// A spliced session: its Splicer, and what to do when that Splicer
+	// hands it over to another process (takeover.go), which then owns it.
+	splicer    *bpf.Splicer
+	handedOver func()
 }
 
 type sessionRegistry struct {
@@ -77,6 +81,30 @@ func (r *sessionRegistry) attach(id uint64, mode string, c carrier) {
 		ls.info.Mode, ls.carrier = mode, c
 	}
 	r.mu.Unlock()
+}
+
+// attachSpliced is attach for a spliced session (see liveSession).
+func (r *sessionRegistry) attachSpliced(id uint64, sp *bpf.Splicer, live bpf.Live, handedOver func()) {
+	r.mu.Lock()
+	if ls := r.m[id]; ls != nil {
+		ls.info.Mode, ls.carrier, ls.splicer, ls.handedOver = login.ModeSockmap, spliced{live}, sp, handedOver
+	}
+	r.mu.Unlock()
+}
+
+// handedOver removes the sessions sp carried, which sp has handed over to
+// another process, and returns them.
+func (r *sessionRegistry) handedOver(sp *bpf.Splicer) []*liveSession {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []*liveSession
+	for id, ls := range r.m {
+		if ls.splicer == sp {
+			delete(r.m, id)
+			out = append(out, ls)
+		}
+	}
+	return out
 }
 
 func (r *sessionRegistry) remove(id uint64) {

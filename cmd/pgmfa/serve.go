@@ -6,10 +6,13 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -60,6 +63,8 @@ type serveFlags struct {
 	logLevel, logFormat  string
 	metrics              string
 	drainTimeout         time.Duration
+	takeoverSocket       string
+	takeover             string
 	tls                  tlsFlags
 	privs                privFlags
 	web                  webFlags
@@ -101,6 +106,8 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://ADDR/metrics: a loopback host:port (127.0.0.1:9187) or a unix-socket path; any other address is refused (empty: off)")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", defaultDrainTimeout, "on SIGTERM: stop accepting, let logins in flight finish and open sessions run for up to this long, then refuse the logins left (SQLSTATE 57P01) and cut the sessions left (0: SIGTERM stops at once, as SIGINT always does)")
+	fs.StringVar(&f.takeoverSocket, "takeover-socket", "", "listen on this unix socket (mode 0600; peers of the same uid or root only) for a new pgmfa process that takes this one's place with --takeover: a restart or upgrade that drops no spliced session and refuses no login (empty: off)")
+	fs.StringVar(&f.takeover, "takeover", "", "take over from the pgmfa whose --takeover-socket is this path: receive its listeners (--listen must be the same) and its spliced sessions; it finishes its logins in flight, drains its relayed and TLS sessions, and exits 0. Fails, leaving that process serving, when nothing or no pgmfa listens there")
 	f.tls.register(fs)
 	f.privs.register(fs)
 	f.web.register(fs)
@@ -146,8 +153,31 @@ flags:
 		logger.Error("cannot start", "err", err)
 		return 1
 	}
+	switch {
+	case f.takeover != "":
+		// Before Run: the listeners are received, not bound.
+		t, err := p.srv.TakeOver(f.takeover)
+		if err != nil {
+			p.shutdown()
+			logger.Error("cannot start", "err", err)
+			return 1
+		}
+		go p.takeOver(t, f.takeoverSocket)
+	case f.takeoverSocket != "":
+		ln, err := listenTakeover(f.takeoverSocket, false)
+		if err != nil {
+			p.shutdown()
+			logger.Error("cannot start", "err", err)
+			return 1
+		}
+		p.serveTakeovers(ln, f.takeoverSocket)
+	}
 	go f.afterStart(p, logger) // privs.go: least privilege once serving
-	return p.runUntilSignal()
+	code := p.runUntilSignal()
+	if code == 0 && p.failed.Load() {
+		return 1
+	}
+	return code
 }
 
 // proxy is a configured server with its store and admin listener.
@@ -163,6 +193,12 @@ type proxy struct {
 	onStop   []func()
 
 	drainTimeout time.Duration // SIGTERM drains for up to this long (0: stops at once)
+
+	// Takeover (takeover.go): this process's takeover socket, and whether
+	// its own takeover of another process failed (it exits non-zero).
+	tkMu   sync.Mutex
+	tkLn   *net.UnixListener
+	failed atomic.Bool
 }
 
 func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
@@ -427,6 +463,7 @@ func (p *proxy) runUntilSignal() int {
 }
 
 func (p *proxy) shutdown() {
+	p.closeTakeover()
 	for _, s := range []*http.Server{p.admin, p.stats} {
 		if s != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

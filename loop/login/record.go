@@ -235,6 +235,16 @@ func (r *Record) Started(mode string) {
 	r.obs.SessionOpened(mode)
 }
 
+// HandedOver says that the session went to another process (pgmfa serve
+// --takeover), which counts it from now on and writes its "session end"
+// line: it is no longer open here.
+func (r *Record) HandedOver() {
+	if r.obs != nil && r.open != "" {
+		r.obs.SessionClosed(r.open)
+		r.open = ""
+	}
+}
+
 // Fallback says that the kernel refused to splice the session (err is
 // Splice's error); the driver gives it to the user-space relay next.
 func (r *Record) Fallback(err error) {
@@ -245,6 +255,13 @@ func (r *Record) Fallback(err error) {
 
 // End writes the one "session end" line of a handed-off session.
 func (r *Record) End(m *session.Machine, st Stats) {
+	r.EndOf(m.User(), m.Database(), st)
+}
+
+// EndOf is End for a session whose login ran elsewhere: one adopted from
+// the process this one took over from (pgmfa serve --takeover), known by
+// its user and database only.
+func (r *Record) EndOf(user, database string, st Stats) {
 	if r.obs != nil {
 		if r.open != "" {
 			r.obs.SessionClosed(r.open)
@@ -252,7 +269,7 @@ func (r *Record) End(m *session.Machine, st Stats) {
 		}
 		r.obs.SessionEnded(st)
 	}
-	r.log.Info("session end", "conn", r.id, "client", r.addr, "user", m.User(), "database", m.Database(),
+	r.log.Info("session end", "conn", r.id, "client", r.addr, "user", user, "database", database,
 		"mode", st.Mode, "bytes_client_to_server", st.ClientToServer, "bytes_server_to_client", st.ServerToClient,
 		"flow_control", st.FlowControl, "relayed_bytes", st.Relayed,
 		"duration", st.Duration.Round(time.Millisecond), "reason", st.Reason)

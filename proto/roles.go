@@ -21,6 +21,10 @@ type Roles struct {
 	// login's Rand.
 	mockOnce sync.Once
 	mockKey  []byte
+	// mockIter is the iteration count of an unknown user's dummy exchange;
+	// it must be the count real verifiers are made with, or the exchange
+	// tells unknown users apart (SetMock).
+	mockIter int
 }
 
 // NewRoles returns an empty registry.
@@ -54,6 +58,33 @@ func (r *Roles) Lookup(user string) (*Verifier, bool) {
 	v, ok := r.roles[user]
 	r.mu.RUnlock()
 	return v, ok
+}
+
+// SetMock fixes the key behind unknown users' dummy salts (a server secret
+// kept across restarts, as PostgreSQL keeps mock_auth_nonce in pg_control,
+// so that a restart does not change them while real salts stay) and the
+// iteration count of their dummy exchange (the count new verifiers get).
+// Call it before the first login; later calls change nothing.
+func (r *Roles) SetMock(key []byte, iterations int) {
+	r.mockOnce.Do(func() { r.mockKey = append([]byte(nil), key...) })
+	r.mu.Lock()
+	if r.mockIter == 0 && iterations > 0 {
+		r.mockIter = iterations
+	}
+	r.mu.Unlock()
+}
+
+// mockIterations is the iteration count of a dummy exchange.
+func (r *Roles) mockIterations() int {
+	if r == nil {
+		return 4096
+	}
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if r.mockIter == 0 {
+		return 4096
+	}
+	return r.mockIter
 }
 
 // mockSalt returns a per-user salt for users that do not exist, the same on

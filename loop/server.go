@@ -59,6 +59,9 @@ type Config struct {
 
 	Auth                   session.Auth
 	AllowCleartextPassword bool
+	// Accounts and AccountMethod configure session.AuthAccounts.
+	Accounts      session.Accounts
+	AccountMethod string
 	MaxMessageLen          int
 
 	// The bounds of a login (zero: the defaults of package login).
@@ -163,6 +166,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Auth == "" {
 		cfg.Auth = session.AuthPassthrough
+	}
+	if cfg.Auth == session.AuthAccounts && cfg.Accounts == nil {
+		return nil, errors.New("--auth accounts needs the store's accounts")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()

@@ -211,3 +211,7 @@ func (s *FileStore) AccountSecret() []byte {
 	defer s.mu.RUnlock()
 	return s.accts.secret
 }
+
+// ValidAccountName accepts what PostgreSQL accepts as a role name, less
+// control characters.
+func ValidAccountName(name string) error { return validUser(name) }

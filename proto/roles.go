@@ -64,14 +64,15 @@ func (r *Roles) Lookup(user string) (*Verifier, bool) {
 // kept across restarts, as PostgreSQL keeps mock_auth_nonce in pg_control,
 // so that a restart does not change them while real salts stay) and the
 // iteration count of their dummy exchange (the count new verifiers get).
-// Call it before the first login; later calls change nothing.
+// Call it before the first login: the key is fixed by the first call (or
+// the first dummy exchange); the count follows the latest call.
 func (r *Roles) SetMock(key []byte, iterations int) {
 	r.mockOnce.Do(func() { r.mockKey = append([]byte(nil), key...) })
-	r.mu.Lock()
-	if r.mockIter == 0 && iterations > 0 {
+	if iterations > 0 {
+		r.mu.Lock()
 		r.mockIter = iterations
+		r.mu.Unlock()
 	}
-	r.mu.Unlock()
 }
 
 // mockIterations is the iteration count of a dummy exchange.

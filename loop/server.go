@@ -62,7 +62,7 @@ type Config struct {
 	// Accounts and AccountMethod configure session.AuthAccounts.
 	Accounts      session.Accounts
 	AccountMethod string
-	MaxMessageLen          int
+	MaxMessageLen int
 
 	// The bounds of a login (zero: the defaults of package login).
 	HandshakeTimeout time.Duration // whole login up to the MFA wait

@@ -70,32 +70,83 @@ func openAccounts(path string, doc storeFile, keys *Keyring) (accountSet, error)
 		if err := validUser(name); err != nil {
 			return set, fmt.Errorf("store %s: account: %w", path, err)
 		}
-		v, err := keys.Open(verifierAD(name), a.Verifier)
+		rec, err := OpenAccount(keys, name, a.Verifier, a.Role, a.DBPassword)
 		if err != nil {
-			return set, fmt.Errorf("store %s: account %q: verifier: %w", path, name, err)
+			return set, fmt.Errorf("store %s: %w", path, err)
 		}
-		if !Sealed(a.DBPassword) && a.DBPassword != "" {
-			return set, fmt.Errorf("store %s: account %q: the database password is not encrypted; refusing it", path, name)
-		}
-		pw, err := keys.Open(dbPasswordAD(name), a.DBPassword)
-		if err != nil {
-			return set, fmt.Errorf("store %s: account %q: database password: %w", path, name, err)
-		}
-		if a.Role == "" || v == "" {
-			return set, fmt.Errorf("store %s: account %q: empty role or verifier", path, name)
-		}
-		set.byName[name] = AccountRecord{Verifier: v, Role: a.Role, DBPassword: pw, Created: a.Created}
+		rec.Created = a.Created
+		set.byName[name] = rec
 	}
 	if doc.AccountSecret != "" {
-		h, err := keys.Open(accountSecretAD, doc.AccountSecret)
+		sec, err := OpenAccountSecret(keys, doc.AccountSecret)
 		if err != nil {
-			return set, fmt.Errorf("store %s: account secret: %w", path, err)
+			return set, fmt.Errorf("store %s: %w", path, err)
 		}
-		if set.secret, err = hex.DecodeString(h); err != nil {
-			return set, fmt.Errorf("store %s: account secret is not hex", path)
-		}
+		set.secret = sec
 	}
 	return set, nil
+}
+
+// OpenAccount opens an account's stored fields (for every store kind).
+func OpenAccount(keys *Keyring, name, verifier, role, dbPassword string) (AccountRecord, error) {
+	v, err := keys.Open(verifierAD(name), verifier)
+	if err != nil {
+		return AccountRecord{}, fmt.Errorf("account %q: verifier: %w", name, err)
+	}
+	if !Sealed(dbPassword) && dbPassword != "" {
+		return AccountRecord{}, fmt.Errorf("account %q: the database password is not encrypted; refusing it", name)
+	}
+	pw, err := keys.Open(dbPasswordAD(name), dbPassword)
+	if err != nil {
+		return AccountRecord{}, fmt.Errorf("account %q: database password: %w", name, err)
+	}
+	if role == "" || v == "" {
+		return AccountRecord{}, fmt.Errorf("account %q: empty role or verifier", name)
+	}
+	return AccountRecord{Verifier: v, Role: role, DBPassword: pw}, nil
+}
+
+// SealAccount seals an account's verifier and database password for
+// storage with keys (the verifier stays readable without a key; a
+// database password needs one: ErrCredentialNeedsKey).
+func SealAccount(keys *Keyring, name string, a AccountRecord) (verifier, dbPassword string, err error) {
+	if a.DBPassword != "" && keys == nil {
+		return "", "", fmt.Errorf("account %q: %w", name, ErrCredentialNeedsKey)
+	}
+	if verifier, err = keys.Seal(verifierAD(name), a.Verifier); err != nil {
+		return "", "", err
+	}
+	if a.DBPassword != "" {
+		if dbPassword, err = keys.Seal(dbPasswordAD(name), a.DBPassword); err != nil {
+			return "", "", err
+		}
+	}
+	return verifier, dbPassword, nil
+}
+
+// NewAccountSecret returns a fresh secret for unknown accounts' salts.
+func NewAccountSecret() ([]byte, error) {
+	b := make([]byte, 32)
+	_, err := rand.Read(b)
+	return b, err
+}
+
+// SealAccountSecret and OpenAccountSecret store the secret behind unknown
+// accounts' salts.
+func SealAccountSecret(keys *Keyring, secret []byte) (string, error) {
+	return keys.Seal(accountSecretAD, hex.EncodeToString(secret))
+}
+
+func OpenAccountSecret(keys *Keyring, stored string) ([]byte, error) {
+	h, err := keys.Open(accountSecretAD, stored)
+	if err != nil {
+		return nil, fmt.Errorf("account secret: %w", err)
+	}
+	b, err := hex.DecodeString(h)
+	if err != nil || len(b) == 0 {
+		return nil, errors.New("account secret is not hex")
+	}
+	return b, nil
 }
 
 // sealAccounts puts set into doc, sealed with keys.
@@ -104,23 +155,14 @@ func sealAccounts(doc *storeFile, set accountSet, keys *Keyring) error {
 		doc.Accounts = make(map[string]storedAccount, len(set.byName))
 	}
 	for name, a := range set.byName {
-		if a.DBPassword != "" && keys == nil {
-			return fmt.Errorf("account %q: %w", name, ErrCredentialNeedsKey)
-		}
-		v, err := keys.Seal(verifierAD(name), a.Verifier)
+		v, pw, err := SealAccount(keys, name, a)
 		if err != nil {
 			return err
-		}
-		pw := ""
-		if a.DBPassword != "" {
-			if pw, err = keys.Seal(dbPasswordAD(name), a.DBPassword); err != nil {
-				return err
-			}
 		}
 		doc.Accounts[name] = storedAccount{Verifier: v, Role: a.Role, DBPassword: pw, Created: a.Created}
 	}
 	if len(set.secret) > 0 {
-		sec, err := keys.Seal(accountSecretAD, hex.EncodeToString(set.secret))
+		sec, err := SealAccountSecret(keys, set.secret)
 		if err != nil {
 			return err
 		}
@@ -146,8 +188,8 @@ func (s *FileStore) AddAccount(name string, rec AccountRecord) error {
 			return fmt.Errorf("account %q: %w", name, ErrAccountExists)
 		}
 		if len(set.secret) == 0 {
-			set.secret = make([]byte, 32)
-			if _, err := rand.Read(set.secret); err != nil {
+			var err error
+			if set.secret, err = NewAccountSecret(); err != nil {
 				return err
 			}
 		}

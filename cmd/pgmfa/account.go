@@ -144,7 +144,7 @@ func accountCmd(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		if err := accts.RemoveAccount(name); err != nil {
 			return fail(err)
 		}
-		fmt.Fprintf(stdout, "Removed account %q from %s.\n%s", name, s, reloadNoteFor(s))
+		fmt.Fprintf(stdout, "Removed account %q from %s.\n%s", name, s, reloadNote)
 		return 0
 	case "passwd":
 		if _, ok, err := accts.GetAccount(name); err != nil || !ok {
@@ -195,9 +195,9 @@ func accountCmd(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return fail(err)
 	}
 	if verb == "add" {
-		fmt.Fprintf(stdout, "Added account %q (database role %q) to %s.\n%s", name, rec.Role, s, reloadNoteFor(s))
+		fmt.Fprintf(stdout, "Added account %q (database role %q) to %s.\n%s", name, rec.Role, s, reloadNote)
 	} else {
-		fmt.Fprintf(stdout, "Changed the password of account %q in %s.\n%s", name, s, reloadNoteFor(s))
+		fmt.Fprintf(stdout, "Changed the password of account %q in %s.\n%s", name, s, reloadNote)
 	}
 	return 0
 }

@@ -38,6 +38,7 @@ type accountEnv struct {
 	t                      *testing.T
 	bin, store, key, dbpwf string
 	db                     *pgcluster.Cluster
+	pgStore                bool // the store is in db (schema pgmfa), not a file
 }
 
 func (e *accountEnv) run(stdin string, args ...string) (string, error) {
@@ -103,7 +104,18 @@ func TestAccountCLI(t *testing.T) {
 
 func (e *accountEnv) assertNoSecrets() {
 	e.t.Helper()
-	raw, err := os.ReadFile(e.store)
+	var raw []byte
+	var err error
+	if e.pgStore {
+		var dump string
+		dump, err = e.db.Psql(`SELECT row_to_json(a)::text FROM pgmfa.accounts a UNION ALL SELECT row_to_json(x)::text FROM pgmfa.account_secret x UNION ALL SELECT row_to_json(u)::text FROM pgmfa.users u`)
+		if !strings.Contains(dump, "alice") {
+			e.t.Fatalf("no account in the store's tables:\n%s", dump)
+		}
+		raw = []byte(dump)
+	} else {
+		raw, err = os.ReadFile(e.store)
+	}
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -115,6 +127,12 @@ func (e *accountEnv) assertNoSecrets() {
 }
 
 func newAccountEnv(t *testing.T, withDB bool) *accountEnv {
+	return newAccountEnvStore(t, withDB, false)
+}
+
+// newAccountEnvStore is newAccountEnv with, if pgStore, the store in the
+// database under test (schema pgmfa, initialised by `pgmfa store init`).
+func newAccountEnvStore(t *testing.T, withDB, pgStore bool) *accountEnv {
 	t.Helper()
 	e := &accountEnv{t: t, bin: buildBinary(t)}
 	dir := t.TempDir()
@@ -129,6 +147,11 @@ func newAccountEnv(t *testing.T, withDB bool) *accountEnv {
 			Databases: []string{"app"},
 			Settings:  map[string]string{"log_connections": "on"},
 		})
+	}
+	if pgStore {
+		e.pgStore = true
+		e.store = e.db.DSN(pgcluster.Superuser, "postgres", "postgres")
+		e.must("", "store", "init", "--store", e.store)
 	}
 	return e
 }
@@ -246,7 +269,11 @@ func TestAccountsLogin(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts PostgreSQL")
 	}
-	e := newAccountEnv(t, true)
+	t.Run("file store", func(t *testing.T) { testAccountsLogin(t, newAccountEnvStore(t, true, false)) })
+	t.Run("postgres store", func(t *testing.T) { testAccountsLogin(t, newAccountEnvStore(t, true, true)) })
+}
+
+func testAccountsLogin(t *testing.T, e *accountEnv) {
 	sa := e.storeArgs()
 	e.must(alicePW+"\n", append([]string{"account", "add", "--role", "app_rw", "--db-password-file", e.dbpwf, "alice"}, sa...)...)
 	e.must(bobPW+"\n", append([]string{"account", "add", "--md5", "--role", "app_rw", "--db-password-file", e.dbpwf, "bob"}, sa...)...)
@@ -260,7 +287,8 @@ func TestAccountsLogin(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	received := func() int { return strings.Count(e.db.Log(), "connection received") }
+	// Sessions of the mapped role (a PostgreSQL store has its own).
+	received := func() int { return strings.Count(e.db.Log(), "connection authorized: user=app_rw") }
 	base := received()
 
 	refused := func(user, pw, code string) *pgconn.PgError {
@@ -328,6 +356,6 @@ func TestAccountsLogin(t *testing.T) {
 	}
 	time.Sleep(200 * time.Millisecond) // a straggler would have been logged with them
 	if got := received() - base; got != 2 {
-		t.Errorf("the database received %d connections, want 2 (refused logins must not reach it)", got)
+		t.Errorf("the database authorized %d sessions of app_rw, want 2 (refused logins must not reach it)", got)
 	}
 }

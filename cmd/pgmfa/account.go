@@ -56,6 +56,7 @@ const accountUsage = `usage: pgmfa account add    [flags] USER   (--role ROLE, -
        pgmfa account passwd [flags] USER   (--scram-iterations N, --md5)
        pgmfa account remove [flags] USER
        pgmfa account list   [flags]
+       pgmfa account import [flags] --userlist FILE   (--role ROLE, --db-password-file FILE)
 
 Accounts are the people pgmfa authenticates itself with --auth accounts:
 each has its own password (stored as a SCRAM-SHA-256 verifier, or MD5 with
@@ -63,6 +64,12 @@ each has its own password (stored as a SCRAM-SHA-256 verifier, or MD5 with
 logs in as with a password only pgmfa holds (stored encrypted: a
 --store-key-file is required for it). The password is asked for twice on a
 terminal, or read as one line from standard input.
+
+import reads a pgbouncer userlist.txt: SCRAM-SHA-256 and MD5 entries are
+stored as they are (so the passwords people have keep working; MD5 ones
+need --account-method md5), plaintext entries are turned into SCRAM
+verifiers. Every account maps to --role (default: its own name). An
+account that already exists stops the import before anything is written.
 `
 
 // accountCmd is `pgmfa account`, with its streams injected for tests.
@@ -79,10 +86,15 @@ func accountCmd(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	store := fs.String("store", defaultStorePath(), storeUsage)
 	keyFile := fs.String("store-key-file", defaultKeyFile(), keyFileUsage)
-	var role, dbPasswordFile *string
+	var role, dbPasswordFile, userlistFile *string
 	var iterations *int
 	var md5 *bool
 	switch verb {
+	case "import":
+		userlistFile = fs.String("userlist", "", "pgbouncer auth_file (userlist.txt) to import")
+		role = fs.String("role", "", "database role every imported account logs in as (default: each account's own name)")
+		dbPasswordFile = fs.String("db-password-file", "", "file whose first line is that role's database password")
+		iterations = fs.Int("scram-iterations", defaultSCRAMIterations, "SCRAM-SHA-256 iteration count of the verifiers made for plaintext entries")
 	case "add":
 		role = fs.String("role", "", "database role the account logs in as (default: the account's name)")
 		dbPasswordFile = fs.String("db-password-file", "", "file whose first line is the role's database password, which pgmfa sends upstream (omit when the database asks pgmfa for none, e.g. trust or cert on its side)")
@@ -103,7 +115,7 @@ func accountCmd(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	if err != nil {
 		return flagExit(err)
 	}
-	if (verb == "list") != (len(pos) == 0) || len(pos) > 1 {
+	if (verb == "list" || verb == "import") != (len(pos) == 0) || len(pos) > 1 {
 		fs.Usage()
 		return 2
 	}
@@ -119,6 +131,9 @@ func accountCmd(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	accts, err := accountsOf(s)
 	if err != nil {
 		return fail(err)
+	}
+	if verb == "import" {
+		return importUserlist(accts, *userlistFile, *role, *dbPasswordFile, *iterations, stdout, stderr, s.String())
 	}
 	if verb == "list" {
 		names, err := accts.ListAccounts()

@@ -277,7 +277,27 @@ func testAccountsLogin(t *testing.T, e *accountEnv) {
 	sa := e.storeArgs()
 	e.must(alicePW+"\n", append([]string{"account", "add", "--role", "app_rw", "--db-password-file", e.dbpwf, "alice"}, sa...)...)
 	e.must(bobPW+"\n", append([]string{"account", "add", "--md5", "--role", "app_rw", "--db-password-file", e.dbpwf, "bob"}, sa...)...)
-	for _, u := range []string{"alice", "bob"} {
+	// pgbouncer users, with verifiers PostgreSQL made: carol's SCRAM one
+	// (from pg_authid), dave's MD5 one (PostgreSQL's md5() of password and
+	// name, as pgbouncer and PostgreSQL store it).
+	vs, err := e.db.Psql(`SET password_encryption = 'scram-sha-256'; CREATE ROLE carol_src PASSWORD 'carol-pw';
+		SELECT rolpassword FROM pg_authid WHERE rolname = 'carol_src'; SELECT 'md5' || md5('dave-pw' || 'dave')`)
+	lines := strings.Split(vs, "\n")
+	if err != nil || len(lines) != 2 {
+		t.Fatalf("verifiers from PostgreSQL: %v %q", err, vs)
+	}
+	ul := filepath.Join(t.TempDir(), "userlist.txt")
+	if err := os.WriteFile(ul, []byte(`"carol" "`+lines[0]+`"`+"\n"+`"dave" "`+lines[1]+`"`+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	imp := append([]string{"account", "import", "--userlist", ul, "--role", "app_rw", "--db-password-file", e.dbpwf}, sa...)
+	if out := e.must("", imp...); !strings.Contains(out, "Imported 2 accounts") {
+		t.Fatalf("import: %s", out)
+	}
+	if out, err := e.run("", imp...); err == nil || !strings.Contains(out, "already accounts, nothing was imported: carol, dave") {
+		t.Fatalf("second import: %v\n%s", err, out)
+	}
+	for _, u := range []string{"alice", "bob", "carol", "dave"} {
 		e.must("", append([]string{"enroll", "--qr=false", u}, sa...)...)
 	}
 	e.assertNoSecrets()
@@ -350,12 +370,24 @@ func testAccountsLogin(t *testing.T, e *accountEnv) {
 	if err != nil || strings.TrimSpace(string(out)) != "app_rw bob/psql" {
 		t.Errorf("psql as bob: %v: %q", err, out)
 	}
-	// Only the two sessions that passed both factors reached the database.
-	if !eventually(30*time.Second, func() bool { return received() >= base+2 }) {
-		t.Fatalf("the database did not log the two sessions:\n%s", e.db.Log())
+	// Imported pgbouncer users log in with the passwords they had.
+	for _, u := range []struct{ name, pw string }{{"carol", "carol-pw"}, {"dave", "dave-pw"}} {
+		c, err := pgx.Connect(ctx, withCode(pgcluster.DSN("127.0.0.1", port, u.name, u.pw, "app"), code(u.name)))
+		if err != nil {
+			t.Errorf("imported %s: %v", u.name, err)
+			continue
+		}
+		if err := c.QueryRow(ctx, "select current_user, application_name from pg_stat_activity where pid = pg_backend_pid()").Scan(&role, &app); err != nil || role != "app_rw" || app != u.name {
+			t.Errorf("imported %s: %q %q %v", u.name, role, app, err)
+		}
+		c.Close(ctx)
+	}
+	// Only the four sessions that passed both factors reached the database.
+	if !eventually(30*time.Second, func() bool { return received() >= base+4 }) {
+		t.Fatalf("the database did not log the four sessions:\n%s", e.db.Log())
 	}
 	time.Sleep(200 * time.Millisecond) // a straggler would have been logged with them
-	if got := received() - base; got != 2 {
-		t.Errorf("the database authorized %d sessions of app_rw, want 2 (refused logins must not reach it)", got)
+	if got := received() - base; got != 4 {
+		t.Errorf("the database authorized %d sessions of app_rw, want 4 (refused logins must not reach it)", got)
 	}
 }

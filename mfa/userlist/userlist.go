@@ -116,14 +116,3 @@ func field(s string) (value, rest string, err error) {
 	}
 	return "", "", errors.New("unterminated double-quoted field")
 }
-
-// Format writes entries in the file's format (the inverse of Parse).
-func Format(w io.Writer, entries []Entry) error {
-	q := func(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
-	for _, e := range entries {
-		if _, err := fmt.Fprintf(w, "%s %s\n", q(e.User), q(e.Password)); err != nil {
-			return err
-		}
-	}
-	return nil
-}

@@ -2,6 +2,8 @@ package userlist
 
 import (
 	"bytes"
+	"fmt"
+	"io"
 	"reflect"
 	"strings"
 	"testing"
@@ -77,4 +79,16 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("round trip:\n%q\n%q", entries, again)
 		}
 	})
+}
+
+// Format writes entries in the file's format (the inverse of Parse), for
+// the fuzzer's round trip.
+func Format(w io.Writer, entries []Entry) error {
+	q := func(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
+	for _, e := range entries {
+		if _, err := fmt.Fprintf(w, "%s %s\n", q(e.User), q(e.Password)); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"net"
 	"net/url"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
 	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
+	"github.com/pgmfa/pgmfa/loop/tlsproxy/testpki"
 )
 
 // The passwords of the account test: the database role's, which only
@@ -389,5 +391,50 @@ func testAccountsLogin(t *testing.T, e *accountEnv) {
 	time.Sleep(200 * time.Millisecond) // a straggler would have been logged with them
 	if got := received() - base; got != 4 {
 		t.Errorf("the database authorized %d sessions of app_rw, want 4 (refused logins must not reach it)", got)
+	}
+}
+
+// TestAccountsCleartextOverTLS: with --account-method password the TLS
+// driver asks for the cleartext password, checks it against the SCRAM
+// verifier and takes the code off its end; over plaintext pgmfa refuses to
+// ask for it.
+func TestAccountsCleartextOverTLS(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts PostgreSQL")
+	}
+	e := newAccountEnvStore(t, true, false)
+	sa := e.storeArgs()
+	e.must(alicePW+"\n", append([]string{"account", "add", "--role", "app_rw", "--db-password-file", e.dbpwf, "alice"}, sa...)...)
+	e.must("", append([]string{"enroll", "--qr=false", "alice"}, sa...)...)
+	pki, err := testpki.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pki.Close() })
+	port, _ := e.serve("--account-method", "password", "--tls-cert", pki.CertFile, "--tls-key", pki.KeyFile)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	code := strings.TrimSpace(e.must("", append(append([]string{"code"}, sa...), "alice")...))
+	dsn := pgcluster.DSN("127.0.0.1", port, "alice", alicePW+code, "app")
+	_, err = pgx.Connect(ctx, dsn)
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "28000" || !strings.Contains(pe.Message, "unencrypted") {
+		t.Fatalf("cleartext over plaintext: %v", err)
+	}
+	c, err := pgx.Connect(ctx, strings.Replace(dsn, "sslmode=disable", "sslmode=require", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	var role, app string
+	var ssl bool
+	if err := c.QueryRow(ctx, "select current_user, application_name, ssl from pg_stat_activity join pg_stat_ssl using (pid) where pid = pg_backend_pid()").Scan(&role, &app, &ssl); err != nil {
+		t.Fatal(err)
+	}
+	if role != "app_rw" || app != "alice" || ssl {
+		t.Errorf("session as %q, application_name %q, upstream TLS %v", role, app, ssl)
+	}
+	if !c.PgConn().Conn().(interface{ ConnectionState() tls.ConnectionState }).ConnectionState().HandshakeComplete {
+		t.Error("the client side is not TLS")
 	}
 }

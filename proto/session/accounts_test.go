@@ -15,14 +15,22 @@ import (
 // proto.UpstreamLogin as the client (SCRAM or MD5, as the machine asks)
 // until the machine stops asking. It returns the machine's outputs.
 func accountLogin(t *testing.T, m *Machine, user, password string) []Output {
+	outs, _ := accountLoginSent(t, m, user, password)
+	return outs
+}
+
+// accountLoginSent is accountLogin that also returns what the client sent
+// after its startup packet.
+func accountLoginSent(t *testing.T, m *Machine, user, password string) ([]Output, [][]byte) {
 	t.Helper()
+	var sent [][]byte
 	_, outs := feed(t, m.FromClient, startupBytes(map[string]string{"user": user, "application_name": "psql"}))
 	cl := proto.NewUpstreamLogin(proto.UpstreamConfig{User: user, Password: password, Rand: crand.Reader})
 	all := outs
 	for range 5 {
 		toClient, _, last := collect(outs)
 		if last.Close || last.NeedMFA != nil || len(toClient) == 0 {
-			return all
+			return all, sent
 		}
 		var reply []byte
 		for _, msg := range decodeAll(t, toClient) {
@@ -36,11 +44,38 @@ func accountLogin(t *testing.T, m *Machine, user, password string) []Output {
 			}
 			reply = append(reply, out...)
 		}
+		sent = append(sent, reply)
 		_, outs = feed(t, m.FromClient, reply)
 		all = append(all, outs...)
 	}
 	t.Fatal("login did not settle")
-	return nil
+	return nil, nil
+}
+
+// A SCRAM client-final replayed into another login (a proof for another
+// nonce) is refused as PostgreSQL refuses it (08P01), and a client asking
+// for channel binding is refused with 28000; neither dials or asks MFA.
+func TestAccountsReplayAndChannelBinding(t *testing.T) {
+	_, sent := accountLoginSent(t, New(accountsConfig(proto.MethodSCRAM)), "alice", "alice-pw")
+	if len(sent) != 2 {
+		t.Fatalf("client sent %d messages", len(sent))
+	}
+	m := New(accountsConfig(proto.MethodSCRAM))
+	feed(t, m.FromClient, startupBytes(map[string]string{"user": "alice"}))
+	feed(t, m.FromClient, sent[0])
+	_, outs := feed(t, m.FromClient, sent[1])
+	_, _, last := collect(outs)
+	var ae *proto.AuthError
+	if !last.Close || last.Dial || last.NeedMFA != nil || !errors.As(last.Err, &ae) || ae.Code != proto.CodeProtocolViolation {
+		t.Fatalf("replayed proof: %+v %v", last, last.Err)
+	}
+	m = New(accountsConfig(proto.MethodSCRAM))
+	feed(t, m.FromClient, startupBytes(map[string]string{"user": "alice"}))
+	_, outs = feed(t, m.FromClient, enc(&pgproto3.SASLInitialResponse{AuthMechanism: "SCRAM-SHA-256-PLUS", Data: []byte("p=tls-server-end-point,,n=,r=abc")}))
+	_, _, last = collect(outs)
+	if !last.Close || !errors.As(last.Err, &ae) || ae.Code != proto.CodeInvalidAuthorization {
+		t.Fatalf("channel binding: %+v %v", last, last.Err)
+	}
 }
 
 func accountsConfig(method string) Config {

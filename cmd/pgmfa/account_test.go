@@ -397,7 +397,8 @@ func testAccountsLogin(t *testing.T, e *accountEnv) {
 // TestAccountsCleartextOverTLS: with --account-method password the TLS
 // driver asks for the cleartext password, checks it against the SCRAM
 // verifier and takes the code off its end; over plaintext pgmfa refuses to
-// ask for it.
+// ask for it. A login without a code waits for `pgmfa approve` and is
+// released by it (the database is dialed only then).
 func TestAccountsCleartextOverTLS(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts PostgreSQL")
@@ -405,13 +406,17 @@ func TestAccountsCleartextOverTLS(t *testing.T) {
 	e := newAccountEnvStore(t, true, false)
 	sa := e.storeArgs()
 	e.must(alicePW+"\n", append([]string{"account", "add", "--role", "app_rw", "--db-password-file", e.dbpwf, "alice"}, sa...)...)
-	e.must("", append([]string{"enroll", "--qr=false", "alice"}, sa...)...)
+	e.must(alicePW+"\n", append([]string{"account", "add", "--role", "app_rw", "--db-password-file", e.dbpwf, "erin"}, sa...)...)
+	for _, u := range []string{"alice", "erin"} {
+		e.must("", append([]string{"enroll", "--qr=false", u}, sa...)...)
+	}
 	pki, err := testpki.New()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { pki.Close() })
-	port, _ := e.serve("--account-method", "password", "--tls-cert", pki.CertFile, "--tls-key", pki.KeyFile)
+	admin := filepath.Join(t.TempDir(), "admin.sock")
+	port, _ := e.serve("--account-method", "password", "--tls-cert", pki.CertFile, "--tls-key", pki.KeyFile, "--admin", admin)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	code := strings.TrimSpace(e.must("", append(append([]string{"code"}, sa...), "alice")...))
@@ -436,5 +441,38 @@ func TestAccountsCleartextOverTLS(t *testing.T) {
 	}
 	if !c.PgConn().Conn().(interface{ ConnectionState() tls.ConnectionState }).ConnectionState().HandshakeComplete {
 		t.Error("the client side is not TLS")
+	}
+
+	// erin sends no code: the login waits, and the database has not
+	// been dialed for it, until an approval.
+	before := strings.Count(e.db.Log(), "connection authorized: user=app_rw")
+	done := make(chan error, 1)
+	go func() {
+		c, err := pgx.Connect(ctx, strings.Replace(pgcluster.DSN("127.0.0.1", port, "erin", alicePW, "app"), "sslmode=disable", "sslmode=require", 1))
+		if err == nil {
+			var name string
+			err = c.QueryRow(ctx, "select application_name from pg_stat_activity where pid = pg_backend_pid()").Scan(&name)
+			if err == nil && name != "erin" {
+				err = errors.New("application_name " + name)
+			}
+			c.Close(ctx)
+		}
+		done <- err
+	}()
+	if !eventually(30*time.Second, func() bool {
+		out, _ := e.run("", "approve", "--list", "--admin", admin)
+		return strings.Contains(out, "erin")
+	}) {
+		t.Fatal("erin's login is not waiting for approval")
+	}
+	if got := strings.Count(e.db.Log(), "connection authorized: user=app_rw"); got != before {
+		t.Errorf("the database was dialed for a login waiting for MFA (%d sessions, before %d)", got, before)
+	}
+	code = strings.TrimSpace(e.must("", append(append([]string{"code"}, sa...), "erin")...))
+	if out, err := e.run("", "approve", "--admin", admin, "erin", code); err != nil {
+		t.Fatalf("approve: %v\n%s", err, out)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("the approved login: %v", err)
 	}
 }

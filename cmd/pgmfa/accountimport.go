@@ -91,3 +91,38 @@ func importUserlist(accts accountStore, file, role, dbPasswordFile string, itera
 	fmt.Fprint(stdout, reloadNote)
 	return 0
 }
+
+// accountsAbsent fails when one of names already is an account of dst.
+func accountsAbsent(dst accountStore, names []string) error {
+	var exists []string
+	for _, n := range names {
+		_, ok, err := dst.GetAccount(n)
+		if err != nil {
+			return err
+		}
+		if ok {
+			exists = append(exists, n)
+		}
+	}
+	if len(exists) > 0 {
+		return fmt.Errorf("accounts already in the store, nothing was copied: %s", strings.Join(exists, ", "))
+	}
+	return nil
+}
+
+// migrateAccounts copies the accounts of a file store (`store migrate`).
+// The PostgreSQL store makes its own secret for unknown accounts' salts:
+// they change once, as a restart without the store's secret would change
+// them.
+func migrateAccounts(src *mfa.FileStore, dst accountStore, names []string) error {
+	for i, n := range names {
+		rec, ok := src.LookupAccount(n)
+		if !ok {
+			continue
+		}
+		if err := dst.AddAccount(n, rec); err != nil {
+			return fmt.Errorf("after %d of %d accounts: %w", i, len(names), err)
+		}
+	}
+	return nil
+}

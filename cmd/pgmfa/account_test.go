@@ -476,3 +476,79 @@ func TestAccountsCleartextOverTLS(t *testing.T) {
 		t.Fatalf("the approved login: %v", err)
 	}
 }
+
+// jdbcLogin is a JDBC client run with java's single-file source launcher:
+// args are URL, user, password; it prints current_user and
+// application_name of its session.
+const jdbcLogin = `import java.sql.*;
+public class Login {
+  public static void main(String[] a) throws Exception {
+    try (Connection c = DriverManager.getConnection(a[0], a[1], a[2]);
+         ResultSet r = c.createStatement().executeQuery(
+           "select current_user || ' ' || application_name from pg_stat_activity where pid = pg_backend_pid()")) {
+      r.next();
+      System.out.println(r.getString(1));
+    }
+  }
+}
+`
+
+// psycopgLogin is the same with psycopg2 (libpq).
+const psycopgLogin = `import sys, psycopg2
+c = psycopg2.connect(host="127.0.0.1", port=sys.argv[1], user=sys.argv[2], password=sys.argv[3], dbname="app",
+                     options="-c pgmfa.code=" + sys.argv[4], application_name="psycopg", sslmode="disable")
+cur = c.cursor()
+cur.execute("select current_user || ' ' || application_name from pg_stat_activity where pid = pg_backend_pid()")
+print(cur.fetchone()[0])
+`
+
+// TestAccountsOtherClients: psycopg2 and the PostgreSQL JDBC driver log in
+// with SCRAM and a code, and their sessions run as the mapped role.
+func TestAccountsOtherClients(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts PostgreSQL")
+	}
+	python, jar := "/usr/bin/python3", "/usr/share/java/postgresql.jar"
+	if exec.Command(python, "-c", "import psycopg2").Run() != nil {
+		pgtest.SkipOrFail(t, "psycopg2 is not installed for %s (Debian package python3-psycopg2; make deps-clients)", python)
+	}
+	java, err := exec.LookPath("java")
+	if _, serr := os.Stat(jar); err != nil || serr != nil {
+		pgtest.SkipOrFail(t, "java or the JDBC driver is missing (Debian packages default-jdk-headless, libpostgresql-jdbc-java; make deps-clients)")
+	}
+	e := newAccountEnv(t, true)
+	sa := e.storeArgs()
+	for _, u := range []string{"py", "jdbc"} {
+		e.must(u+"-"+alicePW+"\n", append([]string{"account", "add", "--role", "app_rw", "--db-password-file", e.dbpwf, u}, sa...)...)
+		e.must("", append([]string{"enroll", "--qr=false", u}, sa...)...)
+	}
+	port, _ := e.serve()
+	code := func(user string) string {
+		return strings.TrimSpace(e.must("", append(append([]string{"code"}, sa...), user)...))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	script := filepath.Join(t.TempDir(), "login.py")
+	if err := os.WriteFile(script, []byte(psycopgLogin), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.CommandContext(ctx, python, script, strconv.Itoa(port), "py", "py-"+alicePW, code("py")).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "app_rw py/psycopg" {
+		t.Errorf("psycopg2: %v: %s", err, out)
+	}
+
+	src := filepath.Join(t.TempDir(), "Login.java")
+	if err := os.WriteFile(src, []byte(jdbcLogin), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Without assumeMinServerVersion=9.0 pgjdbc sends ApplicationName with
+	// a SET after the login, which replaces the account's label (checked:
+	// "app_rw jdbc-app"); with it, in the startup packet.
+	jdbcURL := "jdbc:postgresql://127.0.0.1:" + strconv.Itoa(port) + "/app?sslmode=disable&assumeMinServerVersion=9.0&ApplicationName=jdbc-app&options=" +
+		strings.ReplaceAll(url.QueryEscape("-c pgmfa.code="+code("jdbc")), "+", "%20")
+	out, err = exec.CommandContext(ctx, java, "-cp", jar, src, jdbcURL, "jdbc", "jdbc-"+alicePW).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "app_rw jdbc/jdbc-app" {
+		t.Errorf("JDBC: %v: %s", err, out)
+	}
+}

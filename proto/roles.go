@@ -17,10 +17,12 @@ type Roles struct {
 
 	// mockKey makes the dummy SCRAM salt of an unknown user stable across
 	// attempts (like PostgreSQL's mock_auth_nonce), so that a changing salt
-	// does not reveal that a user does not exist. Set once, from the first
-	// login's Rand.
-	mockOnce sync.Once
-	mockKey  []byte
+	// does not reveal that a user does not exist. Set by SetMock, or else
+	// from the first dummy exchange's Rand (which a later SetMock replaces,
+	// once: the server secret is what a restart would use).
+	mockMu     sync.Mutex
+	mockKey    []byte
+	mockSecret bool // mockKey came from SetMock
 	// mockIter is the iteration count of an unknown user's dummy exchange;
 	// it must be the count real verifiers are made with, or the exchange
 	// tells unknown users apart (SetMock).
@@ -64,10 +66,14 @@ func (r *Roles) Lookup(user string) (*Verifier, bool) {
 // kept across restarts, as PostgreSQL keeps mock_auth_nonce in pg_control,
 // so that a restart does not change them while real salts stay) and the
 // iteration count of their dummy exchange (the count new verifiers get).
-// Call it before the first login: the key is fixed by the first call (or
-// the first dummy exchange); the count follows the latest call.
+// The first call's key stays (it replaces a key a dummy exchange made up
+// before it); the count follows the latest call.
 func (r *Roles) SetMock(key []byte, iterations int) {
-	r.mockOnce.Do(func() { r.mockKey = append([]byte(nil), key...) })
+	r.mockMu.Lock()
+	if !r.mockSecret && len(key) > 0 {
+		r.mockKey, r.mockSecret = append([]byte(nil), key...), true
+	}
+	r.mockMu.Unlock()
 	if iterations > 0 {
 		r.mu.Lock()
 		r.mockIter = iterations
@@ -91,14 +97,17 @@ func (r *Roles) mockIterations() int {
 // mockSalt returns a per-user salt for users that do not exist, the same on
 // every attempt.
 func (r *Roles) mockSalt(user string, rand io.Reader) []byte {
-	r.mockOnce.Do(func() {
+	r.mockMu.Lock()
+	if r.mockKey == nil {
 		k := make([]byte, 32)
 		if rand != nil {
 			io.ReadFull(rand, k) // a short read leaves zeros: still a valid (weaker) key
 		}
 		r.mockKey = k
-	})
-	m := hmac.New(sha256.New, r.mockKey)
+	}
+	key := r.mockKey
+	r.mockMu.Unlock()
+	m := hmac.New(sha256.New, key)
 	m.Write([]byte(user))
 	return m.Sum(nil)[:16]
 }

@@ -277,4 +277,14 @@ func TestServerUnknownUserMock(t *testing.T) {
 	if sc, _ := first(c, "ghost"); sc == sa {
 		t.Fatal("another secret gives the same salt")
 	}
+	// A key made up by a dummy exchange before the secret was known gives
+	// way to it (the first account was added while the proxy ran); a second
+	// secret does not replace the first.
+	d := NewRoles()
+	first(d, "ghost")
+	d.SetMock(secret, 10000)
+	d.SetMock(bytes.Repeat([]byte{9}, 32), 10000)
+	if sd, _ := first(d, "ghost"); sd != sa {
+		t.Fatal("the server secret did not replace the made-up key")
+	}
 }

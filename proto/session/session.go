@@ -561,6 +561,11 @@ func (m *Machine) FromUpstream(buf []byte) (int, Output) {
 	if m.phase != PhaseAuth && m.phase != PhaseMFA {
 		return 0, Output{}
 	}
+	if m.pt == nil && m.up == nil {
+		// AuthAccounts waiting for MFA: no database connection yet, so
+		// nothing from one.
+		return 0, Output{}
+	}
 	if m.upTaken+int64(len(buf)) > m.cfg.MaxFromUpstream {
 		return 0, m.upstreamOverLimit()
 	}
@@ -767,7 +772,8 @@ func (m *Machine) Timeout(mfaWait bool) Output {
 // UpstreamClosed is called when the database side closed before the
 // session was handed off.
 func (m *Machine) UpstreamClosed(err error) Output {
-	if m.phase == PhaseReady || m.phase == PhaseClosed {
+	if m.phase == PhaseReady || m.phase == PhaseClosed || (m.pt == nil && m.up == nil) {
+		// Over, or (AuthAccounts before its dial) no database side yet.
 		return Output{}
 	}
 	if m.heldErr != nil {

@@ -159,10 +159,11 @@ type proxy struct {
 	stats  *http.Server // --metrics; nil when off
 	log    *slog.Logger
 	onStop []func()
-	// reloadAccounts re-reads the accounts on SIGHUP (--auth accounts).
-	reloadAccounts func()
 
 	drainTimeout time.Duration // SIGTERM drains for up to this long (0: stops at once)
+
+	// reloadAccounts re-reads the accounts on SIGHUP (--auth accounts).
+	reloadAccounts func()
 }
 
 func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {

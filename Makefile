@@ -17,7 +17,7 @@ TESTFLAGS ?=
 BENCHFLAGS ?=
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: all build test test-short vet lint race check-deps generate run bench bench-smoke fuzz deps deps-pg deps-pg-servers deps-clang deps-bench deps-prometheus clean
+.PHONY: all build test test-short vet lint race check-deps generate run bench bench-smoke fuzz deps deps-pg deps-pg-servers deps-clang deps-bench deps-prometheus deps-clients clean
 
 all: build
 
@@ -66,7 +66,7 @@ check-deps:
 
 # The whole suite. Tests that need root, BPF or PostgreSQL skip with a reason
 # elsewhere; under CI=true they must run.
-test: deps-pg deps-pg-servers deps-bench deps-prometheus build vet check-deps
+test: deps-pg deps-pg-servers deps-bench deps-prometheus deps-clients build vet check-deps
 	$(GO) test -count=1 -timeout 40m $(TESTFLAGS) ./...
 
 # The pure packages alone: fast, no PostgreSQL, no root.
@@ -124,6 +124,12 @@ deps-bench:
 # pgmfa; promtool checks a scrape).
 deps-prometheus:
 	@{ command -v prometheus && command -v promtool; } >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
+# Client drivers other than libpq and pgx, for the --auth accounts tests:
+# psycopg2 (for Debian's /usr/bin/python3) and the PostgreSQL JDBC driver
+# (Debian packages; Debian's node-pg conflicts with a nodesource nodejs).
+deps-clients:
+	@{ /usr/bin/python3 -c 'import psycopg2' && test -f /usr/share/java/postgresql.jar && command -v java; } >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-psycopg2 libpostgresql-jdbc-java default-jdk-headless >/dev/null; }
 
 clean:
 	rm -rf cmd/pgmfa/bin cmd/pgmfa-demo/bin

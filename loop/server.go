@@ -59,7 +59,10 @@ type Config struct {
 
 	Auth                   session.Auth
 	AllowCleartextPassword bool
-	MaxMessageLen          int
+	// Accounts and AccountMethod configure session.AuthAccounts.
+	Accounts      session.Accounts
+	AccountMethod string
+	MaxMessageLen int
 
 	// The bounds of a login (zero: the defaults of package login).
 	HandshakeTimeout time.Duration // whole login up to the MFA wait
@@ -180,6 +183,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Auth == "" {
 		cfg.Auth = session.AuthPassthrough
+	}
+	if cfg.Auth == session.AuthAccounts && cfg.Accounts == nil {
+		return nil, errors.New("--auth accounts needs the store's accounts")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()

@@ -47,9 +47,11 @@ func (t *timeline) mark(s loginStep) {
 	}
 }
 
-// span is the time from step a to step b, and whether both happened.
+// span is the time from step a to step b, and whether both happened in
+// that order (with --auth accounts MFA is asked before the dial, so the
+// spans that assume the other order are left out).
 func (t *timeline) span(a, b loginStep) (time.Duration, bool) {
-	if t.at[a].IsZero() || t.at[b].IsZero() {
+	if t.at[a].IsZero() || t.at[b].IsZero() || t.at[b].Before(t.at[a]) {
 		return 0, false
 	}
 	return t.at[b].Sub(t.at[a]), true

@@ -60,6 +60,8 @@ func (s *Server) sessionConfig() session.Config {
 		AllowCleartext: s.cfg.AllowCleartextPassword,
 		Rand:           s.cfg.Rand,
 		TLS:            s.tlsMode(),
+		Accounts:       s.cfg.Accounts,
+		AccountMethod:  s.cfg.AccountMethod,
 	}
 }
 

@@ -36,8 +36,9 @@ type FileStore struct {
 	path string
 	keys atomic.Pointer[Keyring] // nil: secrets are written in plaintext
 
-	mu    sync.RWMutex // guards users and plain; never held across file I/O
+	mu    sync.RWMutex // guards users, accts and plain; never held across file I/O
 	users map[string]storedUser
+	accts accountSet
 	plain int
 }
 
@@ -51,11 +52,11 @@ func OpenFileStore(path string) (*FileStore, error) {
 // secrets and to seal every secret it writes (nil: plaintext, and a store
 // holding sealed secrets is refused with ErrNoKey).
 func OpenFileStoreKeyed(path string, keys *Keyring) (*FileStore, error) {
-	users, plain, err := readStore(path, keys)
+	users, accts, plain, err := readStoreAll(path, keys)
 	if err != nil {
 		return nil, err
 	}
-	s := &FileStore{path: path, users: users, plain: plain}
+	s := &FileStore{path: path, users: users, accts: accts, plain: plain}
 	s.keys.Store(keys)
 	return s, nil
 }
@@ -93,11 +94,11 @@ func (s *FileStore) Path() string { return s.path }
 // A file that was deleted reloads as empty: removing the store removes
 // everyone's access, which is the safe reading of that action.
 func (s *FileStore) Reload() error {
-	users, plain, err := readStore(s.path, s.keys.Load())
+	users, accts, plain, err := readStoreAll(s.path, s.keys.Load())
 	if err != nil {
 		return err
 	}
-	s.adopt(users, plain)
+	s.adopt(users, accts, plain)
 	return nil
 }
 
@@ -195,18 +196,23 @@ var errUnchanged = errors.New("unchanged")
 // and the content read is adopted (it is newer than ours); the error is
 // returned, except errUnchanged.
 func (s *FileStore) update(change func(map[string]storedUser) error) error {
+	return s.updateAll(func(users map[string]storedUser, _ *accountSet) error { return change(users) })
+}
+
+// updateAll is update with the accounts too (accounts.go).
+func (s *FileStore) updateAll(change func(map[string]storedUser, *accountSet) error) error {
 	unlock, err := lockDir(s.path)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	users, plain, err := readStore(s.path, s.keys.Load())
+	users, accts, plain, err := readStoreAll(s.path, s.keys.Load())
 	if err != nil {
 		return err
 	}
-	if err := change(users); err != nil {
+	if err := change(users, &accts); err != nil {
 		if errors.Is(err, errUnchanged) || errors.Is(err, ErrNotEnrolled) || errors.Is(err, ErrSecretChanged) {
-			s.adopt(users, plain)
+			s.adopt(users, accts, plain)
 		}
 		if errors.Is(err, errUnchanged) {
 			return nil
@@ -214,7 +220,7 @@ func (s *FileStore) update(change func(map[string]storedUser) error) error {
 		return err
 	}
 	keys := s.keys.Load()
-	if err := writeStore(s.path, users, keys); err != nil {
+	if err := writeStore(s.path, users, accts, keys); err != nil {
 		return err
 	}
 	plain = 0
@@ -223,13 +229,14 @@ func (s *FileStore) update(change func(map[string]storedUser) error) error {
 	}
 	// Still under the flock, so stores adopt contents in the order the
 	// file had them.
-	s.adopt(users, plain)
+	s.adopt(users, accts, plain)
 	return nil
 }
 
-func (s *FileStore) adopt(users map[string]storedUser, plain int) {
+func (s *FileStore) adopt(users map[string]storedUser, accts accountSet, plain int) {
 	s.mu.Lock()
 	s.users = users
+	s.accts = accts
 	s.plain = plain
 	s.mu.Unlock()
 }

@@ -19,6 +19,9 @@ const storeVersion = 1
 type storeFile struct {
 	Version int                   `json:"version"`
 	Users   map[string]storedUser `json:"users"`
+	// The accounts pgmfa authenticates itself (--auth accounts; accounts.go).
+	Accounts      map[string]storedAccount `json:"accounts,omitempty"`
+	AccountSecret string                   `json:"account_secret,omitempty"`
 }
 
 // storedUser is one enrollment on disk. The TOTP parameters are stored so
@@ -38,52 +41,59 @@ func (u storedUser) account() Account {
 	return Account{Secret: u.Secret, Digits: u.Digits, Period: time.Duration(u.Period) * time.Second, Algorithm: u.Algorithm, LastStep: u.LastStep}
 }
 
-// readStore reads and checks the file at path. A missing file is an empty
+// readStoreAll reads and checks the file at path. A missing file is an empty
 // store. The file must not be open to group or others: it holds the secrets.
 //
 // Sealed secrets are opened with keys; a plaintext secret (a store written
 // before encryption) is read as it is and counted in plain.
-func readStore(path string, keys *Keyring) (users map[string]storedUser, plain int, err error) {
+//
+// The accounts (accounts.go) are opened the same way.
+func readStoreAll(path string, keys *Keyring) (users map[string]storedUser, accts accountSet, plain int, err error) {
+	defer func() {
+		if err != nil {
+			users, accts = nil, accountSet{}
+		}
+	}()
 	f, err := os.Open(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return map[string]storedUser{}, 0, nil
+		return map[string]storedUser{}, newAccountSet(), 0, nil
 	}
 	if err != nil {
-		return nil, 0, fmt.Errorf("TOTP store: %w", err)
+		return nil, accountSet{}, 0, fmt.Errorf("TOTP store: %w", err)
 	}
 	defer f.Close()
 	// Stat the open file, not the path, so the check and the read are of
 	// the same file.
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, 0, fmt.Errorf("TOTP store: %w", err)
+		return nil, accountSet{}, 0, fmt.Errorf("TOTP store: %w", err)
 	}
 	if !fi.Mode().IsRegular() {
-		return nil, 0, fmt.Errorf("TOTP store %s is not a regular file", path)
+		return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s is not a regular file", path)
 	}
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return nil, 0, fmt.Errorf("TOTP store %s is accessible to group or others (mode %04o) and holds secrets; refusing it. Fix with: chmod 600 %s", path, perm, path)
+		return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s is accessible to group or others (mode %04o) and holds secrets; refusing it. Fix with: chmod 600 %s", path, perm, path)
 	}
 	var doc storeFile
 	dec := json.NewDecoder(f)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&doc); err != nil {
-		return nil, 0, fmt.Errorf("TOTP store %s: %w", path, err)
+		return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s: %w", path, err)
 	}
 	if doc.Version != storeVersion {
-		return nil, 0, fmt.Errorf("TOTP store %s: version %d, this pgmfa reads version %d", path, doc.Version, storeVersion)
+		return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s: version %d, this pgmfa reads version %d", path, doc.Version, storeVersion)
 	}
 	if doc.Users == nil {
 		doc.Users = map[string]storedUser{}
 	}
 	for name, u := range doc.Users {
 		if err := validUser(name); err != nil {
-			return nil, 0, fmt.Errorf("TOTP store %s: %w", path, err)
+			return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s: %w", path, err)
 		}
 		if Sealed(u.Secret) {
 			secret, err := keys.Open(name, u.Secret)
 			if err != nil {
-				return nil, 0, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
+				return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
 			}
 			u.Secret = secret
 			doc.Users[name] = u
@@ -91,10 +101,14 @@ func readStore(path string, keys *Keyring) (users map[string]storedUser, plain i
 			plain++
 		}
 		if err := u.check(); err != nil {
-			return nil, 0, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
+			return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
 		}
 	}
-	return doc.Users, plain, nil
+	accts, err = openAccounts(path, doc, keys)
+	if err != nil {
+		return nil, accountSet{}, 0, err
+	}
+	return doc.Users, accts, plain, nil
 }
 
 // check rejects an entry that could never verify a code.
@@ -123,7 +137,7 @@ func (u storedUser) check() error {
 //
 // With keys, every secret is written sealed with the current key (a
 // plaintext store becomes encrypted on its first write with a key).
-func writeStore(path string, users map[string]storedUser, keys *Keyring) (err error) {
+func writeStore(path string, users map[string]storedUser, accts accountSet, keys *Keyring) (err error) {
 	disk := make(map[string]storedUser, len(users))
 	for name, u := range users {
 		if u.Secret, err = keys.Seal(name, u.Secret); err != nil {
@@ -134,7 +148,11 @@ func writeStore(path string, users map[string]storedUser, keys *Keyring) (err er
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetIndent("", "  ")
-	if err := enc.Encode(storeFile{Version: storeVersion, Users: disk}); err != nil {
+	doc := storeFile{Version: storeVersion, Users: disk}
+	if err := sealAccounts(&doc, accts, keys); err != nil {
+		return err
+	}
+	if err := enc.Encode(doc); err != nil {
 		return err
 	}
 	dir := filepath.Dir(path)

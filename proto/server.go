@@ -233,7 +233,7 @@ func (s *ServerLogin) newSCRAM() error {
 	if v := s.verifier; v != nil && v.IsSCRAM() {
 		sc.salt, sc.iter, sc.keys = v.salt, v.iter, v.keys
 	} else {
-		sc.salt, sc.iter = s.mockSalt(), 4096
+		sc.salt, sc.iter = s.mockSalt(), s.cfg.Roles.mockIterations()
 		dummy := make([]byte, scramSHA256.size)
 		sc.keys = scramKeys{stored: dummy, server: dummy}
 	}
@@ -254,7 +254,7 @@ func (s *ServerLogin) mockSalt() []byte {
 // unknown users.
 func (s *ServerLogin) checkCleartext(pw string) bool {
 	if s.verifier == nil {
-		scramSHA256.saltedPassword(pw, s.mockSalt(), 4096)
+		scramSHA256.saltedPassword(pw, s.mockSalt(), s.cfg.Roles.mockIterations())
 		return false
 	}
 	return s.verifier.checkCleartext(s.cfg.User, pw)

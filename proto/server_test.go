@@ -242,3 +242,49 @@ func TestRolesConcurrent(t *testing.T) {
 		t.Fatal("removed user still there")
 	}
 }
+
+// With SetMock, an unknown user's dummy exchange uses the server secret's
+// salt (the same in another process holding the same secret, so a restart
+// does not give unknown users away) and the configured iteration count
+// (what real verifiers are made with).
+func TestServerUnknownUserMock(t *testing.T) {
+	first := func(roles *Roles, user string) (salt, iter string) {
+		t.Helper()
+		s := NewServerLogin(ServerConfig{Method: MethodSCRAM, Roles: roles, User: user, Rand: crand.Reader})
+		s.Start()
+		out, _, err := s.Handle(msgOf(t, &pgproto3.SASLInitialResponse{AuthMechanism: mechSCRAM, Data: []byte("n,,n=,r=abcdef")}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, _, _ := NextMessage(out, 0)
+		attrs, _ := scramAttrs(string(m.Body[4:]))
+		return attrs[1][1], attrs[2][1]
+	}
+	secret := bytes.Repeat([]byte{7}, 32)
+	a, b := NewRoles(), NewRoles()
+	a.SetMock(secret, 10000)
+	b.SetMock(secret, 10000)
+	sa, ia := first(a, "ghost")
+	sb, ib := first(b, "ghost")
+	if sa != sb || ia != "10000" || ib != "10000" {
+		t.Fatalf("same secret, other salt or count: %s/%s %s/%s", sa, ia, sb, ib)
+	}
+	if so, _ := first(a, "ghost2"); so == sa {
+		t.Fatal("two unknown users share a salt")
+	}
+	c := NewRoles()
+	c.SetMock(bytes.Repeat([]byte{8}, 32), 10000)
+	if sc, _ := first(c, "ghost"); sc == sa {
+		t.Fatal("another secret gives the same salt")
+	}
+	// A key made up by a dummy exchange before the secret was known gives
+	// way to it (the first account was added while the proxy ran); a second
+	// secret does not replace the first.
+	d := NewRoles()
+	first(d, "ghost")
+	d.SetMock(secret, 10000)
+	d.SetMock(bytes.Repeat([]byte{9}, 32), 10000)
+	if sd, _ := first(d, "ghost"); sd != sa {
+		t.Fatal("the server secret did not replace the made-up key")
+	}
+}

@@ -112,3 +112,6 @@ func (v *Verifier) checkMD5(response string, salt [4]byte) bool {
 	want := md5Response(v.md5, salt)
 	return subtle.ConstantTimeCompare([]byte(response), []byte(want)) == 1
 }
+
+// Iterations is a SCRAM verifier's iteration count (0 for MD5).
+func (v *Verifier) Iterations() int { return v.iter }

@@ -37,6 +37,7 @@ type serveFlags struct {
 	listen, upstream     string
 	loops                int
 	auth                 string
+	accountMethod        string
 	allowCleartext       bool
 	mfaMode, exempt      string
 	remember, mfaTimeout time.Duration
@@ -74,8 +75,9 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:6432", "where clients connect: comma-separated host:port and/or unix-socket paths (a directory gets .s.PGSQL.<port>, so psql -h DIR works)")
 	fs.StringVar(&f.upstream, "upstream", "127.0.0.1:5432", "the PostgreSQL server: host:port, or a unix-socket path (.../.s.PGSQL.5432, or its directory)")
 	fs.IntVar(&f.loops, "loops", 0, "gnet event loops (0: one per CPU)")
-	fs.StringVar(&f.auth, "auth", "passthrough", "primary authentication: passthrough (the database checks the password; the proxy keeps none) or password (the proxy asks for a cleartext password ending in the TOTP code and logs in upstream itself)")
-	fs.BoolVar(&f.allowCleartext, "allow-cleartext-password", false, "with --auth password, allow the cleartext password over an unencrypted client connection (loopback-only setups)")
+	fs.StringVar(&f.auth, "auth", "passthrough", "primary authentication: passthrough (the database checks the password; the proxy keeps none), password (the proxy asks for a cleartext password ending in the TOTP code and logs in upstream itself) or accounts (the proxy checks the client's own password against the accounts of `pgmfa account add` and logs in upstream as the account's role with a password only it holds)")
+	fs.StringVar(&f.accountMethod, "account-method", proto.MethodSCRAM, "with --auth accounts, how clients prove their password: scram-sha-256; md5 (MD5 for accounts stored with --md5, SCRAM for the others); or password (cleartext, only over TLS unless --allow-cleartext-password; the code may end the password)")
+	fs.BoolVar(&f.allowCleartext, "allow-cleartext-password", false, "with --auth password or --account-method password, allow the cleartext password over an unencrypted client connection (loopback-only setups)")
 	fs.StringVar(&f.mfaMode, "mfa", "required", "required: every login needs a second factor; off: none (the proxy then only relays)")
 	fs.StringVar(&f.exempt, "mfa-exempt", "", "comma-separated users that skip MFA (service accounts)")
 	fs.DurationVar(&f.remember, "mfa-remember", 0, "after a successful MFA, further logins of the same user from the same client address pass without a code for this long (0: off); lets a connection pool open many connections with one code")
@@ -199,6 +201,9 @@ type proxy struct {
 	tkMu   sync.Mutex
 	tkLn   *net.UnixListener
 	failed atomic.Bool
+
+	// reloadAccounts re-reads the accounts on SIGHUP (--auth accounts).
+	reloadAccounts func()
 }
 
 func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
@@ -220,8 +225,15 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		auth = session.AuthPassthrough
 	case "password":
 		auth = session.AuthPassword
+	case "accounts":
+		auth = session.AuthAccounts
+		switch f.accountMethod {
+		case proto.MethodSCRAM, proto.MethodMD5, proto.MethodPassword:
+		default:
+			return nil, fmt.Errorf("--account-method must be scram-sha-256, md5 or password, not %q", f.accountMethod)
+		}
 	default:
-		return nil, fmt.Errorf("--auth must be passthrough or password, not %q", f.auth)
+		return nil, fmt.Errorf("--auth must be passthrough, password or accounts, not %q", f.auth)
 	}
 	if f.metrics != "" {
 		if err := metrics.CheckAddr(f.metrics); err != nil {
@@ -249,6 +261,11 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	}
 	if note := plaintextNote(store, f.storeKeyFile); note != "" {
 		logger.Warn(note)
+	}
+	accounts, err := f.loadAccounts(auth, store, logger) // accountreg.go
+	if err != nil {
+		store.Close()
+		return nil, err
 	}
 	skew, err := skewOption(f.skew)
 	if err != nil {
@@ -295,6 +312,8 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		Loops:                  f.loops,
 		Auth:                   auth,
 		AllowCleartextPassword: f.allowCleartext,
+		Accounts:               accounts,
+		AccountMethod:          f.accountMethod,
 		MaxMessageLen:          f.maxMessage,
 		HandshakeTimeout:       f.handshakeTimeout,
 		StartupTimeout:         f.startupTimeout,
@@ -322,6 +341,9 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		return nil, err
 	}
 	p := &proxy{srv: srv, store: store, certs: certs, log: logger, onStop: []func(){store.Close}, drainTimeout: f.drainTimeout}
+	if accounts != nil {
+		p.reloadAccounts = func() { reloadAccounts(accounts, store, logger) }
+	}
 	if fleet {
 		ctx, stopListen := context.WithCancel(context.Background())
 		p.onStop = []func(){stopListen, store.Close}
@@ -429,6 +451,9 @@ func (p *proxy) runUntilSignal() int {
 				} else {
 					users, _ := p.store.Users()
 					p.log.Info("secret store reloaded", "users", len(users))
+					if p.reloadAccounts != nil {
+						p.reloadAccounts()
+					}
 				}
 				if p.certs != nil {
 					if err := p.certs.Reload(); err != nil {

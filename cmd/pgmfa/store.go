@@ -372,7 +372,8 @@ func storeMigrate(args []string, stdout, stderr io.Writer) int {
 
 Copies every enrollment of the file store FILE, with the last code each user
 used (so no used code works again), into the PostgreSQL store, in one
-transaction. Run pgmfa store init on the PostgreSQL store first. A user
+transaction, then its accounts (--auth accounts; an account already in the
+PostgreSQL store stops the migration before anything is written). Run pgmfa store init on the PostgreSQL store first. A user
 already in it stops the migration and nothing is written. The file is not
 changed. With --store-key-file the secrets are encrypted in PostgreSQL (and
 FILE's own encrypted secrets are read with the same keys).
@@ -415,12 +416,26 @@ FILE's own encrypted secrets are read with the same keys).
 		fmt.Fprintln(stderr, "pgmfa store migrate:", err)
 		return 1
 	}
+	// The accounts of --auth accounts are checked before anything is
+	// written, and copied after the enrollments (migrateAccounts).
+	accts := src.AccountNames()
+	if err := accountsAbsent(dst, accts); err != nil {
+		fmt.Fprintln(stderr, "pgmfa store migrate:", err)
+		return 1
+	}
 	es := src.Enrollments()
 	if err := dst.Import(es); err != nil {
 		fmt.Fprintln(stderr, "pgmfa store migrate:", err)
 		return 1
 	}
 	fmt.Fprintf(stdout, "copied %d enrollment(s) from %s to %s\n", len(es), *from, dst)
+	if err := migrateAccounts(src, dst, accts); err != nil {
+		fmt.Fprintln(stderr, "pgmfa store migrate:", err)
+		return 1
+	}
+	if len(accts) > 0 {
+		fmt.Fprintf(stdout, "copied %d account(s)\n", len(accts))
+	}
 	if keys == nil {
 		fmt.Fprintf(stdout, "the secrets are stored unencrypted; encrypt them with: pgmfa store new-key --store-key-file FILE && pgmfa store rotate-key --store %q --store-key-file FILE\n", *to)
 	}

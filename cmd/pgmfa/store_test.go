@@ -12,6 +12,7 @@ import (
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
 	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/proto"
 )
 
 func runStoreT(t *testing.T, args ...string) (int, string, string) {
@@ -148,8 +149,14 @@ func TestStoreCommandsOnPostgres(t *testing.T) {
 		t.Fatal(o)
 	}
 
+	// and an account of --auth accounts.
+	verifier := proto.NewSCRAMVerifier("alice-pw", []byte("0123456789abcdef"), 4096)
+	if err := fs.AddAccount("alice", mfa.AccountRecord{Verifier: verifier, Role: "app"}); err != nil {
+		t.Fatal(err)
+	}
+
 	code, out, stderr := runStoreT(t, "migrate", "--from", file, "--to", dsn, "--store-key-file", keyFile)
-	if code != 0 || !strings.Contains(out, "copied 1 enrollment") {
+	if code != 0 || !strings.Contains(out, "copied 1 enrollment") || !strings.Contains(out, "copied 1 account") {
 		t.Fatalf("migrate: %d %s %s", code, out, stderr)
 	}
 	s, err := openStore(dsn, keyFile)
@@ -157,6 +164,9 @@ func TestStoreCommandsOnPostgres(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
+	if a, ok, err := s.(accountStore).GetAccount("alice"); err != nil || !ok || a.Verifier != verifier || a.Role != "app" {
+		t.Fatalf("the migrated account: %+v %v %v", a, ok, err)
+	}
 	pgGuard := mfa.NewGuard(mfa.Options{}, s)
 	if o := pgGuard.Verify("alice", "10.0.0.1:1", c); o.Reason != mfa.ReasonReplayed {
 		t.Fatalf("a code used before the migration, after it: %+v", o)

@@ -481,7 +481,9 @@ func (s *Store) Reseal() (int, error) {
 			}
 			n++
 		}
-		return nil
+		// The accounts' sealed fields too (not counted: n is secrets).
+		_, err = s.resealAccounts(ctx, tx)
+		return err
 	})
 	return n, err
 }

@@ -53,6 +53,18 @@ var migrations = []string{
 		released  boolean NOT NULL DEFAULT false  -- approved; the instance holding it lets it in
 	);
 	CREATE INDEX pending_since ON {s}.pending (since);`,
+	// 2: the accounts pgmfa authenticates itself (--auth accounts).
+	`CREATE TABLE {s}.accounts (
+		name        text PRIMARY KEY,
+		verifier    text NOT NULL,             -- SCRAM-SHA-256 or md5 verifier, sealed with a key
+		role        text NOT NULL,             -- the database role pgmfa logs in as
+		db_password text NOT NULL DEFAULT '',  -- sealed (never plaintext); '': none
+		created     timestamptz NOT NULL DEFAULT now()
+	);
+	CREATE TABLE {s}.account_secret (
+		id     int PRIMARY KEY CHECK (id = 1),
+		secret text NOT NULL                   -- keys unknown accounts' dummy salts; sealed with a key
+	);`,
 }
 
 // version reads the schema's version; 0 when there is no schema.
@@ -109,7 +121,8 @@ func (s *Store) Init(ctx context.Context) (from, to int, err error) {
 }
 
 // GrantSQL is what a proxy's role needs, and nothing more: read and update
-// enrollments (single use), count failures, keep grants and waiting logins.
+// enrollments (single use), count failures, keep grants and waiting logins,
+// read the accounts.
 // It cannot create, drop or alter anything, nor read any other schema.
 // `pgmfa enroll` and `pgmfa store …` need the owner (or a role with
 // INSERT/DELETE on users as well).
@@ -123,6 +136,7 @@ func (s *Store) GrantSQL(role string) []string {
 		`GRANT SELECT, INSERT, UPDATE, DELETE ON ` + s.t("grants") + ` TO ` + r,
 		`GRANT SELECT, INSERT, DELETE, UPDATE (released) ON ` + s.t("pending") + ` TO ` + r,
 		`GRANT USAGE ON SEQUENCE ` + s.t("pending_id_seq") + ` TO ` + r,
+		`GRANT SELECT ON ` + s.t("accounts") + `, ` + s.t("account_secret") + ` TO ` + r,
 	}
 }
 

@@ -45,12 +45,16 @@ var (
 //   - the client never receives AuthenticationOk unless a positive MFA
 //     decision was delivered first;
 //   - nothing but authentication responses (and Terminate) goes upstream
-//     before the release.
+//     before the release;
+//   - with AuthAccounts (script byte 8: cleartext, 9: SCRAM), the database
+//     is not even dialed before MFA passed.
 func FuzzSessionInvariant(f *testing.F) {
 	f.Add([]byte{6, 0, 2, 0, 5, 1, 6, 3, 5, 0, 5, 7, 5, 8, 3, 1})
 	f.Add([]byte{6, 0, 2, 0, 5, 1, 6, 3, 5, 0, 6, 6, 5, 8, 3, 1})
 	f.Add([]byte{6, 0, 2, 0, 5, 3, 6, 4, 5, 4, 6, 5, 5, 5, 5, 0, 5, 9, 3, 1})
 	f.Add([]byte{7, 6, 1, 6, 3, 2, 0, 5, 1, 5, 0, 5, 8, 3, 1})
+	f.Add(accountsSeed)
+	f.Add([]byte{9, 6, 1, 6, 4, 6, 5, 3, 1, 2, 0})
 	f.Fuzz(func(t *testing.T, script []byte) { runScript(t, script) })
 }
 
@@ -60,6 +64,14 @@ func runScript(t *testing.T, script []byte) (released bool) {
 	cfg := Config{Rand: fixedRand(3), MaxPipelined: 4096, MaxMessageLen: 4096, AllowCleartext: true}
 	if len(script) > 0 && script[0] == 7 {
 		cfg.Auth = AuthPassword
+		script = script[1:]
+	}
+	accounts := len(script) > 0 && (script[0] == 8 || script[0] == 9)
+	if accounts {
+		cfg.Auth, cfg.Accounts, cfg.AccountMethod = AuthAccounts, fuzzAccounts, proto.MethodPassword
+		if script[0] == 9 {
+			cfg.AccountMethod = proto.MethodSCRAM
+		}
 		script = script[1:]
 	}
 	m := New(cfg)
@@ -72,6 +84,9 @@ func runScript(t *testing.T, script []byte) (released bool) {
 		}
 		if out.Established != nil {
 			released = true
+		}
+		if accounts && out.Dial && !decided {
+			t.Fatal("AuthAccounts dialed the database before MFA passed")
 		}
 		// Client side.
 		b := out.ToClient
@@ -182,7 +197,36 @@ func TestInvariantSeedsReachRelease(t *testing.T) {
 	if !runScript(t, []byte{7, 6, 1, 6, 3, 2, 0, 5, 1, 5, 0, 5, 8, 3, 1}) {
 		t.Fatal("password-mode seed does not reach the release")
 	}
+	if !runScript(t, accountsSeed) {
+		t.Fatal("accounts seed does not reach the release")
+	}
 	if runScript(t, []byte{6, 0, 2, 0, 5, 1, 6, 3, 5, 0, 5, 8, 3, 0}) {
 		t.Fatal("a failed MFA decision released the session")
 	}
+}
+
+// fuzzAccounts holds account "u" with password "pw" (so "pw123456" is the
+// password with a code), mapped to role "r" with database password "dbpw";
+// one iteration keeps the fuzzer fast.
+var fuzzAccounts = func() *testAccounts {
+	a := &testAccounts{roles: proto.NewRoles(), up: map[string][2]string{"u": {"r", "dbpw"}}}
+	if err := a.roles.Set("u", proto.NewSCRAMVerifier("pw", []byte("salt"), 1)); err != nil {
+		panic(err)
+	}
+	return a
+}()
+
+// accountsSeed: accounts mode (cleartext); startup; password with code;
+// MFA ok; connect; cleartext request; AuthOk; BackendKeyData; ReadyForQuery.
+var accountsSeed = []byte{8, 6, 1, 6, 3, 3, 1, 2, 0, 5, 1, 5, 0, 5, 7, 5, 8}
+
+type testAccounts struct {
+	roles *proto.Roles
+	up    map[string][2]string
+}
+
+func (a *testAccounts) Roles() *proto.Roles { return a.roles }
+func (a *testAccounts) Upstream(account string) (string, string, bool) {
+	u, ok := a.up[account]
+	return u[0], u[1], ok
 }

@@ -42,7 +42,25 @@ const (
 	// AuthPassword asks the client for a cleartext password, splits a TOTP
 	// code off its end, and logs in upstream as a client with the rest.
 	AuthPassword Auth = "password"
+	// AuthAccounts authenticates the client against pgmfa's own accounts
+	// (Config.Accounts: a verifier per account, checked by the proxy with
+	// Config.AccountMethod), asks for MFA, and only then logs in upstream
+	// as the account's database role with the credential pgmfa holds for
+	// it. The client never learns the database password, and no database
+	// connection is opened for a client that failed either factor.
+	AuthAccounts Auth = "accounts"
 )
+
+// Accounts is what AuthAccounts needs of pgmfa's accounts: the verifiers,
+// and the database login each account maps to. Implementations are safe
+// for concurrent use and answer from memory (the machine does no I/O).
+type Accounts interface {
+	// Roles holds each account's verifier, by account name.
+	Roles() *proto.Roles
+	// Upstream is the database role and password pgmfa logs in with for
+	// account (an empty password: the database asks for none).
+	Upstream(account string) (role, password string, ok bool)
+}
 
 // Phase is where a login stands.
 type Phase int
@@ -94,6 +112,12 @@ type Config struct {
 	MaxSCRAMIterations int
 	// TLS says how the client side treats encryption.
 	TLS TLSMode
+	// Accounts and AccountMethod configure AuthAccounts. AccountMethod is
+	// proto.MethodSCRAM (the default), proto.MethodMD5 (MD5 for accounts
+	// with an MD5 verifier, SCRAM for the others) or proto.MethodPassword
+	// (cleartext, which AllowCleartext governs as for AuthPassword).
+	Accounts      Accounts
+	AccountMethod string
 }
 
 // TLSMode is the client-facing TLS policy.
@@ -193,7 +217,9 @@ type Machine struct {
 	source  MFASource
 
 	pt     *proto.Passthrough   // AuthPassthrough
-	up     *proto.UpstreamLogin // AuthPassword
+	up     *proto.UpstreamLogin // AuthPassword; AuthAccounts once MFA passed
+	srv    *proto.ServerLogin   // AuthAccounts: the client's own login
+	dbSet  bool                 // the client named a database
 	result *proto.LoginResult   // the upstream's login, once known
 
 	// wantClient: the database has asked for an authentication response the
@@ -295,6 +321,9 @@ func (m *Machine) FromClient(buf []byte) (int, Output) {
 	case PhaseStartup:
 		return m.startupPacket(buf)
 	case PhasePassword:
+		if m.srv != nil {
+			return m.accountPacket(buf)
+		}
 		return m.passwordPacket(buf)
 	case PhaseDialing, PhaseAuth, PhaseMFA:
 		if !m.wantClient {
@@ -421,6 +450,7 @@ func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 		return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization, Message: "no PostgreSQL user name specified in startup packet"})
 	}
 	m.db, _ = m.startup.Get("database")
+	m.dbSet = m.db != ""
 	if m.db == "" {
 		m.db = m.user
 	}
@@ -428,6 +458,8 @@ func (m *Machine) startupMessage(msg *proto.StartupMessage) Output {
 		m.code, m.source = code, SourceStartup
 	}
 	switch m.cfg.Auth {
+	case AuthAccounts:
+		return m.startAccount()
 	case AuthPassword:
 		if !m.cfg.AllowCleartext && !m.encrypted {
 			return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization,
@@ -529,6 +561,11 @@ func (m *Machine) FromUpstream(buf []byte) (int, Output) {
 	if m.phase != PhaseAuth && m.phase != PhaseMFA {
 		return 0, Output{}
 	}
+	if m.pt == nil && m.up == nil {
+		// AuthAccounts waiting for MFA: no database connection yet, so
+		// nothing from one.
+		return 0, Output{}
+	}
 	if m.upTaken+int64(len(buf)) > m.cfg.MaxFromUpstream {
 		return 0, m.upstreamOverLimit()
 	}
@@ -619,6 +656,14 @@ func (m *Machine) upstreamLogin(msg proto.Message) Output {
 		if errors.As(err, &se) && m.authedUp {
 			return m.holdError(se)
 		}
+		if errors.As(err, &se) && m.srv != nil {
+			// AuthAccounts: the database refused pgmfa's own credential.
+			// The client passed both factors, so it may know why, but in
+			// pgmfa's words: the credential is not the client's.
+			return m.fail(&proto.AuthError{Code: proto.CodeInvalidAuthorization,
+				Message: fmt.Sprintf("pgmfa could not log in to the database for account %q: %s", m.user, se.Error()),
+				Hint:    "check the account's database role and password (pgmfa account add --role, --db-password-file)"})
+		}
 		if errors.As(err, &se) {
 			// The password was refused (or the like): the database's own
 			// words are safe to pass on; the client sent that password.
@@ -631,12 +676,16 @@ func (m *Machine) upstreamLogin(msg proto.Message) Output {
 	if isOk && !m.authedUp {
 		m.authedUp = true
 		m.phase = PhaseMFA
-		res.NeedMFA = m.mfaRequest()
+		if !m.asked { // AuthAccounts asked before dialing
+			res.NeedMFA = m.mfaRequest()
+		}
 	}
 	if done {
 		m.readyUp = true
 		m.result = m.up.Result()
-		m.method = m.result.Method
+		if m.srv == nil { // AuthAccounts reports the client's method
+			m.method = m.result.Method
+		}
 		return m.maybeRelease(res)
 	}
 	return res
@@ -676,6 +725,11 @@ func (m *Machine) MFADecided(d Decision) Output {
 		return m.fail(&proto.AuthError{Code: code, Message: d.Message, Hint: d.Hint})
 	}
 	m.decided = true
+	if m.srv != nil && m.up == nil {
+		// AuthAccounts: both factors passed; now, and only now, the
+		// database is dialed.
+		return m.dialAccount()
+	}
 	return m.maybeRelease(Output{})
 }
 
@@ -718,7 +772,8 @@ func (m *Machine) Timeout(mfaWait bool) Output {
 // UpstreamClosed is called when the database side closed before the
 // session was handed off.
 func (m *Machine) UpstreamClosed(err error) Output {
-	if m.phase == PhaseReady || m.phase == PhaseClosed {
+	if m.phase == PhaseReady || m.phase == PhaseClosed || (m.pt == nil && m.up == nil) {
+		// Over, or (AuthAccounts before its dial) no database side yet.
 		return Output{}
 	}
 	if m.heldErr != nil {

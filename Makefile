@@ -127,9 +127,15 @@ deps-prometheus:
 
 # Client drivers other than libpq and pgx, for the --auth accounts tests:
 # psycopg2 (for Debian's /usr/bin/python3) and the PostgreSQL JDBC driver
-# (Debian packages; Debian's node-pg conflicts with a nodesource nodejs).
+# (Debian packages), and node-postgres from the npm registry at a pinned
+# version into a cache directory outside the repository (Debian's node-pg
+# conflicts with a nodesource nodejs); cmd/pgmfa's tests load it from there.
+NODE_PG_VERSION := 8.23.1
+NODE_PG_DIR     := /var/cache/pgmfa/node
 deps-clients:
 	@{ /usr/bin/python3 -c 'import psycopg2' && test -f /usr/share/java/postgresql.jar && command -v java; } >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-psycopg2 libpostgresql-jdbc-java default-jdk-headless >/dev/null; }
+	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	@grep -qs '"version": "$(NODE_PG_VERSION)"' $(NODE_PG_DIR)/node_modules/pg/package.json || npm install --silent --no-audit --no-fund --prefix $(NODE_PG_DIR) pg@$(NODE_PG_VERSION)
 
 clean:
 	rm -rf cmd/pgmfa/bin cmd/pgmfa-demo/bin

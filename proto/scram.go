@@ -233,7 +233,8 @@ type scramServer struct {
 }
 
 // scramFailure is a refusal the server side reports; code selects the
-// SQLSTATE (a malformed exchange is 08P01, a refused one 28000).
+// SQLSTATE, PostgreSQL's for the same message (a malformed exchange is
+// 08P01, an unsupported feature 0A000).
 type scramFailure struct {
 	code, msg string
 }
@@ -256,8 +257,10 @@ func (s *scramServer) serverFirstMsg(clientFirst string) (string, error) {
 		// "y": the client could bind but believes we cannot; we do not
 		// advertise -PLUS, so that belief is right.
 	case strings.HasPrefix(flag, "p="):
-		return "", &scramFailure{code: CodeInvalidAuthorization,
-			msg: "channel binding is not supported: pgmfa terminates the connection, so the binding could never match"}
+		// Binding data under plain SCRAM-SHA-256 (we never offer -PLUS,
+		// which pgmfa, terminating the connection, could not honour):
+		// PostgreSQL calls that a malformed message, 08P01.
+		return "", badSCRAM("malformed SCRAM message: the client selected SCRAM-SHA-256 without channel binding, but the message includes channel binding data")
 	default:
 		return "", badSCRAM("malformed SCRAM client-first-message: unexpected channel-binding flag")
 	}
@@ -266,7 +269,8 @@ func (s *scramServer) serverFirstMsg(clientFirst string) (string, error) {
 		return "", badSCRAM("malformed SCRAM client-first-message")
 	}
 	if authzid != "" {
-		return "", &scramFailure{code: CodeInvalidAuthorization, msg: "SCRAM authorization identity is not supported"}
+		// feature_not_supported, as PostgreSQL answers.
+		return "", &scramFailure{code: CodeFeatureNotSupported, msg: "client uses authorization identity, but it is not supported"}
 	}
 	s.gs2 = flag + ",,"
 	attrs, err := scramAttrs(bare)
@@ -274,7 +278,7 @@ func (s *scramServer) serverFirstMsg(clientFirst string) (string, error) {
 		return "", badSCRAM("%v", err)
 	}
 	if len(attrs) > 0 && attrs[0][0] == "m" {
-		return "", badSCRAM("unsupported SCRAM extension")
+		return "", &scramFailure{code: CodeFeatureNotSupported, msg: "client requires an unsupported SCRAM extension"}
 	}
 	if len(attrs) < 2 || attrs[0][0] != "n" || attrs[1][0] != "r" {
 		return "", badSCRAM("malformed SCRAM client-first-message")

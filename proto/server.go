@@ -183,8 +183,11 @@ func (s *ServerLogin) handle(m Message) ([]byte, error) {
 		switch mech {
 		case mechSCRAM:
 		case mechSCRAMPlus:
-			return nil, &AuthError{Code: CodeInvalidAuthorization,
-				Message: "channel binding (SCRAM-SHA-256-PLUS) is not offered by pgmfa",
+			// A mechanism we did not offer, which PostgreSQL refuses as
+			// a protocol violation too (as it does -PLUS on a plaintext
+			// connection, where it offers none).
+			return nil, &AuthError{Code: CodeProtocolViolation,
+				Message: "client selected an invalid SASL authentication mechanism \"" + mechSCRAMPlus + "\": channel binding is not offered by pgmfa",
 				Hint:    "connect with channel_binding=disable or prefer"}
 		default:
 			return nil, &AuthError{Code: CodeProtocolViolation,

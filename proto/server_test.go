@@ -172,8 +172,10 @@ func TestServerLoginRefusals(t *testing.T) {
 		msgs   []pgproto3.FrontendMessage
 		code   string
 	}{
-		"plus":         {MethodSCRAM, []pgproto3.FrontendMessage{&pgproto3.SASLInitialResponse{AuthMechanism: mechSCRAMPlus, Data: []byte("p=tls-server-end-point,,n=,r=a")}}, "28000"},
-		"cbind flag p": {MethodSCRAM, []pgproto3.FrontendMessage{&pgproto3.SASLInitialResponse{AuthMechanism: mechSCRAM, Data: []byte("p=tls-server-end-point,,n=,r=a")}}, "28000"},
+		"plus":         {MethodSCRAM, []pgproto3.FrontendMessage{&pgproto3.SASLInitialResponse{AuthMechanism: mechSCRAMPlus, Data: []byte("p=tls-server-end-point,,n=,r=a")}}, "08P01"},
+		"cbind flag p": {MethodSCRAM, []pgproto3.FrontendMessage{&pgproto3.SASLInitialResponse{AuthMechanism: mechSCRAM, Data: []byte("p=tls-server-end-point,,n=,r=a")}}, "08P01"},
+		"authzid":      {MethodSCRAM, []pgproto3.FrontendMessage{&pgproto3.SASLInitialResponse{AuthMechanism: mechSCRAM, Data: []byte("n,a=admin,n=,r=a")}}, "0A000"},
+		"extension":    {MethodSCRAM, []pgproto3.FrontendMessage{&pgproto3.SASLInitialResponse{AuthMechanism: mechSCRAM, Data: []byte("n,,m=ext,n=,r=a")}}, "0A000"},
 		"mechanism":    {MethodSCRAM, []pgproto3.FrontendMessage{&pgproto3.SASLInitialResponse{AuthMechanism: "SCRAM-SHA-1", Data: []byte("n,,n=,r=a")}}, "08P01"},
 		"query":        {MethodSCRAM, []pgproto3.FrontendMessage{&pgproto3.Query{String: "SELECT 1"}}, "08P01"},
 		"malformed":    {MethodSCRAM, []pgproto3.FrontendMessage{&pgproto3.SASLInitialResponse{AuthMechanism: mechSCRAM, Data: []byte("garbage")}}, "08P01"},

@@ -502,8 +502,26 @@ cur.execute("select current_user || ' ' || application_name from pg_stat_activit
 print(cur.fetchone()[0])
 `
 
-// TestAccountsOtherClients: psycopg2 and the PostgreSQL JDBC driver log in
-// with SCRAM and a code, and their sessions run as the mapped role.
+// nodeLogin is the same with node-postgres (pure JavaScript, its own SCRAM
+// client); the code goes in the startup "options", as with libpq.
+const nodeLogin = `const { Client } = require('pg');
+const [port, user, password, code] = process.argv.slice(2);
+(async () => {
+  const c = new Client({ host: '127.0.0.1', port: Number(port), user, password, database: 'app',
+    options: '-c pgmfa.code=' + code, application_name: 'node', ssl: false });
+  await c.connect();
+  const r = await c.query("select current_user || ' ' || application_name as s from pg_stat_activity where pid = pg_backend_pid()");
+  console.log(r.rows[0].s);
+  await c.end();
+})().catch((e) => { console.error(e.code, e.message); process.exit(1); });
+`
+
+// nodeModules is where `make deps-clients` installs node-postgres.
+const nodeModules = "/var/cache/pgmfa/node/node_modules"
+
+// TestAccountsOtherClients: psycopg2, the PostgreSQL JDBC driver and
+// node-postgres log in with SCRAM and a code, and their sessions run as the
+// mapped role.
 func TestAccountsOtherClients(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts PostgreSQL")
@@ -516,13 +534,17 @@ func TestAccountsOtherClients(t *testing.T) {
 	if _, serr := os.Stat(jar); err != nil || serr != nil {
 		pgtest.SkipOrFail(t, "java or the JDBC driver is missing (Debian packages default-jdk-headless, libpostgresql-jdbc-java; make deps-clients)")
 	}
+	node, err := exec.LookPath("node")
+	if _, serr := os.Stat(filepath.Join(nodeModules, "pg", "package.json")); err != nil || serr != nil {
+		pgtest.SkipOrFail(t, "node or node-postgres is missing (nodejs and npm; make deps-clients installs pg into %s)", filepath.Dir(nodeModules))
+	}
 	e := newAccountEnv(t, true)
 	sa := e.storeArgs()
-	for _, u := range []string{"py", "jdbc"} {
+	for _, u := range []string{"py", "jdbc", "node"} {
 		e.must(u+"-"+alicePW+"\n", append([]string{"account", "add", "--role", "app_rw", "--db-password-file", e.dbpwf, u}, sa...)...)
 		e.must("", append([]string{"enroll", "--qr=false", u}, sa...)...)
 	}
-	port, _ := e.serve()
+	port, serveLog := e.serve()
 	code := func(user string) string {
 		return strings.TrimSpace(e.must("", append(append([]string{"code"}, sa...), user)...))
 	}
@@ -550,5 +572,23 @@ func TestAccountsOtherClients(t *testing.T) {
 	out, err = exec.CommandContext(ctx, java, "-cp", jar, src, jdbcURL, "jdbc", "jdbc-"+alicePW).CombinedOutput()
 	if err != nil || strings.TrimSpace(string(out)) != "app_rw jdbc/jdbc-app" {
 		t.Errorf("JDBC: %v: %s", err, out)
+	}
+
+	js := filepath.Join(t.TempDir(), "login.js")
+	if err := os.WriteFile(js, []byte(nodeLogin), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.CommandContext(ctx, node, js, strconv.Itoa(port), "node", "node-"+alicePW, code("node"))
+	cmd.Env = append(os.Environ(), "NODE_PATH="+nodeModules)
+	out, err = cmd.CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "app_rw node/node" {
+		t.Errorf("node-postgres: %v: %s", err, out)
+	}
+	// Every one of them answered SCRAM (the mode's default), none fell
+	// back to something weaker.
+	for _, u := range []string{"py", "jdbc", "node"} {
+		if !strings.Contains(serveLog(), "user="+u+" database=app method=scram-sha-256 mfa=code") {
+			t.Errorf("no SCRAM login with a code logged for %s:\n%s", u, serveLog())
+		}
 	}
 }

@@ -53,8 +53,10 @@ func accountLoginSent(t *testing.T, m *Machine, user, password string) ([]Output
 }
 
 // A SCRAM client-final replayed into another login (a proof for another
-// nonce) is refused as PostgreSQL refuses it (08P01), and a client asking
-// for channel binding is refused with 28000; neither dials or asks MFA.
+// nonce) is refused as PostgreSQL refuses it (08P01), and so is a client
+// selecting SCRAM-SHA-256-PLUS, which pgmfa never offers (PostgreSQL
+// answers 08P01 to a mechanism it did not offer); neither dials or asks
+// MFA. cmd/pgmfa TestAccountsHostileSCRAM compares these with PostgreSQL.
 func TestAccountsReplayAndChannelBinding(t *testing.T) {
 	_, sent := accountLoginSent(t, New(accountsConfig(proto.MethodSCRAM)), "alice", "alice-pw")
 	if len(sent) != 2 {
@@ -73,7 +75,7 @@ func TestAccountsReplayAndChannelBinding(t *testing.T) {
 	feed(t, m.FromClient, startupBytes(map[string]string{"user": "alice"}))
 	_, outs = feed(t, m.FromClient, enc(&pgproto3.SASLInitialResponse{AuthMechanism: "SCRAM-SHA-256-PLUS", Data: []byte("p=tls-server-end-point,,n=,r=abc")}))
 	_, _, last = collect(outs)
-	if !last.Close || !errors.As(last.Err, &ae) || ae.Code != proto.CodeInvalidAuthorization {
+	if !last.Close || last.Dial || last.NeedMFA != nil || !errors.As(last.Err, &ae) || ae.Code != proto.CodeProtocolViolation {
 		t.Fatalf("channel binding: %+v %v", last, last.Err)
 	}
 }

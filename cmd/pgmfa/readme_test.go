@@ -102,6 +102,27 @@ func TestReadmeServeFlags(t *testing.T) {
 	}
 }
 
+// TestHelpFlagLines: every flag line of every subcommand's --help is the
+// flag and at most its type. The flag package takes a `quoted` word of a
+// usage text as the argument's name, so a usage that quotes a command
+// printed "-auth pgmfa account add" instead of "-auth string".
+func TestHelpFlagLines(t *testing.T) {
+	for _, args := range [][]string{{"serve"}, {"approve"}, {"sessions"}, {"enroll"}, {"code"},
+		{"store", "init"}, {"store", "new-key"}, {"store", "rotate-key"}, {"store", "migrate"},
+		{"account", "add"}, {"account", "passwd"}, {"account", "remove"}, {"account", "list"}, {"account", "import"}} {
+		_, help := pgmfa(t, append(args, "--help")...)
+		lines := regexp.MustCompile(`(?m)^  -[a-z0-9-]+.*$`).FindAllString(help, -1)
+		if len(lines) == 0 {
+			t.Errorf("pgmfa %s --help lists no flag:\n%s", strings.Join(args, " "), help)
+		}
+		for _, l := range lines {
+			if f := strings.Fields(l); len(f) > 2 {
+				t.Errorf("pgmfa %s --help: %q names its argument from the usage text", strings.Join(args, " "), l)
+			}
+		}
+	}
+}
+
 // TestReadmeSubcommands: `pgmfa help` lists every subcommand, and the
 // README's table of subcommands names the same ones.
 func TestReadmeSubcommands(t *testing.T) {

@@ -42,9 +42,9 @@ type mfaStore interface {
 // defaultKeyFile is --store-key-file unless given: $PGMFA_STORE_KEY_FILE.
 func defaultKeyFile() string { return os.Getenv("PGMFA_STORE_KEY_FILE") }
 
-const keyFileUsage = "file holding the key(s) that encrypt secrets in the store (one base64 AES-256 key per line, the first encrypts; written by `pgmfa store new-key`; mode 0600). Without it the key may come from the environment variable " + mfa.KeyEnv + " (env PGMFA_STORE_KEY_FILE)"
+const keyFileUsage = "file holding the key(s) that encrypt secrets in the store (one base64 AES-256 key per line, the first encrypts; written by \"pgmfa store new-key\"; mode 0600). Without it the key may come from the environment variable " + mfa.KeyEnv + " (env PGMFA_STORE_KEY_FILE)"
 
-const storeUsage = "the secret store: a JSON file path, or a PostgreSQL connection string (postgres://USER@HOST/DB or \"host=… dbname=…\") initialised with `pgmfa store init` (env PGMFA_STORE)"
+const storeUsage = "the secret store: a JSON file path, or a PostgreSQL connection string (postgres://USER@HOST/DB or \"host=… dbname=…\") initialised with \"pgmfa store init\" (env PGMFA_STORE)"
 
 // openStore opens spec as a PostgreSQL store (a connection string) or a
 // file store (a path), with the keyring of keyFile.

@@ -1,8 +1,6 @@
 package admin
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -11,8 +9,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"time"
+
+	"github.com/pgmfa/pgmfa/loop/internal/localsock"
 )
 
 // DefaultSocket is where the admin API listens unless told otherwise.
@@ -59,17 +57,7 @@ func listenLoopback(addr string) (net.Listener, error) {
 	if ip := net.ParseIP(host); ip != nil && !ip.IsLoopback() {
 		return nil, fmt.Errorf("admin: %s is not a loopback address; the admin API must be on loopback (127.0.0.1, ::1) or a unix socket", addr)
 	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("admin: %w", err)
-	}
-	// A name like "localhost" resolves through the system; check what it
-	// actually bound to.
-	if tcp, ok := ln.Addr().(*net.TCPAddr); !ok || !tcp.IP.IsLoopback() {
-		ln.Close()
-		return nil, fmt.Errorf("admin: %s resolved to %s, which is not loopback", addr, ln.Addr())
-	}
-	return ln, nil
+	return localsock.ListenLoopback("admin", addr)
 }
 
 func listenUnix(path string) (net.Listener, error) {
@@ -79,60 +67,5 @@ func listenUnix(path string) (net.Listener, error) {
 			return nil, fmt.Errorf("admin: %w", err)
 		}
 	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&fs.ModeSocket == 0 {
-			return nil, fmt.Errorf("admin: %s exists and is not a socket; remove it or choose another --admin path", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("admin: %s is in use by another running process (another pgmfa?)", path)
-		}
-		// Stale: left behind by a process that died.
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("admin: remove stale socket: %w", err)
-		}
-	}
-	// Bind under a temporary name, restrict it, then rename it into place,
-	// so the socket is never reachable at its real path with the umask's
-	// looser mode (changing the umask would race with the rest of the
-	// process).
-	// The temporary name is no longer than "admin.sock", so a path that
-	// fits the kernel's 108 bytes still fits while temporary.
-	var rnd [4]byte
-	rand.Read(rnd[:])
-	tmp := filepath.Join(dir, "."+hex.EncodeToString(rnd[:]))
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("admin: %w", err)
-	}
-	ln.SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, 0o600); err != nil {
-		ln.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("admin: %w", err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		ln.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("admin: %w", err)
-	}
-	return &unixListener{UnixListener: ln, path: path}, nil
+	return localsock.ListenUnix("admin", path, 0o600)
 }
-
-// unixListener removes its socket file when closed: the socket was renamed,
-// so the standard listener would unlink the wrong name.
-type unixListener struct {
-	*net.UnixListener
-	path string
-	once sync.Once
-}
-
-func (l *unixListener) Close() error {
-	err := l.UnixListener.Close()
-	l.once.Do(func() { os.Remove(l.path) })
-	return err
-}
-
-// Addr reports the socket's real path, not the temporary one it was bound
-// under.
-func (l *unixListener) Addr() net.Addr { return &net.UnixAddr{Name: l.path, Net: "unix"} }

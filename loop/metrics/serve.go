@@ -3,14 +3,14 @@ package metrics
 import (
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/pgmfa/pgmfa/loop/internal/localsock"
 )
 
 // Path is where the metrics are served.
@@ -58,17 +58,7 @@ func Listen(addr string) (net.Listener, error) {
 	if isUnix(addr) {
 		return listenUnix(addr)
 	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("--metrics: %w", err)
-	}
-	// A name ("localhost") resolves through the system: check what it
-	// bound to.
-	if tcp, ok := ln.Addr().(*net.TCPAddr); !ok || !tcp.IP.IsLoopback() {
-		ln.Close()
-		return nil, fmt.Errorf("--metrics %s resolved to %s, which is not loopback", addr, ln.Addr())
-	}
-	return ln, nil
+	return localsock.ListenLoopback("--metrics", addr)
 }
 
 // CheckAddr refuses what Listen would refuse without binding: a caller
@@ -97,29 +87,8 @@ func CheckAddr(addr string) error {
 
 func isUnix(addr string) bool { return strings.Contains(addr, "/") }
 
+// listenUnix: owner and group may connect (a scraping agent in pgmfa's
+// group), others may not.
 func listenUnix(path string) (net.Listener, error) {
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&fs.ModeSocket == 0 {
-			return nil, fmt.Errorf("--metrics %s exists and is not a socket", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("--metrics %s is in use by another running process", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("--metrics: removing a stale socket: %w", err)
-		}
-	}
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("--metrics: %w", err)
-	}
-	// Owner and group may connect (a scraping agent in pgmfa's group);
-	// others may not. Until the chmod the umask's mode holds, which for
-	// connecting (it needs write) is usually the owner alone.
-	if err := os.Chmod(path, 0o660); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("--metrics: %w", err)
-	}
-	return ln, nil
+	return localsock.ListenUnix("--metrics", path, 0o660)
 }

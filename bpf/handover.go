@@ -1,7 +1,6 @@
 package bpf
 
 import (
-	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -12,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pgmfa/pgmfa/bpf/fdpass"
 )
 
 // Hand-over: a running Splicer gives its spliced sessions, with the kernel
@@ -456,20 +457,20 @@ func receiveHandOver(r *frameReader, objects func(*handOverHeader, []int) error,
 		return err
 	}
 	if kind != frameHeader {
-		closeAll(fds)
+		fdpass.CloseAll(fds)
 		return fmt.Errorf("the hand-over starts with frame kind %d, not a header", kind)
 	}
 	var hdr handOverHeader
-	if err := strictJSON(payload, &hdr); err != nil {
-		closeAll(fds)
+	if err := fdpass.StrictJSON(payload, &hdr); err != nil {
+		fdpass.CloseAll(fds)
 		return fmt.Errorf("the hand-over's header: %w", err)
 	}
 	if hdr.Program != objectHash() {
-		closeAll(fds)
+		fdpass.CloseAll(fds)
 		return fmt.Errorf("the sender runs another BPF program (%q; this binary's is %q): a hand-over needs the same splice.c on both sides", hdr.Program, objectHash())
 	}
 	if hdr.Sessions < 0 {
-		closeAll(fds)
+		fdpass.CloseAll(fds)
 		return fmt.Errorf("the header announces %d sessions", hdr.Sessions)
 	}
 	if err := objects(&hdr, fds); err != nil {
@@ -484,17 +485,17 @@ func receiveHandOver(r *frameReader, objects func(*handOverHeader, []int) error,
 		switch kind {
 		case frameSessions:
 			var batch []handOverSession
-			if err := strictJSON(payload, &batch); err != nil {
-				closeAll(fds)
+			if err := fdpass.StrictJSON(payload, &batch); err != nil {
+				fdpass.CloseAll(fds)
 				return fmt.Errorf("a frame of sessions: %w", err)
 			}
 			if len(fds) != 2*len(batch) {
-				closeAll(fds)
+				fdpass.CloseAll(fds)
 				return fmt.Errorf("a frame of %d sessions carries %d fds", len(batch), len(fds))
 			}
 			for i := range batch {
 				if err := session(&batch[i], [2]int{fds[2*i], fds[2*i+1]}); err != nil {
-					closeAll(fds[2*i:])
+					fdpass.CloseAll(fds[2*i:])
 					return err
 				}
 			}
@@ -503,9 +504,9 @@ func receiveHandOver(r *frameReader, objects func(*handOverHeader, []int) error,
 				return fmt.Errorf("more sessions than the %d the header announced", hdr.Sessions)
 			}
 		case frameEnd:
-			closeAll(fds)
+			fdpass.CloseAll(fds)
 			var end handOverCount
-			if err := strictJSON(payload, &end); err != nil {
+			if err := fdpass.StrictJSON(payload, &end); err != nil {
 				return fmt.Errorf("the end frame: %w", err)
 			}
 			if end.Sessions != got || got != hdr.Sessions {
@@ -513,30 +514,12 @@ func receiveHandOver(r *frameReader, objects func(*handOverHeader, []int) error,
 			}
 			return nil
 		case frameAbort:
-			closeAll(fds)
+			fdpass.CloseAll(fds)
 			return errors.New("the sender aborted the hand-over")
 		default:
-			closeAll(fds)
+			fdpass.CloseAll(fds)
 			return fmt.Errorf("unexpected frame kind %d in the hand-over", kind)
 		}
-	}
-}
-
-func strictJSON(b []byte, v any) error {
-	d := json.NewDecoder(bytes.NewReader(b))
-	d.DisallowUnknownFields()
-	if err := d.Decode(v); err != nil {
-		return err
-	}
-	if d.More() {
-		return errors.New("trailing data after the JSON value")
-	}
-	return nil
-}
-
-func closeAll(fds []int) {
-	for _, fd := range fds {
-		unix.Close(fd)
 	}
 }
 
@@ -561,18 +544,8 @@ func writeFrame(conn *net.UnixConn, kind byte, payload []byte, fds []int) error 
 	binary.BigEndian.PutUint16(b[4:], uint16(len(fds)))
 	b[6] = kind
 	b = append(b, payload...)
-	var oob []byte
-	if len(fds) > 0 {
-		oob = unix.UnixRights(fds...)
-	}
-	n, _, err := conn.WriteMsgUnix(b, oob, nil)
-	if err != nil {
+	if err := fdpass.Send(conn, b, fds); err != nil {
 		return fmt.Errorf("writing a hand-over frame: %w", err)
-	}
-	if n < len(b) {
-		if _, err := conn.Write(b[n:]); err != nil {
-			return fmt.Errorf("writing a hand-over frame: %w", err)
-		}
 	}
 	return nil
 }
@@ -600,16 +573,11 @@ func (r *frameReader) fill(n int) error {
 	for len(r.buf) < n {
 		got, oobn, flags, err := r.recv(r.tmp, r.oob)
 		if oobn > 0 {
-			msgs, perr := unix.ParseSocketControlMessage(r.oob[:oobn])
+			fds, perr := fdpass.Rights(r.oob[:oobn])
 			if perr != nil {
 				return fmt.Errorf("control message: %w", perr)
 			}
-			for _, m := range msgs {
-				fds, perr := unix.ParseUnixRights(&m)
-				if perr == nil {
-					r.fds = append(r.fds, fds...)
-				}
-			}
+			r.fds = append(r.fds, fds...)
 		}
 		if flags&unix.MSG_CTRUNC != 0 {
 			return errors.New("the sender passed more fds in one message than SCM_RIGHTS carries (control data truncated)")
@@ -686,6 +654,6 @@ func (r *frameReader) frame(want int) (kind byte, payload []byte, fds []int, err
 
 // closeFDs closes the fds received and not claimed.
 func (r *frameReader) closeFDs() {
-	closeAll(r.fds)
+	fdpass.CloseAll(r.fds)
 	r.fds = nil
 }

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pgmfa/pgmfa/bpf/fdpass"
 )
 
 // unixConns returns two connected unix stream sockets.
@@ -576,13 +578,13 @@ func TestAdoptBadInput(t *testing.T) {
 			fds := pipe()
 			c.Write(preambleOf(1))
 			writeFrame(c, frameHeader, hdr("0123", []string{"a", "b"}), fds)
-			closeAll(fds)
+			fdpass.CloseAll(fds)
 		}, "the sender runs another BPF program"},
 		{"wrong objects", func(c *net.UnixConn) {
 			fds := pipe()
 			c.Write(preambleOf(1))
 			writeFrame(c, frameHeader, hdr(objectHash(), []string{"a", "b"}), fds)
-			closeAll(fds)
+			fdpass.CloseAll(fds)
 		}, "the hand-over carries the objects [a b]"},
 		{"fds that are not maps", func(c *net.UnixConn) {
 			var fds []int
@@ -591,7 +593,7 @@ func TestAdoptBadInput(t *testing.T) {
 			}
 			c.Write(preambleOf(1))
 			writeFrame(c, frameHeader, hdr(objectHash(), names), fds[:len(names)])
-			closeAll(fds)
+			fdpass.CloseAll(fds)
 		}, "is not a BPF map"},
 		{"wrong cookies", func(c *net.UnixConn) {
 			c.Write(preambleOf(1))
@@ -1039,7 +1041,7 @@ func relayHandOver(from, to *net.UnixConn, gone bool) error {
 			return err
 		}
 		err = writeFrame(to, kind, payload, fds)
-		closeAll(fds)
+		fdpass.CloseAll(fds)
 		if err != nil {
 			return err
 		}

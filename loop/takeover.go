@@ -1,7 +1,6 @@
 package loop
 
 import (
-	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -18,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pgmfa/pgmfa/bpf"
+	"github.com/pgmfa/pgmfa/bpf/fdpass"
 	"github.com/pgmfa/pgmfa/loop/login"
 )
 
@@ -117,15 +117,7 @@ func writeMsg(conn *net.UnixConn, m *takeoverMsg, fds []int) error {
 		return err
 	}
 	b = append(binary.BigEndian.AppendUint32(nil, uint32(len(b))), b...)
-	var oob []byte
-	if len(fds) > 0 {
-		oob = unix.UnixRights(fds...)
-	}
-	n, _, err := conn.WriteMsgUnix(b, oob, nil)
-	if err == nil && n < len(b) {
-		_, err = conn.Write(b[n:])
-	}
-	return err
+	return fdpass.Send(conn, b, fds)
 }
 
 // readMsg reads exactly one frame, and the fds that came with it (at most
@@ -138,20 +130,16 @@ func readMsg(conn *net.UnixConn, maxFDs int) (*takeoverMsg, []int, error) {
 	for got < len(hdr) {
 		n, oobn, flags, _, err := conn.ReadMsgUnix(hdr[got:], oob)
 		if oobn > 0 {
-			msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
-			for _, cm := range msgs {
-				if f, err := unix.ParseUnixRights(&cm); err == nil {
-					fds = append(fds, f...)
-				}
-			}
+			f, _ := fdpass.Rights(oob[:oobn])
+			fds = append(fds, f...)
 		}
 		if flags&unix.MSG_CTRUNC != 0 || len(fds) > maxFDs {
-			closeFDs(fds)
+			fdpass.CloseAll(fds)
 			return nil, nil, errors.New("the peer passed more descriptors than the takeover carries")
 		}
 		got += n
 		if err != nil || n == 0 {
-			closeFDs(fds)
+			fdpass.CloseAll(fds)
 			if err == nil || errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
 			}
@@ -160,7 +148,7 @@ func readMsg(conn *net.UnixConn, maxFDs int) (*takeoverMsg, []int, error) {
 	}
 	m, err := parseMsg(conn, binary.BigEndian.Uint32(hdr[:]))
 	if err != nil {
-		closeFDs(fds)
+		fdpass.CloseAll(fds)
 		return nil, nil, err
 	}
 	return m, fds, nil
@@ -175,28 +163,10 @@ func parseMsg(r io.Reader, n uint32) (*takeoverMsg, error) {
 		return nil, err
 	}
 	var m takeoverMsg
-	if err := strictJSON(b, &m); err != nil {
+	if err := fdpass.StrictJSON(b, &m); err != nil {
 		return nil, fmt.Errorf("a takeover frame: %w", err)
 	}
 	return &m, nil
-}
-
-func strictJSON(b []byte, v any) error {
-	d := json.NewDecoder(bytes.NewReader(b))
-	d.DisallowUnknownFields()
-	if err := d.Decode(v); err != nil {
-		return err
-	}
-	if d.More() {
-		return errors.New("trailing data after the JSON value")
-	}
-	return nil
-}
-
-func closeFDs(fds []int) {
-	for _, fd := range fds {
-		unix.Close(fd)
-	}
 }
 
 // readMagic checks that the peer speaks this protocol.
@@ -275,7 +245,7 @@ func (s *Server) handTakeover(conn *net.UnixConn, drainTimeout time.Duration) (c
 	if err != nil {
 		return false, fmt.Errorf("reading the request: %w", err)
 	}
-	closeFDs(fds)
+	fdpass.CloseAll(fds)
 	refuse := func(err error) (bool, error) {
 		_ = writeMagic(conn)
 		_ = writeMsg(conn, &takeoverMsg{Error: err.Error()}, nil)
@@ -523,7 +493,7 @@ func (s *Server) TakeOver(path string) (*Takeover, error) {
 		return fail(fmt.Errorf("waiting for the listeners: %w", err))
 	}
 	refuse := func(err error) (*Takeover, error) {
-		closeFDs(fds)
+		fdpass.CloseAll(fds)
 		_ = writeMsg(conn, &takeoverMsg{Error: err.Error()}, nil)
 		return fail(err)
 	}
@@ -541,7 +511,7 @@ func (s *Server) TakeOver(path string) (*Takeover, error) {
 			for _, l := range lns {
 				l.Close()
 			}
-			closeFDs(fds[i+1:])
+			fdpass.CloseAll(fds[i+1:])
 			_ = writeMsg(conn, &takeoverMsg{Error: err.Error()}, nil)
 			return fail(fmt.Errorf("listener %s: %w", s.addrs[i], err))
 		}
@@ -578,7 +548,7 @@ func (t *Takeover) Adopt(s *Server) (committed bool, err error) {
 		// The old process first lets its logins in flight finish (up to
 		// its drain timeout): no deadline on this wait.
 		m, fds, err := readMsg(t.conn, 0)
-		closeFDs(fds)
+		fdpass.CloseAll(fds)
 		if err != nil {
 			return committed, fmt.Errorf("the old process (pid %d) stopped before the sessions were handed over: %w", t.pid, err)
 		}

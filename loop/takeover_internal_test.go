@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pgmfa/pgmfa/bpf/fdpass"
 )
 
 // TestTakeoverPeerDiesWithTheListeners: a new process that receives the
@@ -141,7 +143,7 @@ func TestTakeoverFailsDuringDrainRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	closeFDs(fds)
+	fdpass.CloseAll(fds)
 	res := s.Drain(5 * time.Second) // returns at once: the takeover decides
 	if res.Sessions != 0 || res.Logins != 0 || !strings.Contains(logs.String(), "drains once it ends") {
 		t.Fatalf("Drain during a takeover: %+v\n%s", res, logs.String())

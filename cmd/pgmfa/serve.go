@@ -297,7 +297,8 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		// instance reaches the one holding the login by NOTIFY.
 		approvals = mfa.NewFleetApprovals(guard, ps)
 	}
-	page, err := f.web.build(guard, approvals, certs, logger)
+	passkeys, _ := store.(mfa.PasskeyStore) // both stores keep passkeys
+	page, err := f.web.build(guard, approvals, passkeys, certs, logger)
 	if err != nil {
 		return nil, err
 	}
@@ -373,7 +374,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if page != nil {
 		p.onStop = append(p.onStop, page.serve(logger))
 		p.webCerts = page.certs
-		logger.Info("approval page listening", "web", page.ln.Addr().String(), "mode", f.web.mode, "webhook", f.web.webhook != "")
+		logger.Info("approval page listening", "web", page.ln.Addr().String(), "mode", f.web.mode, "webhook", f.web.webhook != "", "passkeys", page.srv.PasskeysOn())
 	}
 	if met != nil {
 		met.Splicer(srv.Splicer())

@@ -24,7 +24,7 @@ type webFlags struct {
 
 func (f *webFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.addr, "web", "", "serve the approval page on this host:port over HTTPS (empty: off); a login without a code then gets a one-time link (see --web-mode)")
-	fs.StringVar(&f.url, "web-url", "", "the approval page's address as users reach it, used in links (default: https://ADDR of --web; required when --web has no specific host)")
+	fs.StringVar(&f.url, "web-url", "", "the approval page's address as users reach it, used in links and as the passkeys' origin: passkeys need a domain name here, not an IP address (default: https://ADDR of --web; required when --web has no specific host)")
 	fs.StringVar(&f.cert, "web-cert", "", "PEM certificate of the approval page (default: --tls-cert); reloaded on SIGHUP")
 	fs.StringVar(&f.key, "web-key", "", "PEM private key of --web-cert")
 	fs.BoolVar(&f.insecureLoopback, "web-insecure-loopback", false, "serve the approval page over plaintext HTTP; only on a loopback --web address (tests, development)")
@@ -57,7 +57,7 @@ func (p *webPage) serve(logger *slog.Logger) (stop func()) {
 }
 
 // build checks the flags and opens the page's listener (nil: --web off).
-func (f *webFlags) build(guard *mfa.Guard, approvals *mfa.Approvals, clientCerts *tlsproxy.Certs, logger *slog.Logger) (*webPage, error) {
+func (f *webFlags) build(guard *mfa.Guard, approvals *mfa.Approvals, passkeys mfa.PasskeyStore, clientCerts *tlsproxy.Certs, logger *slog.Logger) (*webPage, error) {
 	if f.addr == "" {
 		if f.webhook != "" || f.cert != "" || f.url != "" || f.insecureLoopback {
 			return nil, errors.New("--web-url, --web-cert, --web-insecure-loopback and --mfa-webhook need --web")
@@ -114,7 +114,7 @@ func (f *webFlags) build(guard *mfa.Guard, approvals *mfa.Approvals, clientCerts
 	if f.webhook != "" {
 		p.hook = web.NewWebhook(f.webhook, logger)
 	}
-	cfg := web.Config{Guard: guard, Approvals: approvals, URL: base, Mode: f.mode, Secure: !f.insecureLoopback, Webhook: p.hook, Logger: logger}
+	cfg := web.Config{Guard: guard, Approvals: approvals, URL: base, Mode: f.mode, Secure: !f.insecureLoopback, Webhook: p.hook, Logger: logger, Passkeys: passkeys}
 	if p.srv, err = web.New(cfg); err != nil {
 		ln.Close()
 		if p.hook != nil {

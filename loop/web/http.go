@@ -2,6 +2,7 @@ package web
 
 import (
 	"crypto/subtle"
+	_ "embed"
 	"errors"
 	"html/template"
 	"net/http"
@@ -23,9 +24,16 @@ const (
 	preCookie     = "pgmfa_pre" // CSRF token of the sign-in forms (no session yet)
 )
 
-// csp allows nothing but this page's own forms: no script, no style, no
-// frames, no other origin.
-const csp = "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+// csp allows nothing but this page's own forms and its one script file
+// (passkeys), which may talk to this origin only: no inline script, no
+// style, no frames, no other origin.
+const csp = "default-src 'none'; script-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+
+// passkeyJS is the page's only script: the browser side of the WebAuthn
+// ceremonies (navigator.credentials), with no library.
+//
+//go:embed passkey.js
+var passkeyJS []byte
 
 // Handler is the page's HTTP handler.
 func (s *Server) Handler() http.Handler {
@@ -35,6 +43,15 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /signin", s.signIn)
 	mux.HandleFunc("POST /decide", s.decide)
 	mux.HandleFunc("POST /signout", s.signOut)
+	mux.HandleFunc("GET /enroll/{token}", s.enrollPage)
+	mux.HandleFunc("POST /enroll/{token}/begin", s.enrollBegin)
+	mux.HandleFunc("POST /enroll/{token}/finish", s.enrollFinish)
+	mux.HandleFunc("POST /passkey/begin", s.passkeyBegin)
+	mux.HandleFunc("POST /passkey/finish", s.passkeyFinish)
+	mux.HandleFunc("GET /static/passkey.js", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/javascript; charset=utf-8")
+		_, _ = w.Write(passkeyJS)
+	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
 		h.Set("Content-Security-Policy", csp)
@@ -46,7 +63,11 @@ func (s *Server) Handler() http.Handler {
 		if s.cfg.Secure {
 			h.Set("Strict-Transport-Security", "max-age=31536000")
 		}
-		r.Body = http.MaxBytesReader(w, r.Body, maxBody)
+		limit := int64(maxBody)
+		if strings.HasSuffix(r.URL.Path, "/finish") {
+			limit = maxJSONBody
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, limit)
 		mux.ServeHTTP(w, r)
 	})
 }
@@ -115,13 +136,16 @@ type pageData struct {
 	Token      string // the link's token, carried by its sign-in form
 	LinkDetail *row
 	Status     int
+	// Passkeys: offer a passkey (the script); Enroll: the page of an
+	// enrollment link.
+	Passkeys, Enroll bool
 }
 
 // home: the signed-in user's logins, or the sign-in form.
 func (s *Server) home(w http.ResponseWriter, r *http.Request) {
 	se, _ := s.current(r)
 	if se == nil {
-		s.render(w, pageData{Title: "Sign in", SignIn: true, CSRF: s.preToken(w, r)})
+		s.render(w, pageData{Title: "Sign in", SignIn: true, CSRF: s.preToken(w, r), Passkeys: s.rp != nil})
 		return
 	}
 	s.render(w, pageData{Title: "Your logins", User: se.user, CSRF: se.csrf, Rows: s.rows(se.user)})
@@ -142,7 +166,7 @@ func (s *Server) linkPage(w http.ResponseWriter, r *http.Request) {
 	}
 	d := rowOf(lk, s.cfg.Now())
 	s.render(w, pageData{Title: "Approve a database login", SignIn: true, FixedUser: lk.login.User, Token: r.PathValue("token"),
-		LinkDetail: &d, CSRF: s.preToken(w, r)})
+		LinkDetail: &d, CSRF: s.preToken(w, r), Passkeys: s.rp != nil})
 }
 
 func (s *Server) gone(w http.ResponseWriter) {
@@ -192,13 +216,21 @@ func (s *Server) signIn(w http.ResponseWriter, r *http.Request) {
 		if o.Reason == mfa.ReasonThrottled {
 			status = http.StatusTooManyRequests
 		}
-		d := pageData{Status: status, Title: "Sign in", SignIn: true, CSRF: pre.Value, Error: o.Message}
+		d := pageData{Status: status, Title: "Sign in", SignIn: true, CSRF: pre.Value, Error: o.Message, Passkeys: s.rp != nil}
 		if token != "" {
 			d.FixedUser, d.Token = user, token
 		}
 		s.render(w, d)
 		return
 	}
+	if s.startSession(w, r, user, token, "totp") {
+		http.Redirect(w, r, "/", http.StatusSeeOther)
+	}
+}
+
+// startSession signs user in (they proved who they are by method) and
+// uses up the login link token, if any. false: it answered the refusal.
+func (s *Server) startSession(w http.ResponseWriter, r *http.Request, user, token, method string) bool {
 	sid := randomToken()
 	now := s.cfg.Now()
 	s.mu.Lock()
@@ -206,9 +238,9 @@ func (s *Server) signIn(w http.ResponseWriter, r *http.Request) {
 	if len(s.sessions) >= maxSessions {
 		s.mu.Unlock()
 		http.Error(w, "too many sessions on the approval page; try again in a few minutes", http.StatusServiceUnavailable)
-		return
+		return false
 	}
-	s.sessions[hash(sid)] = &session{user: user, csrf: randomToken(), expires: now.Add(s.cfg.SessionTTL)}
+	s.sessions[hash(sid)] = &session{user: user, method: method, csrf: randomToken(), expires: now.Add(s.cfg.SessionTTL)}
 	if token != "" {
 		// Single use: the link has done its job.
 		if lk, ok := s.links[hash(token)]; ok {
@@ -216,9 +248,9 @@ func (s *Server) signIn(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	s.mu.Unlock()
-	s.log.Info("signed in on the approval page", "user", user, "web_client", r.RemoteAddr)
+	s.log.Info("signed in on the approval page", "user", user, "method", method, "web_client", r.RemoteAddr)
 	s.setCookie(w, sessionCookie, sid, s.cfg.SessionTTL)
-	http.Redirect(w, r, "/", http.StatusSeeOther)
+	return true
 }
 
 // decide approves or denies one of the signed-in user's logins.
@@ -272,7 +304,7 @@ func (s *Server) decide(w http.ResponseWriter, r *http.Request) {
 	}
 	// The audit line: who decided, from where, and which login.
 	s.log.Info("login "+verb+" on the approval page", "user", se.user, "client", l.Addr, "database", l.Database,
-		"application_name", l.AppName, "approver", se.user, "web_client", r.RemoteAddr)
+		"application_name", l.AppName, "approver", se.user, "approver_method", se.method, "web_client", r.RemoteAddr)
 	s.render(w, pageData{Title: "Your logins", User: se.user, CSRF: se.csrf, Rows: s.rows(se.user), Message: msg})
 }
 
@@ -414,6 +446,14 @@ var page = template.Must(template.New("page").Parse(`<!doctype html>
 <p><label>Code from your authenticator app <input name="code" inputmode="numeric" autocomplete="one-time-code" required></label></p>
 <p><button type="submit">Sign in</button></p>
 </form>
+{{if .Passkeys}}<p>or <button type="button" id="passkey-signin" data-token="{{.Token}}" hidden>Sign in with a passkey</button></p>
+<p id="passkey-status" role="status"></p>{{end}}
+{{else if .Enroll}}
+<p>Register a passkey (or a security key) for the database user <code>{{.FixedUser}}</code>. This link works once.</p>
+<input type="hidden" name="csrf" value="{{.CSRF}}">
+<p><button type="button" id="passkey-register" hidden>Register a passkey</button></p>
+<noscript><p>Registering a passkey needs JavaScript.</p></noscript>
+<p id="passkey-status" role="status"></p>
 {{else if .User}}
 <p>Signed in as <code>{{.User}}</code>.</p>
 {{if .Rows}}<table>
@@ -426,5 +466,6 @@ var page = template.Must(template.New("page").Parse(`<!doctype html>
 {{else}}<p>No login of yours is waiting for approval.</p>{{end}}
 <form method="post" action="/signout"><input type="hidden" name="csrf" value="{{.CSRF}}"><button type="submit">Sign out</button></form>
 {{end}}
+{{if .Passkeys}}<script src="/static/passkey.js"></script>{{end}}
 </body></html>
 `))

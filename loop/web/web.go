@@ -1,6 +1,6 @@
 // Package web is pgmfa's approval page (`pgmfa serve --web ADDR`): a small
-// HTTPS site where a person signs in with a TOTP code and approves or
-// denies their own database logins that need a second factor, plus the
+// HTTPS site where a person signs in with a TOTP code or a passkey
+// (WebAuthn, passkey.go) and approves or denies their own database logins that need a second factor, plus the
 // webhook (--mfa-webhook) that tells them where to go.
 //
 // Why a link in an error: before AuthenticationOk libpq accepts nothing but
@@ -14,13 +14,15 @@
 // the link goes to the webhook; approving releases the waiting login, and
 // a denial ends it at once with 28000.
 //
-// The page works without JavaScript (plain HTML forms). Its sessions are
-// short-lived, its cookies HttpOnly, SameSite=Strict and Secure (over
-// TLS), every state change carries a CSRF token, and sign-in goes through
-// mfa.Guard.VerifyPage: the same per-user and per-address throttles and
-// single use as a code on the wire.
+// The page works without JavaScript (plain HTML forms) for TOTP; only
+// passkeys need its one script (the browser's WebAuthn API is JavaScript).
+// Its sessions are short-lived, its cookies HttpOnly, SameSite=Strict and
+// Secure (over TLS), every state change carries a CSRF token, and a TOTP
+// sign-in goes through mfa.Guard.VerifyPage: the same per-user and
+// per-address throttles and single use as a code on the wire.
 //
-// What it keeps (links, grants, sessions) lives in this process: the link
+// What it keeps (links, grants, sessions, WebAuthn challenges) lives in
+// this process; passkeys and their enrollment links live in the store: the link
 // and the retry must reach the instance that made the link (see README,
 // "Approving from a web page").
 package web
@@ -36,6 +38,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/go-webauthn/webauthn/webauthn"
 
 	"github.com/pgmfa/pgmfa/mfa"
 )
@@ -77,8 +81,11 @@ type Config struct {
 	Webhook *Webhook
 	// Secure marks cookies Secure (the page is served over TLS).
 	Secure bool
-	Logger *slog.Logger
-	Now    func() time.Time // tests
+	// Passkeys, when set, enables passkey (WebAuthn) enrollment and
+	// sign-in (passkey.go). It needs a domain name in URL.
+	Passkeys mfa.PasskeyStore
+	Logger   *slog.Logger
+	Now      func() time.Time // tests
 }
 
 // Server is the approval page and the gate's view of it (login.Web).
@@ -92,6 +99,9 @@ type Server struct {
 	links    map[string]*link     // sha256(token) → link
 	grants   map[string]time.Time // user \0 client IP → admitted until
 	sessions map[string]*session  // sha256(session id) → session
+
+	rp         *webauthn.WebAuthn   // nil: passkeys off
+	ceremonies map[string]*ceremony // sha256(ceremony id) → started WebAuthn ceremony
 }
 
 // link is a login that needs approval and the one-time link made for it.
@@ -108,6 +118,7 @@ type link struct {
 
 type session struct {
 	user    string
+	method  string // how the user proved who they are: totp or passkey (the audit line says)
 	csrf    string
 	expires time.Time
 }
@@ -143,8 +154,21 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &Server{cfg: cfg, log: cfg.Logger, links: map[string]*link{}, grants: map[string]time.Time{}, sessions: map[string]*session{}}, nil
+	s := &Server{cfg: cfg, log: cfg.Logger, links: map[string]*link{}, grants: map[string]time.Time{}, sessions: map[string]*session{},
+		ceremonies: map[string]*ceremony{}}
+	if cfg.Passkeys != nil {
+		rp, err := newRelyingParty(cfg.URL)
+		if err != nil {
+			// TOTP still works: say why passkeys do not.
+			cfg.Logger.Warn("passkeys are off on the approval page", "err", err)
+		}
+		s.rp = rp
+	}
+	return s, nil
 }
+
+// PasskeysOn reports whether the page enrolls and accepts passkeys.
+func (s *Server) PasskeysOn() bool { return s.rp != nil }
 
 // Admitted reports whether user connecting from addr was approved on the
 // page within GrantTTL, for addr's IP. In memory: it runs on event loops.

@@ -381,6 +381,9 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		if page != nil && page.hook != nil {
 			met.Webhook(page.hook.Sent, page.hook.Failed)
 		}
+		if page != nil {
+			met.WebSignIns(page.srv.SignIns)
+		}
 		ln, err := metrics.Listen(f.metrics)
 		if err != nil {
 			return nil, err

@@ -206,6 +206,24 @@ func (m *Metrics) Webhook(sent, failed func() uint64) {
 	)
 }
 
+// WebSignIns exposes the approval page's sign-ins (loop/web.Server), read
+// at scrape time, by method (totp, passkey) and result (ok, refused).
+func (m *Metrics) WebSignIns(count func(method string, ok bool) uint64) {
+	for _, method := range []string{"totp", "passkey"} {
+		for _, ok := range []bool{true, false} {
+			result := "refused"
+			if ok {
+				result = "ok"
+			}
+			m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name:        "pgmfa_web_signins_total",
+				Help:        "Sign-ins on the approval page (--web), by method (totp, passkey) and result (ok, refused: a wrong or throttled code, a passkey not accepted, replayed, or with a counter gone backwards).",
+				ConstLabels: prometheus.Labels{"method": method, "result": result},
+			}, func() float64 { return float64(count(method, ok)) }))
+		}
+	}
+}
+
 // Login implements login.Observer.
 func (m *Metrics) Login(ok bool, path mfa.Path, reason string, d time.Duration) {
 	i := 0

@@ -256,18 +256,30 @@ func TestWebhookAndWebSeries(t *testing.T) {
 	m := New("test")
 	var sent, failed uint64 = 3, 1
 	m.Webhook(func() uint64 { return sent }, func() uint64 { return failed })
+	m.WebSignIns(func(method string, ok bool) uint64 {
+		if method == "passkey" && !ok {
+			return 2
+		}
+		if method == "totp" && ok {
+			return 5
+		}
+		return 0
+	})
 	m.Login(true, mfa.PathWeb, "", time.Millisecond)
 	m.Login(false, mfa.PathWeb, mfa.ReasonWebLink, time.Millisecond)
 	m.Login(false, mfa.PathApproval, mfa.ReasonDenied, time.Millisecond)
 	sent = 4
 	for name, want := range map[string]float64{
-		`pgmfa_mfa_webhook_sent_total`:                   4,
-		`pgmfa_mfa_webhook_failed_total`:                 1,
-		`pgmfa_logins_total{mfa="web",result="ok"}`:      1,
-		`pgmfa_logins_total{mfa="web",result="refused"}`: 1,
-		`pgmfa_mfa_refusals_total{reason="web_link"}`:    1,
-		`pgmfa_mfa_refusals_total{reason="denied"}`:      1,
-		`pgmfa_mfa_refusals_total{reason="other"}`:       0,
+		`pgmfa_mfa_webhook_sent_total`:                               4,
+		`pgmfa_mfa_webhook_failed_total`:                             1,
+		`pgmfa_logins_total{mfa="web",result="ok"}`:                  1,
+		`pgmfa_logins_total{mfa="web",result="refused"}`:             1,
+		`pgmfa_mfa_refusals_total{reason="web_link"}`:                1,
+		`pgmfa_mfa_refusals_total{reason="denied"}`:                  1,
+		`pgmfa_mfa_refusals_total{reason="other"}`:                   0,
+		`pgmfa_web_signins_total{method="passkey",result="refused"}`: 2,
+		`pgmfa_web_signins_total{method="totp",result="ok"}`:         5,
+		`pgmfa_web_signins_total{method="passkey",result="ok"}`:      0,
 	} {
 		if got := sample(t, m, name); got != want {
 			t.Errorf("%s = %v, want %v", name, got, want)

@@ -211,6 +211,7 @@ func (s *Server) signIn(w http.ResponseWriter, r *http.Request) {
 	}
 	o := s.cfg.Guard.VerifyPage(user, r.RemoteAddr, r.PostFormValue("code"))
 	if !o.OK {
+		s.countSignIn(MethodTOTP, false)
 		s.log.Warn("sign-in on the approval page refused", "user", user, "web_client", r.RemoteAddr, "reason", o.Reason)
 		status := http.StatusUnauthorized
 		if o.Reason == mfa.ReasonThrottled {
@@ -223,7 +224,7 @@ func (s *Server) signIn(w http.ResponseWriter, r *http.Request) {
 		s.render(w, d)
 		return
 	}
-	if s.startSession(w, r, user, token, "totp") {
+	if s.startSession(w, r, user, token, MethodTOTP) {
 		http.Redirect(w, r, "/", http.StatusSeeOther)
 	}
 }
@@ -248,6 +249,7 @@ func (s *Server) startSession(w http.ResponseWriter, r *http.Request, user, toke
 		}
 	}
 	s.mu.Unlock()
+	s.countSignIn(method, true)
 	s.log.Info("signed in on the approval page", "user", user, "method", method, "web_client", r.RemoteAddr)
 	s.setCookie(w, sessionCookie, sid, s.cfg.SessionTTL)
 	return true

@@ -447,6 +447,7 @@ func (s *Server) passkeyFinish(w http.ResponseWriter, r *http.Request) {
 	}
 	c := s.takeCeremony(r)
 	if c == nil || c.register {
+		s.countSignIn(MethodPasskey, false)
 		s.log.Warn("passkey sign-in refused: no sign-in in progress (replayed, or too late)", "web_client", r.RemoteAddr)
 		jsonError(w, http.StatusBadRequest, "no passkey sign-in is in progress here (this answer was used already, or took longer than "+ceremonyTTL.String()+"): start again")
 		return
@@ -479,11 +480,13 @@ func (s *Server) passkeyFinish(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if err != nil {
+		s.countSignIn(MethodPasskey, false)
 		s.log.Warn("passkey sign-in refused", "user", c.user, "web_client", r.RemoteAddr, "err", protocolDetail(err))
 		jsonError(w, http.StatusUnauthorized, "the passkey was not accepted: "+protocolDetail(err))
 		return
 	}
 	if cred.Authenticator.CloneWarning {
+		s.countSignIn(MethodPasskey, false)
 		s.log.Warn("passkey sign-in refused: its signature counter went backwards (a cloned authenticator?)", "user", user.name,
 			"web_client", r.RemoteAddr, "credential", shortID(cred.ID))
 		jsonError(w, http.StatusUnauthorized, "the passkey was not accepted: its signature counter went backwards, which a copied authenticator does; use another passkey or your code, and tell your administrator")
@@ -506,7 +509,7 @@ func (s *Server) passkeyFinish(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if !s.startSession(w, r, user.name, c.token, "passkey") {
+	if !s.startSession(w, r, user.name, c.token, MethodPasskey) {
 		return
 	}
 	jsonOK(w, map[string]any{"ok": true, "redirect": "/"})

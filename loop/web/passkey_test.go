@@ -350,4 +350,9 @@ func TestPasskeyCeremonies(t *testing.T) {
 	if code, _ := r.get("/"); code != 200 {
 		t.Fatalf("the page after bad input: %d", code)
 	}
+	// Two sign-ins, and four refusals: the replay, the other challenge,
+	// the clone, bob on alice's link.
+	if ok, bad := s.SignIns(MethodPasskey, true), s.SignIns(MethodPasskey, false); ok != 2 || bad != 4 {
+		t.Fatalf("passkey sign-ins counted: %d ok, %d refused; want 2 and 4", ok, bad)
+	}
 }

@@ -37,6 +37,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-webauthn/webauthn/webauthn"
@@ -102,6 +103,36 @@ type Server struct {
 
 	rp         *webauthn.WebAuthn   // nil: passkeys off
 	ceremonies map[string]*ceremony // sha256(ceremony id) → started WebAuthn ceremony
+
+	signIns [2][2]atomic.Uint64 // [method: totp, passkey][refused, ok]
+}
+
+// Sign-in methods, as the audit lines and SignIns name them.
+const (
+	MethodTOTP    = "totp"
+	MethodPasskey = "passkey"
+)
+
+// SignIns counts the page's sign-ins by method (MethodTOTP, MethodPasskey)
+// and result, for the metrics.
+func (s *Server) SignIns(method string, ok bool) uint64 {
+	return s.signIns[methodIndex(method)][b2i(ok)].Load()
+}
+
+func (s *Server) countSignIn(method string, ok bool) { s.signIns[methodIndex(method)][b2i(ok)].Add(1) }
+
+func methodIndex(method string) int {
+	if method == MethodPasskey {
+		return 1
+	}
+	return 0
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // link is a login that needs approval and the one-time link made for it.

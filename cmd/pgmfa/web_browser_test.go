@@ -125,7 +125,14 @@ func TestWebBrowser(t *testing.T) {
 			if !errors.As(err, &ee) || !strings.Contains(stderr.String(), "denied on the approval page") {
 				t.Fatalf("psql after the denial: %v\n%s", err, stderr.String())
 			}
-			t.Logf("psql ended %v after the denial: %s", time.Since(decided).Round(time.Millisecond), strings.TrimSpace(stderr.String()))
+			t.Logf("psql ended %v after the denial's page loaded: %s", time.Since(decided), strings.TrimSpace(stderr.String()))
+			// psql prints no SQLSTATE for a failed connection; the proxy's
+			// log line has the one it sent.
+			if !eventually(5*time.Second, func() bool {
+				return strings.Contains(wait.log(), `error="28000: MFA: this login of user \"alice\" was denied`)
+			}) {
+				t.Fatal("the proxy did not log the denial as 28000")
+			}
 		case <-time.After(15 * time.Second):
 			t.Fatal("psql still waits 15s after the denial")
 		}
@@ -158,7 +165,12 @@ func TestWebBrowser(t *testing.T) {
 			t.Fatalf("#passkey-status after registering: %q", status)
 		}
 
+		// Two refused logins before any approval (an approval admits
+		// alice's next logins from here for 2 minutes): the first is
+		// approved after a passkey sign-in, the second's link serves the
+		// replay below.
 		link := refer.refused(t, "alice")
+		replayLink := refer.refused(t, "alice")
 		run(t, ctx, chromedp.Navigate(link))
 		run(t, ctx, chromedp.Click(chromedp.CSS("#passkey-signin")))
 		approveRow(t, ctx, "approve", "Approved")
@@ -179,15 +191,14 @@ func TestWebBrowser(t *testing.T) {
 			t.Fatalf("a used enrollment link answered %d:\n%s", resp.Status, body)
 		}
 
-		// A replayed assertion: sign out, get a new link, and on its page
-		// run the ceremony by hand, sending the same assertion twice.
+		// A replayed assertion: signed out, on the second link's page, run
+		// the ceremony by hand and send the same assertion twice.
 		run(t, ctx, chromedp.Navigate(refer.webURL+"/"))
-		run(t, ctx, chromedp.Click(chromedp.CSS(`form[action="/signout"] button`)))
-		run(t, ctx, chromedp.WaitVisible(chromedp.CSS(`input[name=csrf]`)))
-		link = refer.refused(t, "alice")
-		run(t, ctx, chromedp.Navigate(link))
-		run(t, ctx, chromedp.WaitReady(chromedp.CSS(`input[name=csrf]`)))
-		token, _ := json.Marshal(link[strings.LastIndex(link, "/")+1:])
+		if _, err := chromedp.RunResponse(ctx, chromedp.Click(chromedp.CSS(`form[action="/signout"] button`))); err != nil {
+			t.Fatal(pageError(ctx, err))
+		}
+		run(t, ctx, chromedp.Navigate(replayLink), chromedp.WaitReady(chromedp.CSS(`input[name=csrf]`)))
+		token, _ := json.Marshal(replayLink[strings.LastIndex(replayLink, "/")+1:])
 		type answer struct {
 			Status int    `json:"status"`
 			Text   string `json:"text"`
@@ -296,9 +307,7 @@ func startWebProxy(t *testing.T, bin string, db *pgcluster.Cluster, users []stri
 			<-done
 		}
 		if t.Failed() {
-			p.mu.Lock()
-			t.Logf("pgmfa serve %v log:\n%s", extra, p.logs.String())
-			p.mu.Unlock()
+			t.Logf("pgmfa serve %v log:\n%s", extra, p.log())
 		}
 	})
 	client := &http.Client{Timeout: 5 * time.Second}
@@ -318,6 +327,12 @@ func startWebProxy(t *testing.T, bin string, db *pgcluster.Cluster, users []stri
 		t.Fatal("pgmfa serve --web did not start")
 	}
 	return p
+}
+
+func (p *webProxy) log() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.logs.String()
 }
 
 // pgmfa runs a subcommand on the proxy's store; it returns the output.
@@ -370,6 +385,13 @@ func (p *webProxy) refused(t *testing.T, user string) string {
 		t.Fatalf("a login of %s without a code got in: %q", user, out)
 	}
 	msg := err.Error()
+	// psql prints no SQLSTATE for a failed connection; the proxy's log
+	// line has the one it sent.
+	if !eventually(5*time.Second, func() bool {
+		return strings.Contains(p.log(), `error="28000: MFA approval needed for user \"`+user+`\"`)
+	}) {
+		t.Fatalf("the proxy did not log the refusal of %s as 28000:\n%s", user, p.log())
+	}
 	link := regexp.MustCompile(`HINT:  open (` + regexp.QuoteMeta(p.webURL) + `/l/[A-Za-z0-9_-]{43}) `).FindStringSubmatch(msg)
 	if link == nil || !strings.Contains(msg, "FATAL:  MFA approval needed") {
 		t.Fatalf("want a refusal with a link to %s in the HINT; psql said %s", p.webURL, msg)
@@ -394,7 +416,7 @@ func startChromium(t *testing.T, path string) *chromiumBrowser {
 		chromedp.WindowSize(1100, 700),
 	)
 	actx, acancel := chromedp.NewExecAllocator(context.Background(), opts...)
-	ctx, cancel := chromedp.NewContext(actx, chromedp.WithErrorf(t.Logf))
+	ctx, cancel := chromedp.NewContext(actx)
 	t.Cleanup(func() {
 		cancel()
 		acancel()
@@ -472,7 +494,7 @@ func waitRow(t *testing.T, ctx context.Context) {
 	run(t, ctx, chromedp.WaitVisible(chromedp.CSS(`button[name=action][value=approve]`)))
 }
 
-// approveRow clicks action (approve or deny) on the page's only login and
+// approveRow clicks action (approve or deny) on the page's first login and
 // checks that the page it leads to says want.
 func approveRow(t *testing.T, ctx context.Context, action, want string) {
 	t.Helper()

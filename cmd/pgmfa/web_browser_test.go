@@ -161,7 +161,7 @@ func TestWebBrowser(t *testing.T) {
 		}
 		run(t, ctx, chromedp.Navigate(enrollURL))
 		run(t, ctx, chromedp.Click(chromedp.CSS("#passkey-register")))
-		if status := passkeyStatus(t, ctx); !strings.Contains(status, "registered") || strings.Contains(strings.ToLower(status), "not registered") {
+		if status := strings.ToLower(passkeyStatus(t, ctx)); !strings.Contains(status, "registered") || strings.Contains(status, "not registered") {
 			t.Fatalf("#passkey-status after registering: %q", status)
 		}
 

@@ -17,7 +17,7 @@ TESTFLAGS ?=
 BENCHFLAGS ?=
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: all build test test-short vet lint race check-deps generate run bench bench-smoke fuzz deps deps-pg deps-pg-servers deps-clang deps-bench deps-prometheus deps-clients clean
+.PHONY: all build test test-short vet lint race check-deps generate run bench bench-smoke fuzz deps deps-pg deps-pg-servers deps-clang deps-bench deps-prometheus deps-clients deps-chromium clean
 
 all: build
 
@@ -66,7 +66,7 @@ check-deps:
 
 # The whole suite. Tests that need root, BPF or PostgreSQL skip with a reason
 # elsewhere; under CI=true they must run.
-test: deps-pg deps-pg-servers deps-bench deps-prometheus deps-clients build vet check-deps
+test: deps-pg deps-pg-servers deps-bench deps-prometheus deps-clients deps-chromium build vet check-deps
 	$(GO) test -count=1 -timeout 40m $(TESTFLAGS) ./...
 
 # The pure packages alone: fast, no PostgreSQL, no root.
@@ -136,6 +136,11 @@ deps-clients:
 	@{ /usr/bin/python3 -c 'import psycopg2' && test -f /usr/share/java/postgresql.jar && command -v java; } >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-psycopg2 libpostgresql-jdbc-java default-jdk-headless >/dev/null; }
 	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
 	@grep -qs '"version": "$(NODE_PG_VERSION)"' $(NODE_PG_DIR)/node_modules/pg/package.json || npm install --silent --no-audit --no-fund --prefix $(NODE_PG_DIR) pg@$(NODE_PG_VERSION)
+
+# Headless Chromium (Debian's package), for the approval page's browser
+# test (cmd/pgmfa, chromedp with a virtual WebAuthn authenticator).
+deps-chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 clean:
 	rm -rf cmd/pgmfa/bin cmd/pgmfa-demo/bin

@@ -18,10 +18,8 @@ import (
 // file (updateContent), so using a link and moving a sign count are atomic
 // across every process sharing the file.
 //
-// On disk a passkey's Data is sealed like a TOTP secret, with
-// PasskeyAD(user) as the associated data; without a key it is written in
-// base64 (not sealed, and counted by Plaintext), never as the raw bytes, so
-// that no Data can be mistaken for a sealed value. A link is kept as the
+// On disk a passkey's Data is sealed like a TOTP secret (SealPasskeyData);
+// without a key it is written in base64 and counted by Plaintext. A link is kept as the
 // hex SHA-256 of its token. A used link is deleted in the same write that
 // stores its passkey, and an expired one at the next write: a link that is
 // not in the file is exactly as invalid as a used one.
@@ -40,6 +38,37 @@ func (p Passkey) Check() error {
 		return errors.New("passkey has no credential data")
 	}
 	return nil
+}
+
+// SealPasskeyData is how every store keeps a passkey's Data at rest:
+// sealed with keys under PasskeyAD(user), or without keys in base64 (never
+// the raw bytes, so that no Data can pass for a sealed value).
+func SealPasskeyData(keys *Keyring, user string, data []byte) (string, error) {
+	if keys == nil {
+		return base64.StdEncoding.EncodeToString(data), nil
+	}
+	sealed, err := keys.Seal(PasskeyAD(user), string(data))
+	if err != nil {
+		return "", fmt.Errorf("encrypt a passkey of %q: %w", user, err)
+	}
+	return sealed, nil
+}
+
+// OpenPasskeyData is the reverse of SealPasskeyData; plaintext reports a
+// value that was not sealed.
+func OpenPasskeyData(keys *Keyring, user, stored string) (data []byte, plaintext bool, err error) {
+	if !Sealed(stored) {
+		data, err := base64.StdEncoding.DecodeString(stored)
+		if err != nil {
+			return nil, true, fmt.Errorf("passkey data is neither encrypted nor base64: %w", err)
+		}
+		return data, true, nil
+	}
+	d, err := keys.Open(PasskeyAD(user), stored)
+	if err != nil {
+		return nil, false, err
+	}
+	return []byte(d), false, nil
 }
 
 // storedPasskey is a passkey on disk.
@@ -87,17 +116,11 @@ func openPasskeys(doc storeFile, keys *Keyring) (set passkeySet, plain int, err 
 		if err != nil {
 			return set, 0, fmt.Errorf("passkey %d of user %q: credential id is not unpadded base64url: %w", i+1, sp.User, err)
 		}
-		var data []byte
-		if Sealed(sp.Data) {
-			d, err := keys.Open(PasskeyAD(sp.User), sp.Data)
-			if err != nil {
-				return set, 0, fmt.Errorf("passkey %d of user %q: %w", i+1, sp.User, err)
-			}
-			data = []byte(d)
-		} else {
-			if data, err = base64.StdEncoding.DecodeString(sp.Data); err != nil {
-				return set, 0, fmt.Errorf("passkey %d of user %q: data is neither encrypted nor base64: %w", i+1, sp.User, err)
-			}
+		data, isPlain, err := OpenPasskeyData(keys, sp.User, sp.Data)
+		if err != nil {
+			return set, 0, fmt.Errorf("passkey %d of user %q: %w", i+1, sp.User, err)
+		}
+		if isPlain {
 			plain++
 		}
 		p := Passkey{ID: id, Data: data, SignCount: sp.SignCount, Created: sp.Created}
@@ -129,12 +152,9 @@ func openPasskeys(doc storeFile, keys *Keyring) (set passkeySet, plain int, err 
 // the same file.
 func sealPasskeys(doc *storeFile, set passkeySet, keys *Keyring) error {
 	for _, h := range set.sorted() {
-		data := base64.StdEncoding.EncodeToString(h.Data)
-		if keys != nil {
-			var err error
-			if data, err = keys.Seal(PasskeyAD(h.user), string(h.Data)); err != nil {
-				return fmt.Errorf("TOTP store: encrypt a passkey of %q: %w", h.user, err)
-			}
+		data, err := SealPasskeyData(keys, h.user, h.Data)
+		if err != nil {
+			return fmt.Errorf("TOTP store: %w", err)
 		}
 		doc.Passkeys = append(doc.Passkeys, storedPasskey{
 			User: h.user, ID: base64.RawURLEncoding.EncodeToString(h.ID),

@@ -2,6 +2,8 @@ package mfa
 
 import (
 	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
@@ -358,3 +360,23 @@ func (s *FileStore) RemovePasskeys(user string) (int, error) {
 }
 
 var _ PasskeyStore = (*FileStore)(nil)
+
+// NewPasskeyLinkToken returns a fresh enrollment link token (256 random
+// bits, base64url: it goes into the link's URL) and its PasskeyLinkHash,
+// which is all a store keeps of it.
+func NewPasskeyLinkToken() (token string, hash []byte, err error) {
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return "", nil, err
+	}
+	token = base64.RawURLEncoding.EncodeToString(b)
+	return token, PasskeyLinkHash(token), nil
+}
+
+// PasskeyLinkHash is the SHA-256 of a link's token as the URL carries it:
+// what `pgmfa enroll --webauthn` stores and what the page looks the link up
+// by, so a copy of the store cannot be turned back into a usable link.
+func PasskeyLinkHash(token string) []byte {
+	h := sha256.Sum256([]byte(token))
+	return h[:]
+}

@@ -25,6 +25,8 @@ func init() {
 // mfaStore is what the subcommands need of a store, file or PostgreSQL.
 type mfaStore interface {
 	mfa.Secrets
+	// Passkeys and their enrollment links (enroll --webauthn).
+	mfa.PasskeyStore
 	Enroll(user string, opts mfa.EnrollOptions, force bool) (*otp.Key, error)
 	Remove(user string) error
 	Code(user string, t time.Time) (string, error)

@@ -199,6 +199,26 @@ func TestStoreCommandsOnPostgres(t *testing.T) {
 		t.Fatalf("bob's code from PostgreSQL %q %v, want %q", got, err, want)
 	}
 
+	// A passkey enrollment link in PostgreSQL, and the removals.
+	token := checkPasskeyLink(t, dsn, s, time.Hour, "--store-key-file", keyFile, "--expires", "1h", "--web-url", "https://db.example.com:8443")
+	if _, err := s.EnrollPasskey(mfa.PasskeyLinkHash(token), time.Now(), mfa.Passkey{ID: []byte("id1"), Data: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, stderr := runEnrollT(t, "--store", dsn, "--store-key-file", keyFile, "--remove", "--webauthn", "alice"); code != 0 || !strings.Contains(out, "Removed 1 passkey(s)") {
+		t.Fatalf("--remove --webauthn in PostgreSQL: %d %s %s", code, out, stderr)
+	}
+	if code, _, stderr := runEnrollT(t, "--store", dsn, "--store-key-file", keyFile, "--webauthn", "--web-url", "https://db", "carol"); code != 1 || !strings.Contains(stderr, "for TOTP first") {
+		t.Fatalf("link for a user not enrolled, in PostgreSQL: %d %s", code, stderr)
+	}
+	token = checkPasskeyLink(t, dsn, s, defaultLinkExpiry, "--store-key-file", keyFile, "--web-url", "https://db.example.com:8443")
+	s.EnrollPasskey(mfa.PasskeyLinkHash(token), time.Now(), mfa.Passkey{ID: []byte("id2"), Data: []byte("{}")})
+	if code, out, stderr := runEnrollT(t, "--store", dsn, "--store-key-file", keyFile, "--remove", "alice"); code != 0 || !strings.Contains(out, "with its 1 passkey(s)") {
+		t.Fatalf("--remove in PostgreSQL: %d %s %s", code, out, stderr)
+	}
+	if _, _, ok, err := s.PasskeyByID([]byte("id2")); ok || err != nil {
+		t.Fatal("--remove left the passkey:", err)
+	}
+
 	// Malformed connection strings are named as such.
 	for _, bad := range []string{"postgres://u@h:notaport/db", "host=h port=notaport"} {
 		code, _, stderr := runEnrollT(t, "--store", bad, "--qr=false", "carol")

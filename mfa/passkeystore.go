@@ -380,3 +380,18 @@ func PasskeyLinkHash(token string) []byte {
 	h := sha256.Sum256([]byte(token))
 	return h[:]
 }
+
+// AllPasskeys returns every user's passkeys, opened, as the file holds them
+// now (`pgmfa store migrate`). Open enrollment links are not included: they
+// are short-lived, and new ones are made on the new store.
+func (s *FileStore) AllPasskeys() (map[string][]Passkey, error) {
+	set, err := s.readPasskeys()
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]Passkey{}
+	for _, h := range set.sorted() {
+		out[h.user] = append(out[h.user], h.Passkey)
+	}
+	return out, nil
+}

@@ -233,3 +233,44 @@ func (s *Store) resealPasskeys(ctx context.Context, tx pgx.Tx) error {
 	}
 	return nil
 }
+
+// ImportPasskeys writes passkeys of enrolled users in one transaction
+// (`pgmfa store migrate`, after Import). A credential id already in the
+// store, or a user not in it, fails the whole import and nothing is
+// written. It returns how many it wrote.
+func (s *Store) ImportPasskeys(pks map[string][]mfa.Passkey) (int, error) {
+	n := 0
+	for _, ps := range pks {
+		n += len(ps)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.timeout+time.Duration(n)*10*time.Millisecond)
+	defer cancel()
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		for user, ps := range pks {
+			for _, p := range ps {
+				if err := p.Check(); err != nil {
+					return fmt.Errorf("a passkey of user %q: %w", user, err)
+				}
+				data, err := mfa.SealPasskeyData(s.keys(), user, p.Data)
+				if err != nil {
+					return err
+				}
+				tag, err := tx.Exec(ctx, `INSERT INTO `+s.t("passkeys")+` (id, name, data, key_id, sign_count, created)
+					SELECT $1, name, $3, NULLIF($4, ''), $5, $6 FROM `+s.t("users")+` WHERE name = $2
+					ON CONFLICT (id) DO NOTHING`,
+					p.ID, user, data, s.keys().CurrentID(), int64(p.SignCount), p.Created)
+				if err != nil {
+					return s.wrap(err)
+				}
+				if tag.RowsAffected() == 0 {
+					return fmt.Errorf("a passkey of user %q: the user is not in the store %s, or the passkey is already there; no passkey was copied", user, s.conn)
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	return n, nil
+}

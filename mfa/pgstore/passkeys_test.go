@@ -325,3 +325,26 @@ func TestPasskeysLeastPrivilege(t *testing.T) {
 		t.Fatal("passkey survived its user")
 	}
 }
+
+// ImportPasskeys (store migrate) writes all or nothing.
+func TestImportPasskeys(t *testing.T) {
+	a, _, opts := enrolled(t, nil)
+	n, err := a.ImportPasskeys(map[string][]mfa.Passkey{"alice": {testPasskey(1), testPasskey(2)}, "bob": {testPasskey(3)}})
+	if err != nil || n != 3 {
+		t.Fatal(n, err)
+	}
+	if ps, _ := a.UserPasskeys("alice"); len(ps) != 2 || ps[1].SignCount != 2 {
+		t.Fatalf("imported: %+v", ps)
+	}
+	for _, bad := range []map[string][]mfa.Passkey{
+		{"alice": {testPasskey(4), testPasskey(1)}}, // 1 is there already
+		{"alice": {testPasskey(5)}, "carol": {testPasskey(6)}},
+	} {
+		if _, err := a.ImportPasskeys(bad); err == nil || !strings.Contains(err.Error(), "no passkey was copied") {
+			t.Fatalf("import %v: %v", bad, err)
+		}
+	}
+	if out, _ := startCluster(t).Psql(`SELECT count(*) FROM ` + opts.Schema + `.passkeys`); out != "3" {
+		t.Fatalf("%s passkeys after refused imports, want 3", out)
+	}
+}

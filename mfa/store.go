@@ -52,11 +52,11 @@ func OpenFileStore(path string) (*FileStore, error) {
 // secrets and to seal every secret it writes (nil: plaintext, and a store
 // holding sealed secrets is refused with ErrNoKey).
 func OpenFileStoreKeyed(path string, keys *Keyring) (*FileStore, error) {
-	users, accts, plain, err := readStoreAll(path, keys)
+	c, err := readStoreAll(path, keys)
 	if err != nil {
 		return nil, err
 	}
-	s := &FileStore{path: path, users: users, accts: accts, plain: plain}
+	s := &FileStore{path: path, users: c.users, accts: c.accts, plain: c.plain}
 	s.keys.Store(keys)
 	return s, nil
 }
@@ -65,7 +65,8 @@ func OpenFileStoreKeyed(path string, keys *Keyring) (*FileStore, error) {
 func (s *FileStore) SetKeys(keys *Keyring) { s.keys.Store(keys) }
 
 // Plaintext is how many secrets the file held unencrypted when it was last
-// read (a store written before encryption, or without a key).
+// read (a store written before encryption, or without a key): TOTP secrets
+// and passkey records.
 func (s *FileStore) Plaintext() int {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
@@ -74,7 +75,8 @@ func (s *FileStore) Plaintext() int {
 
 // Reseal rewrites the file with every secret sealed under the current key
 // of the store's keyring (`pgmfa store rotate-key`, and encrypting a store
-// written before encryption). It returns how many secrets it wrote.
+// written before encryption); the accounts and passkeys are resealed with
+// them. It returns how many TOTP secrets it wrote.
 func (s *FileStore) Reseal() (int, error) {
 	if s.keys.Load() == nil {
 		return 0, ErrNoKey
@@ -94,11 +96,11 @@ func (s *FileStore) Path() string { return s.path }
 // A file that was deleted reloads as empty: removing the store removes
 // everyone's access, which is the safe reading of that action.
 func (s *FileStore) Reload() error {
-	users, accts, plain, err := readStoreAll(s.path, s.keys.Load())
+	c, err := readStoreAll(s.path, s.keys.Load())
 	if err != nil {
 		return err
 	}
-	s.adopt(users, accts, plain)
+	s.adopt(c)
 	return nil
 }
 
@@ -175,13 +177,16 @@ func (s *FileStore) ClaimStep(user string, stepStart int64, secret string) (bool
 	return claimed, err
 }
 
-// Remove deletes user's enrollment from the file.
+// Remove deletes user's enrollment from the file, and with it the user's
+// passkeys and enrollment links: they sign in only as a second factor of
+// an enrolled user.
 func (s *FileStore) Remove(user string) error {
-	return s.update(func(users map[string]storedUser) error {
-		if _, ok := users[user]; !ok {
+	return s.updateContent(func(c *storeContent) error {
+		if _, ok := c.users[user]; !ok {
 			return fmt.Errorf("user %q: %w", user, ErrNotEnrolled)
 		}
-		delete(users, user)
+		delete(c.users, user)
+		c.passkeys.removeUser(user)
 		return nil
 	})
 }
@@ -201,43 +206,51 @@ func (s *FileStore) update(change func(map[string]storedUser) error) error {
 
 // updateAll is update with the accounts too (accounts.go).
 func (s *FileStore) updateAll(change func(map[string]storedUser, *accountSet) error) error {
+	return s.updateContent(func(c *storeContent) error { return change(c.users, &c.accts) })
+}
+
+// updateContent is update with the whole content: users, accounts and
+// passkeys (passkeystore.go). Enrollment links that expired or were used
+// are dropped from what is written.
+func (s *FileStore) updateContent(change func(*storeContent) error) error {
 	unlock, err := lockDir(s.path)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	users, accts, plain, err := readStoreAll(s.path, s.keys.Load())
+	c, err := readStoreAll(s.path, s.keys.Load())
 	if err != nil {
 		return err
 	}
-	if err := change(users, &accts); err != nil {
+	if err := change(&c); err != nil {
 		if errors.Is(err, errUnchanged) || errors.Is(err, ErrNotEnrolled) || errors.Is(err, ErrSecretChanged) {
-			s.adopt(users, accts, plain)
+			s.adopt(c)
 		}
 		if errors.Is(err, errUnchanged) {
 			return nil
 		}
 		return err
 	}
+	c.passkeys.pruneLinks(time.Now())
 	keys := s.keys.Load()
-	if err := writeStore(s.path, users, accts, keys); err != nil {
+	if err := writeStore(s.path, c, keys); err != nil {
 		return err
 	}
-	plain = 0
+	c.plain = 0
 	if keys == nil {
-		plain = len(users)
+		c.plain = len(c.users) + len(c.passkeys.byID)
 	}
 	// Still under the flock, so stores adopt contents in the order the
 	// file had them.
-	s.adopt(users, accts, plain)
+	s.adopt(c)
 	return nil
 }
 
-func (s *FileStore) adopt(users map[string]storedUser, accts accountSet, plain int) {
+func (s *FileStore) adopt(c storeContent) {
 	s.mu.Lock()
-	s.users = users
-	s.accts = accts
-	s.plain = plain
+	s.users = c.users
+	s.accts = c.accts
+	s.plain = c.plain
 	s.mu.Unlock()
 }
 

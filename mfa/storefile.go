@@ -22,6 +22,19 @@ type storeFile struct {
 	// The accounts pgmfa authenticates itself (--auth accounts; accounts.go).
 	Accounts      map[string]storedAccount `json:"accounts,omitempty"`
 	AccountSecret string                   `json:"account_secret,omitempty"`
+	// The passkeys and their open enrollment links (passkeystore.go); a
+	// file written before them has neither and reads as having none.
+	Passkeys     []storedPasskey `json:"passkeys,omitempty"`
+	PasskeyLinks []storedLink    `json:"passkey_links,omitempty"`
+}
+
+// storeContent is the file's content, opened: what one read-modify-write
+// (FileStore.updateContent) changes.
+type storeContent struct {
+	users    map[string]storedUser
+	accts    accountSet
+	passkeys passkeySet
+	plain    int // records read unencrypted: TOTP secrets and passkeys
 }
 
 // storedUser is one enrollment on disk. The TOTP parameters are stored so
@@ -47,53 +60,50 @@ func (u storedUser) account() Account {
 // Sealed secrets are opened with keys; a plaintext secret (a store written
 // before encryption) is read as it is and counted in plain.
 //
-// The accounts (accounts.go) are opened the same way.
-func readStoreAll(path string, keys *Keyring) (users map[string]storedUser, accts accountSet, plain int, err error) {
-	defer func() {
-		if err != nil {
-			users, accts = nil, accountSet{}
-		}
-	}()
+// The accounts (accounts.go) and the passkeys (passkeystore.go) are opened
+// the same way.
+func readStoreAll(path string, keys *Keyring) (storeContent, error) {
 	f, err := os.Open(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return map[string]storedUser{}, newAccountSet(), 0, nil
+		return storeContent{users: map[string]storedUser{}, accts: newAccountSet(), passkeys: newPasskeySet()}, nil
 	}
 	if err != nil {
-		return nil, accountSet{}, 0, fmt.Errorf("TOTP store: %w", err)
+		return storeContent{}, fmt.Errorf("TOTP store: %w", err)
 	}
 	defer f.Close()
 	// Stat the open file, not the path, so the check and the read are of
 	// the same file.
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, accountSet{}, 0, fmt.Errorf("TOTP store: %w", err)
+		return storeContent{}, fmt.Errorf("TOTP store: %w", err)
 	}
 	if !fi.Mode().IsRegular() {
-		return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s is not a regular file", path)
+		return storeContent{}, fmt.Errorf("TOTP store %s is not a regular file", path)
 	}
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s is accessible to group or others (mode %04o) and holds secrets; refusing it. Fix with: chmod 600 %s", path, perm, path)
+		return storeContent{}, fmt.Errorf("TOTP store %s is accessible to group or others (mode %04o) and holds secrets; refusing it. Fix with: chmod 600 %s", path, perm, path)
 	}
 	var doc storeFile
 	dec := json.NewDecoder(f)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&doc); err != nil {
-		return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s: %w", path, err)
+		return storeContent{}, fmt.Errorf("TOTP store %s: %w", path, err)
 	}
 	if doc.Version != storeVersion {
-		return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s: version %d, this pgmfa reads version %d", path, doc.Version, storeVersion)
+		return storeContent{}, fmt.Errorf("TOTP store %s: version %d, this pgmfa reads version %d", path, doc.Version, storeVersion)
 	}
 	if doc.Users == nil {
 		doc.Users = map[string]storedUser{}
 	}
+	plain := 0
 	for name, u := range doc.Users {
 		if err := validUser(name); err != nil {
-			return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s: %w", path, err)
+			return storeContent{}, fmt.Errorf("TOTP store %s: %w", path, err)
 		}
 		if Sealed(u.Secret) {
 			secret, err := keys.Open(name, u.Secret)
 			if err != nil {
-				return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
+				return storeContent{}, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
 			}
 			u.Secret = secret
 			doc.Users[name] = u
@@ -101,14 +111,18 @@ func readStoreAll(path string, keys *Keyring) (users map[string]storedUser, acct
 			plain++
 		}
 		if err := u.check(); err != nil {
-			return nil, accountSet{}, 0, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
+			return storeContent{}, fmt.Errorf("TOTP store %s: user %q: %w", path, name, err)
 		}
 	}
-	accts, err = openAccounts(path, doc, keys)
+	accts, err := openAccounts(path, doc, keys)
 	if err != nil {
-		return nil, accountSet{}, 0, err
+		return storeContent{}, err
 	}
-	return doc.Users, accts, plain, nil
+	pks, pkPlain, err := openPasskeys(doc, keys)
+	if err != nil {
+		return storeContent{}, fmt.Errorf("TOTP store %s: %w", path, err)
+	}
+	return storeContent{users: doc.Users, accts: accts, passkeys: pks, plain: plain + pkPlain}, nil
 }
 
 // check rejects an entry that could never verify a code.
@@ -137,9 +151,9 @@ func (u storedUser) check() error {
 //
 // With keys, every secret is written sealed with the current key (a
 // plaintext store becomes encrypted on its first write with a key).
-func writeStore(path string, users map[string]storedUser, accts accountSet, keys *Keyring) (err error) {
-	disk := make(map[string]storedUser, len(users))
-	for name, u := range users {
+func writeStore(path string, c storeContent, keys *Keyring) (err error) {
+	disk := make(map[string]storedUser, len(c.users))
+	for name, u := range c.users {
 		if u.Secret, err = keys.Seal(name, u.Secret); err != nil {
 			return fmt.Errorf("TOTP store: encrypt the secret of %q: %w", name, err)
 		}
@@ -149,7 +163,10 @@ func writeStore(path string, users map[string]storedUser, accts accountSet, keys
 	enc := json.NewEncoder(&buf)
 	enc.SetIndent("", "  ")
 	doc := storeFile{Version: storeVersion, Users: disk}
-	if err := sealAccounts(&doc, accts, keys); err != nil {
+	if err := sealAccounts(&doc, c.accts, keys); err != nil {
+		return err
+	}
+	if err := sealPasskeys(&doc, c.passkeys, keys); err != nil {
 		return err
 	}
 	if err := enc.Encode(doc); err != nil {

@@ -2,10 +2,14 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pgmfa/pgmfa/mfa"
 )
@@ -92,7 +96,7 @@ func TestEnrollUsage(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("--help exit %d", code)
 	}
-	for _, f := range []string{"-store", "-issuer", "-digits", "-period", "-algorithm", "-force", "-qr", "-print-secret", "-remove", "usage: pgmfa enroll"} {
+	for _, f := range []string{"-store", "-issuer", "-digits", "-period", "-algorithm", "-force", "-qr", "-print-secret", "-remove", "-webauthn", "-web-url", "-expires", "usage: pgmfa enroll"} {
 		if !strings.Contains(stderr, f) {
 			t.Errorf("--help does not mention %s", f)
 		}
@@ -119,5 +123,132 @@ func TestDefaults(t *testing.T) {
 	t.Setenv("PGMFA_ADMIN", "127.0.0.1:7000")
 	if defaultStorePath() != "/x/s.json" || defaultAdminAddr() != "127.0.0.1:7000" {
 		t.Fatal(defaultStorePath(), defaultAdminAddr())
+	}
+}
+
+// linkRE finds the link enroll --webauthn prints.
+var linkRE = regexp.MustCompile(`(https?://\S+)/enroll/([A-Za-z0-9_-]+)`)
+
+// checkPasskeyLink runs enroll --webauthn for alice on store and checks
+// that the printed token's hash is a link for alice in the store, valid
+// for expires and not longer.
+func checkPasskeyLink(t *testing.T, store string, s mfa.PasskeyStore, expires time.Duration, args ...string) string {
+	t.Helper()
+	before := time.Now()
+	code, out, stderr := runEnrollT(t, append([]string{"--store", store, "--webauthn", "alice"}, args...)...)
+	if code != 0 {
+		t.Fatalf("enroll --webauthn: exit %d: %s", code, stderr)
+	}
+	after := time.Now()
+	m := linkRE.FindStringSubmatch(out)
+	if m == nil || m[1] != "https://db.example.com:8443" {
+		t.Fatalf("no link to the page in:\n%s", out)
+	}
+	until := "until " + before.Add(expires).UTC().Format("2006-01-02 15:04")
+	if !strings.Contains(out, until) {
+		until = "until " + after.Add(expires).UTC().Format("2006-01-02 15:04")
+	}
+	for _, want := range []string{"once", "pgmfa serve --web", until, "alice"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the output does not say %q:\n%s", want, out)
+		}
+	}
+	token := m[2]
+	if raw, err := base64.RawURLEncoding.DecodeString(token); err != nil || len(raw) != 32 {
+		t.Fatalf("token %q is not 32 random bytes in base64url", token)
+	}
+	h := sha256.Sum256([]byte(token))
+	if u, ok, err := s.PasskeyLink(h[:], time.Now()); err != nil || !ok || u != "alice" {
+		t.Fatalf("the printed link is not in the store: %q %v %v", u, ok, err)
+	}
+	if _, ok, _ := s.PasskeyLink(h[:], after.Add(expires)); ok {
+		t.Fatal("the link is valid after --expires")
+	}
+	if _, ok, _ := s.PasskeyLink(h[:], before.Add(expires-time.Minute)); !ok && expires > time.Minute {
+		t.Fatal("the link is not valid for --expires")
+	}
+	return token
+}
+
+func TestEnrollWebAuthnLinkFileStore(t *testing.T) {
+	t.Setenv("PGMFA_WEB_URL", "https://db.example.com:8443/")
+	t.Setenv("PGMFA_STORE_KEY", "")
+	store := filepath.Join(t.TempDir(), "totp.json")
+	s, err := mfa.OpenFileStore(store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Not enrolled for TOTP: refused, with the way to do it.
+	code, _, stderr := runEnrollT(t, "--store", store, "--webauthn", "alice")
+	if code != 1 || !strings.Contains(stderr, "enroll alice for TOTP first: pgmfa enroll alice") {
+		t.Fatalf("link for a user not enrolled: %d %s", code, stderr)
+	}
+	if code, _, stderr := runEnrollT(t, "--store", store, "--qr=false", "alice"); code != 0 {
+		t.Fatal(stderr)
+	}
+	token := checkPasskeyLink(t, store, s, defaultLinkExpiry)
+	checkPasskeyLink(t, store, s, 2*time.Hour, "--expires", "2h", "--web-url", "https://db.example.com:8443")
+	if raw, _ := os.ReadFile(store); strings.Contains(string(raw), token) {
+		t.Fatal("the token itself is in the store")
+	}
+
+	// The link registers a passkey (as the page will), then --remove
+	// --webauthn removes only the passkeys, and --remove everything.
+	if _, err := s.EnrollPasskey(mfa.PasskeyLinkHash(token), time.Now(), mfa.Passkey{ID: []byte("id1"), Data: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	code, out, stderr := runEnrollT(t, "--store", store, "--remove", "--webauthn", "alice")
+	if code != 0 || !strings.Contains(out, "Removed 1 passkey(s)") {
+		t.Fatalf("--remove --webauthn: %d %s %s", code, out, stderr)
+	}
+	if ps, _ := s.UserPasskeys("alice"); len(ps) != 0 {
+		t.Fatal("passkeys left")
+	}
+	if _, ok := s.Secret("alice"); !ok {
+		t.Fatal("--remove --webauthn removed the TOTP enrollment")
+	}
+	token = checkPasskeyLink(t, store, s, defaultLinkExpiry)
+	s.EnrollPasskey(mfa.PasskeyLinkHash(token), time.Now(), mfa.Passkey{ID: []byte("id2"), Data: []byte("{}")})
+	code, out, _ = runEnrollT(t, "--store", store, "--remove", "alice")
+	if code != 0 || !strings.Contains(out, "with its 1 passkey(s)") {
+		t.Fatalf("--remove: %d %s", code, out)
+	}
+	if _, _, ok, _ := s.PasskeyByID([]byte("id2")); ok {
+		t.Fatal("--remove left the passkey")
+	}
+}
+
+func TestEnrollWebAuthnRefusals(t *testing.T) {
+	t.Setenv("PGMFA_WEB_URL", "")
+	store := filepath.Join(t.TempDir(), "totp.json")
+	if code, _, stderr := runEnrollT(t, "--store", store, "--qr=false", "alice"); code != 0 {
+		t.Fatal(stderr)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--webauthn"}, "needs --web-url"},
+		{[]string{"--webauthn", "--web-url", "ftp://db/"}, "http(s)://"},
+		{[]string{"--webauthn", "--web-url", "db.example.com"}, "http(s)://"},
+		{[]string{"--webauthn", "--web-url", "https://db/?x=1"}, "without query"},
+		{[]string{"--webauthn", "--web-url", "https://db", "--expires", "0s"}, "at most 24h"},
+		{[]string{"--webauthn", "--web-url", "https://db", "--expires", "-1m"}, "at most 24h"},
+		{[]string{"--webauthn", "--web-url", "https://db", "--expires", "25h"}, "at most 24h"},
+		{[]string{"--webauthn", "--web-url", "https://db", "--force"}, "--force is for enrolling a TOTP secret"},
+		{[]string{"--expires", "1h"}, "--expires is for making a link"},
+		{[]string{"--remove", "--webauthn", "--web-url", "https://db"}, "--web-url is for making a link"},
+	} {
+		code, _, stderr := runEnrollT(t, append([]string{"--store", store, "alice"}, c.args...)...)
+		if code != 2 || !strings.Contains(stderr, c.want) {
+			t.Errorf("%v: exit %d, %s; want 2 and %q", c.args, code, stderr, c.want)
+		}
+	}
+	s, _ := mfa.OpenFileStore(store)
+	if raw, _ := os.ReadFile(store); strings.Contains(string(raw), "passkey_links") {
+		t.Fatalf("a refused command wrote a link:\n%s", raw)
+	}
+	if ps, _ := s.UserPasskeys("alice"); len(ps) != 0 {
+		t.Fatal(ps)
 	}
 }

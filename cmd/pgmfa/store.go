@@ -25,6 +25,8 @@ func init() {
 // mfaStore is what the subcommands need of a store, file or PostgreSQL.
 type mfaStore interface {
 	mfa.Secrets
+	// Passkeys and their enrollment links (enroll --webauthn).
+	mfa.PasskeyStore
 	Enroll(user string, opts mfa.EnrollOptions, force bool) (*otp.Key, error)
 	Remove(user string) error
 	Code(user string, t time.Time) (string, error)
@@ -376,7 +378,9 @@ transaction, then its accounts (--auth accounts; an account already in the
 PostgreSQL store stops the migration before anything is written). Run pgmfa store init on the PostgreSQL store first. A user
 already in it stops the migration and nothing is written. The file is not
 changed. With --store-key-file the secrets are encrypted in PostgreSQL (and
-FILE's own encrypted secrets are read with the same keys).
+FILE's own encrypted secrets are read with the same keys). The passkeys
+are copied with their users; open passkey enrollment links are not (make
+new ones with pgmfa enroll --webauthn).
 `, stderr)
 	from := fs.String("from", "", "the file store to copy from")
 	to := fs.String("to", "", "the PostgreSQL store to copy into")
@@ -429,6 +433,17 @@ FILE's own encrypted secrets are read with the same keys).
 		return 1
 	}
 	fmt.Fprintf(stdout, "copied %d enrollment(s) from %s to %s\n", len(es), *from, dst)
+	pks, err := src.AllPasskeys()
+	if err == nil {
+		var n int
+		if n, err = dst.ImportPasskeys(pks); n > 0 {
+			fmt.Fprintf(stdout, "copied %d passkey(s)\n", n)
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "pgmfa store migrate: passkeys:", err)
+		return 1
+	}
 	if err := migrateAccounts(src, dst, accts); err != nil {
 		fmt.Fprintln(stderr, "pgmfa store migrate:", err)
 		return 1

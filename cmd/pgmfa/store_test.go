@@ -155,8 +155,15 @@ func TestStoreCommandsOnPostgres(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// and a passkey, registered through a link.
+	fs.AddPasskeyLink("alice", mfa.PasskeyLinkHash("tok"), now.Add(time.Hour))
+	migrated := mfa.Passkey{ID: []byte("migrated"), Data: []byte(`{"pk":"PUBKEY-MIGRATED"}`), SignCount: 7}
+	if _, err := fs.EnrollPasskey(mfa.PasskeyLinkHash("tok"), now, migrated); err != nil {
+		t.Fatal(err)
+	}
+
 	code, out, stderr := runStoreT(t, "migrate", "--from", file, "--to", dsn, "--store-key-file", keyFile)
-	if code != 0 || !strings.Contains(out, "copied 1 enrollment") || !strings.Contains(out, "copied 1 account") {
+	if code != 0 || !strings.Contains(out, "copied 1 enrollment") || !strings.Contains(out, "copied 1 account") || !strings.Contains(out, "copied 1 passkey") {
 		t.Fatalf("migrate: %d %s %s", code, out, stderr)
 	}
 	s, err := openStore(dsn, keyFile)
@@ -166,6 +173,12 @@ func TestStoreCommandsOnPostgres(t *testing.T) {
 	defer s.Close()
 	if a, ok, err := s.(accountStore).GetAccount("alice"); err != nil || !ok || a.Verifier != verifier || a.Role != "app" {
 		t.Fatalf("the migrated account: %+v %v %v", a, ok, err)
+	}
+	if u, p, ok, err := s.PasskeyByID(migrated.ID); err != nil || !ok || u != "alice" || string(p.Data) != string(migrated.Data) || p.SignCount != 7 {
+		t.Fatalf("the migrated passkey: %q %+v %v %v", u, p, ok, err)
+	}
+	if dump, _ := pg.Psql(`SELECT data FROM pgmfa.passkeys`); strings.Contains(dump, "PUBKEY") || !strings.Contains(dump, "aes256gcm:") {
+		t.Fatalf("the migrated passkey is not encrypted: %s", dump)
 	}
 	pgGuard := mfa.NewGuard(mfa.Options{}, s)
 	if o := pgGuard.Verify("alice", "10.0.0.1:1", c); o.Reason != mfa.ReasonReplayed {
@@ -197,6 +210,26 @@ func TestStoreCommandsOnPostgres(t *testing.T) {
 	want, _ := mfa.CodeFor(mfa.Account{Secret: bob}, now)
 	if err != nil || got != want {
 		t.Fatalf("bob's code from PostgreSQL %q %v, want %q", got, err, want)
+	}
+
+	// A passkey enrollment link in PostgreSQL, and the removals.
+	token := checkPasskeyLink(t, dsn, s, time.Hour, "--store-key-file", keyFile, "--expires", "1h", "--web-url", "https://db.example.com:8443")
+	if _, err := s.EnrollPasskey(mfa.PasskeyLinkHash(token), time.Now(), mfa.Passkey{ID: []byte("id1"), Data: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, stderr := runEnrollT(t, "--store", dsn, "--store-key-file", keyFile, "--remove", "--webauthn", "alice"); code != 0 || !strings.Contains(out, "Removed 2 passkey(s)") {
+		t.Fatalf("--remove --webauthn in PostgreSQL: %d %s %s", code, out, stderr)
+	}
+	if code, _, stderr := runEnrollT(t, "--store", dsn, "--store-key-file", keyFile, "--webauthn", "--web-url", "https://db", "carol"); code != 1 || !strings.Contains(stderr, "for TOTP first") {
+		t.Fatalf("link for a user not enrolled, in PostgreSQL: %d %s", code, stderr)
+	}
+	token = checkPasskeyLink(t, dsn, s, defaultLinkExpiry, "--store-key-file", keyFile, "--web-url", "https://db.example.com:8443")
+	s.EnrollPasskey(mfa.PasskeyLinkHash(token), time.Now(), mfa.Passkey{ID: []byte("id2"), Data: []byte("{}")})
+	if code, out, stderr := runEnrollT(t, "--store", dsn, "--store-key-file", keyFile, "--remove", "alice"); code != 0 || !strings.Contains(out, "with its 1 passkey(s)") {
+		t.Fatalf("--remove in PostgreSQL: %d %s %s", code, out, stderr)
+	}
+	if _, _, ok, err := s.PasskeyByID([]byte("id2")); ok || err != nil {
+		t.Fatal("--remove left the passkey:", err)
 	}
 
 	// Malformed connection strings are named as such.

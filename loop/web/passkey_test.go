@@ -166,7 +166,7 @@ func (p *pageClient) post(path string, body []byte) (int, []byte) {
 
 // passkeyPage is a page over a real FileStore with alice enrolled for TOTP,
 // served at http://localhost (the RP ID must be a domain).
-func passkeyPage(t *testing.T) (*Server, *memPK, *httptest.Server) {
+func passkeyPage(t *testing.T) (*Server, *mfa.FileStore, *httptest.Server) {
 	t.Helper()
 	fs, err := mfa.OpenFileStore(filepath.Join(t.TempDir(), "totp.json"))
 	if err != nil {
@@ -179,21 +179,20 @@ func passkeyPage(t *testing.T) (*Server, *memPK, *httptest.Server) {
 		t.Fatal(err)
 	}
 	g := mfa.NewGuard(mfa.Options{}, fs)
-	mem := &memPK{pks: map[string][]mfa.Passkey{}, links: map[string]memLink{}, fs: fs}
 	var s *Server
 	ts := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { s.Handler().ServeHTTP(w, r) }))
 	ts.Start()
 	t.Cleanup(ts.Close)
 	u, _ := url.Parse(ts.URL)
 	base := "http://localhost:" + u.Port()
-	s, err = New(Config{Guard: g, Approvals: mfa.NewApprovals(g), URL: base, Passkeys: mem})
+	s, err = New(Config{Guard: g, Approvals: mfa.NewApprovals(g), URL: base, Passkeys: fs})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !s.PasskeysOn() {
 		t.Fatal("passkeys are off")
 	}
-	return s, mem, ts
+	return s, fs, ts
 }
 
 // enrollLink makes an enrollment link the way `pgmfa enroll --webauthn`

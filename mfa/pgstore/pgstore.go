@@ -2,7 +2,8 @@
 // instance of a fleet shares it: the enrollments (secrets sealed with the
 // store key), the last accepted time step per user (single use, claimed with
 // one conditional UPDATE), the failure counters behind throttling, the
-// --mfa-remember grants and the logins waiting for approval.
+// --mfa-remember grants, the logins waiting for approval, and the passkeys
+// with their enrollment links (passkeys.go).
 //
 // Everything lives in its own schema (default "pgmfa"), created and
 // upgraded by Init (`pgmfa store init`) with numbered migrations under an
@@ -48,7 +49,7 @@ type Options struct {
 }
 
 // Store is the PostgreSQL store. It implements mfa.Secrets, mfa.Accounts,
-// mfa.AccountLoader, mfa.StepClaimer and mfa.Shared. Safe for concurrent
+// mfa.AccountLoader, mfa.StepClaimer, mfa.Shared and mfa.PasskeyStore. Safe for concurrent
 // use.
 type Store struct {
 	pool     *pgxpool.Pool
@@ -270,7 +271,8 @@ func (s *Store) Enroll(user string, opts mfa.EnrollOptions, force bool) (*otp.Ke
 	return key, nil
 }
 
-// Remove deletes user's enrollment and remember grants.
+// Remove deletes user's enrollment and remember grants; the user's
+// passkeys and enrollment links go with the enrollment (ON DELETE CASCADE).
 func (s *Store) Remove(user string) error {
 	ctx, cancel := s.ctx()
 	defer cancel()
@@ -481,32 +483,38 @@ func (s *Store) Reseal() (int, error) {
 			}
 			n++
 		}
-		// The accounts' sealed fields too (not counted: n is secrets).
-		_, err = s.resealAccounts(ctx, tx)
-		return err
+		// The accounts' sealed fields and the passkeys too (not counted: n
+		// is secrets).
+		if _, err := s.resealAccounts(ctx, tx); err != nil {
+			return err
+		}
+		return s.resealPasskeys(ctx, tx)
 	})
 	return n, err
 }
 
 // Plaintext is how many secrets the store holds unencrypted (written
-// before encryption, or without a key).
+// before encryption, or without a key): TOTP secrets and passkeys.
 func (s *Store) Plaintext() (int, error) {
 	ctx, cancel := s.ctx()
 	defer cancel()
 	var n int
-	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM `+s.t("users")+` WHERE key_id IS NULL`).Scan(&n)
+	err := s.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM `+s.t("users")+` WHERE key_id IS NULL)
+		+ (SELECT count(*) FROM `+s.t("passkeys")+` WHERE key_id IS NULL)`).Scan(&n)
 	return n, s.wrap(err)
 }
 
 // Prune deletes what no decision reads any more: failures older than a
 // day, remember grants expired for a day, waiting logins older than
-// PendingMaxAge (left by an instance that died). pgmfa serve runs it every
-// few minutes; every instance may, the deletes are idempotent.
+// PendingMaxAge (left by an instance that died), passkey enrollment links
+// used or expired. pgmfa serve runs it every few minutes; every instance
+// may, the deletes are idempotent.
 func (s *Store) Prune(now time.Time) error {
 	ctx, cancel := s.ctx()
 	defer cancel()
 	_, err := s.pool.Exec(ctx, `WITH f AS (DELETE FROM `+s.t("failures")+` WHERE at < $1),
-		g AS (DELETE FROM `+s.t("grants")+` WHERE until < $1)
-		DELETE FROM `+s.t("pending")+` WHERE since < $2`, now.Add(-failureRetention), now.Add(-PendingMaxAge))
+		g AS (DELETE FROM `+s.t("grants")+` WHERE until < $1),
+		l AS (DELETE FROM `+s.t("passkey_links")+` WHERE used OR expires <= $3)
+		DELETE FROM `+s.t("pending")+` WHERE since < $2`, now.Add(-failureRetention), now.Add(-PendingMaxAge), now)
 	return s.wrap(err)
 }

@@ -65,6 +65,25 @@ var migrations = []string{
 		id     int PRIMARY KEY CHECK (id = 1),
 		secret text NOT NULL                   -- keys unknown accounts' dummy salts; sealed with a key
 	);`,
+	// 3: passkeys (WebAuthn credentials) and their enrollment links. Both
+	// go with their user: removing the enrollment removes them.
+	`CREATE TABLE {s}.passkeys (
+		id         bytea PRIMARY KEY CHECK (octet_length(id) BETWEEN 1 AND 1023),  -- the credential id
+		name       text NOT NULL REFERENCES {s}.users (name) ON DELETE CASCADE,
+		data       text NOT NULL,            -- sealed (aes256gcm:KEYID:…) or, without a key, base64
+		key_id     text,                     -- the sealing key's id; NULL: plaintext
+		sign_count bigint NOT NULL DEFAULT 0 CHECK (sign_count BETWEEN 0 AND 4294967295),
+		created    timestamptz NOT NULL DEFAULT now()
+	);
+	CREATE INDEX passkeys_name ON {s}.passkeys (name, created);
+	CREATE TABLE {s}.passkey_links (
+		token_hash bytea PRIMARY KEY CHECK (octet_length(token_hash) = 32),  -- SHA-256 of the token; the token is never stored
+		name       text NOT NULL REFERENCES {s}.users (name) ON DELETE CASCADE,
+		expires    timestamptz NOT NULL,
+		used       boolean NOT NULL DEFAULT false
+	);
+	CREATE INDEX passkey_links_name ON {s}.passkey_links (name);
+	CREATE INDEX passkey_links_expires ON {s}.passkey_links (expires);`,
 }
 
 // version reads the schema's version; 0 when there is no schema.
@@ -122,7 +141,8 @@ func (s *Store) Init(ctx context.Context) (from, to int, err error) {
 
 // GrantSQL is what a proxy's role needs, and nothing more: read and update
 // enrollments (single use), count failures, keep grants and waiting logins,
-// read the accounts.
+// read the accounts, read and register passkeys (the approval page),
+// use enrollment links and prune them.
 // It cannot create, drop or alter anything, nor read any other schema.
 // `pgmfa enroll` and `pgmfa store …` need the owner (or a role with
 // INSERT/DELETE on users as well).
@@ -137,6 +157,8 @@ func (s *Store) GrantSQL(role string) []string {
 		`GRANT SELECT, INSERT, DELETE, UPDATE (released) ON ` + s.t("pending") + ` TO ` + r,
 		`GRANT USAGE ON SEQUENCE ` + s.t("pending_id_seq") + ` TO ` + r,
 		`GRANT SELECT ON ` + s.t("accounts") + `, ` + s.t("account_secret") + ` TO ` + r,
+		`GRANT SELECT, INSERT, UPDATE (sign_count) ON ` + s.t("passkeys") + ` TO ` + r,
+		`GRANT SELECT, DELETE, UPDATE (used) ON ` + s.t("passkey_links") + ` TO ` + r,
 	}
 }
 

@@ -24,16 +24,21 @@ const (
 	preCookie     = "pgmfa_pre" // CSRF token of the sign-in forms (no session yet)
 )
 
-// csp allows nothing but this page's own forms and its one script file
-// (passkeys), which may talk to this origin only: no inline script, no
-// style, no frames, no other origin.
-const csp = "default-src 'none'; script-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+// csp allows nothing but this page's own forms, its one stylesheet and
+// its one script file (passkeys), which may talk to this origin only: no
+// inline script or style, no frames, no other origin.
+const csp = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 
 // passkeyJS is the page's only script: the browser side of the WebAuthn
 // ceremonies (navigator.credentials), with no library.
 //
 //go:embed passkey.js
 var passkeyJS []byte
+
+// pageCSS is the page's stylesheet; the page reads without it.
+//
+//go:embed page.css
+var pageCSS []byte
 
 // Handler is the page's HTTP handler.
 func (s *Server) Handler() http.Handler {
@@ -48,10 +53,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /enroll/{token}/finish", s.enrollFinish)
 	mux.HandleFunc("POST /passkey/begin", s.passkeyBegin)
 	mux.HandleFunc("POST /passkey/finish", s.passkeyFinish)
-	mux.HandleFunc("GET /static/passkey.js", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/javascript; charset=utf-8")
-		_, _ = w.Write(passkeyJS)
-	})
+	mux.HandleFunc("GET /static/passkey.js", static("text/javascript; charset=utf-8", passkeyJS))
+	mux.HandleFunc("GET /static/page.css", static("text/css; charset=utf-8", pageCSS))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
 		h.Set("Content-Security-Policy", csp)
@@ -70,6 +73,14 @@ func (s *Server) Handler() http.Handler {
 		r.Body = http.MaxBytesReader(w, r.Body, limit)
 		mux.ServeHTTP(w, r)
 	})
+}
+
+// static serves an embedded file.
+func static(contentType string, body []byte) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", contentType)
+		_, _ = w.Write(body)
+	}
 }
 
 func (s *Server) cookieName(base string) string {
@@ -407,14 +418,17 @@ func (s *Server) rows(user string) []row {
 	s.mu.Unlock()
 	for _, p := range s.cfg.Approvals.Local(user) {
 		out = append(out, row{Kind: "wait", ID: strconv.FormatUint(p.ID, 10), Addr: p.Addr, Database: p.Database, AppName: p.AppName,
-			Since: p.Since.UTC().Format(time.RFC3339), Left: "waiting"})
+			Since: p.Since.UTC().Format(sinceFormat), Left: "waiting"})
 	}
 	return out
 }
 
+// sinceFormat is how the page shows when a login started.
+const sinceFormat = "2006-01-02 15:04:05 UTC"
+
 func rowOf(lk link, now time.Time) row {
 	r := row{Kind: "link", ID: strconv.FormatUint(lk.id, 10), Addr: lk.login.Addr, Database: lk.login.Database, AppName: lk.login.AppName,
-		Since: lk.since.UTC().Format(time.RFC3339), Left: lk.expires.Sub(now).Round(time.Second).String()}
+		Since: lk.since.UTC().Format(sinceFormat), Left: lk.expires.Sub(now).Round(time.Second).String()}
 	if lk.waitID != 0 {
 		r.Kind, r.ID = "wait", strconv.FormatUint(lk.waitID, 10)
 	}
@@ -431,10 +445,11 @@ func (s *Server) render(w http.ResponseWriter, d pageData) {
 	}
 }
 
-// page is the whole site: forms only, no script, no style.
+// page is the whole site: forms, one stylesheet, and the passkey script
+// on the pages that offer passkeys.
 var page = template.Must(template.New("page").Parse(`<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>pgmfa: {{.Title}}</title></head><body>
+<title>pgmfa: {{.Title}}</title><link rel="stylesheet" href="/static/page.css"></head><body>
 <h1>{{.Title}}</h1>
 {{if .Error}}<p role="alert"><strong>{{.Error}}</strong></p>{{end}}
 {{if .Message}}<p role="status">{{.Message}}</p>{{end}}
@@ -466,7 +481,7 @@ var page = template.Must(template.New("page").Parse(`<!doctype html>
 </td></tr>
 {{end}}</table>
 {{else}}<p>No login of yours is waiting for approval.</p>{{end}}
-<form method="post" action="/signout"><input type="hidden" name="csrf" value="{{.CSRF}}"><button type="submit">Sign out</button></form>
+<form method="post" action="/signout"><input type="hidden" name="csrf" value="{{.CSRF}}"><button type="submit" class="secondary">Sign out</button></form>
 {{end}}
 {{if .Passkeys}}<script src="/static/passkey.js"></script>{{end}}
 </body></html>

@@ -2,6 +2,7 @@ package web
 
 import (
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -20,8 +21,12 @@ import (
 	"time"
 
 	"github.com/fxamacker/cbor/v2"
+	"github.com/pquerna/otp"
 
+	"github.com/pgmfa/pgmfa/bench/pgcluster"
+	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/mfa"
+	"github.com/pgmfa/pgmfa/mfa/pgstore"
 )
 
 // softKey is a software WebAuthn authenticator (a passkey with user
@@ -164,14 +169,49 @@ func (p *pageClient) post(path string, body []byte) (int, []byte) {
 	return resp.StatusCode, b
 }
 
-// passkeyPage is a page over a real FileStore with alice enrolled for TOTP,
-// served at http://localhost (the RP ID must be a domain).
-func passkeyPage(t *testing.T) (*Server, *mfa.FileStore, *httptest.Server) {
-	t.Helper()
-	fs, err := mfa.OpenFileStore(filepath.Join(t.TempDir(), "totp.json"))
+// passkeyStore is what the test needs of a store; both stores are one.
+type passkeyStore interface {
+	mfa.Secrets
+	mfa.PasskeyStore
+	Enroll(user string, opts mfa.EnrollOptions, force bool) (*otp.Key, error)
+}
+
+// fileStore is a FileStore in a temporary directory, its secrets and
+// passkeys sealed.
+func fileStore(t *testing.T) passkeyStore {
+	keys, err := mfa.NewKeyText()
 	if err != nil {
 		t.Fatal(err)
 	}
+	kr, err := mfa.ParseKeyring(keys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs, err := mfa.OpenFileStoreKeyed(filepath.Join(t.TempDir(), "totp.json"), kr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fs
+}
+
+// pgStore is a PostgreSQL store (mfa/pgstore) on a throwaway cluster.
+func pgStore(t *testing.T) passkeyStore {
+	c := pgtest.Start(t, pgcluster.Options{})
+	s, err := pgstore.Open(c.DSN(pgcluster.Superuser, "postgres", "postgres"), pgstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	if _, _, err := s.Init(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// passkeyPage is a page over fs with alice and bob enrolled for TOTP,
+// served at http://localhost (the RP ID must be a domain).
+func passkeyPage(t *testing.T, fs passkeyStore) (*Server, *httptest.Server) {
+	t.Helper()
 	if _, err := fs.Enroll("alice", mfa.EnrollOptions{}, false); err != nil {
 		t.Fatal(err)
 	}
@@ -180,6 +220,7 @@ func passkeyPage(t *testing.T) (*Server, *mfa.FileStore, *httptest.Server) {
 	}
 	g := mfa.NewGuard(mfa.Options{}, fs)
 	var s *Server
+	var err error
 	ts := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { s.Handler().ServeHTTP(w, r) }))
 	ts.Start()
 	t.Cleanup(ts.Close)
@@ -192,7 +233,7 @@ func passkeyPage(t *testing.T) (*Server, *mfa.FileStore, *httptest.Server) {
 	if !s.PasskeysOn() {
 		t.Fatal("passkeys are off")
 	}
-	return s, fs, ts
+	return s, ts
 }
 
 // enrollLink makes an enrollment link the way `pgmfa enroll --webauthn`
@@ -211,7 +252,12 @@ func enrollLink(t *testing.T, fs mfa.PasskeyStore, user string, ttl time.Duratio
 // a forged CSRF token, another origin, a body too large, a counter that
 // goes backwards.
 func TestPasskeyCeremonies(t *testing.T) {
-	s, fs, ts := passkeyPage(t)
+	t.Run("file", func(t *testing.T) { passkeyCeremonies(t, fileStore(t)) })
+	t.Run("postgres", func(t *testing.T) { passkeyCeremonies(t, pgStore(t)) })
+}
+
+func passkeyCeremonies(t *testing.T, fs passkeyStore) {
+	s, ts := passkeyPage(t, fs)
 	u, _ := url.Parse(ts.URL)
 	origin := "http://localhost:" + u.Port()
 	key := newSoftKey(t, "localhost", origin)

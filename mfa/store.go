@@ -23,8 +23,8 @@ var (
 
 // FileStore keeps per-user secrets and their TOTP parameters in a JSON file.
 // Loading refuses a file that group or others can read or write; writes are
-// atomic with mode 0600. It implements Secrets, Accounts and StepClaimer and
-// is safe for concurrent use.
+// atomic with mode 0600. It implements Secrets, Accounts, StepClaimer and
+// PasskeyStore (passkeystore.go) and is safe for concurrent use.
 //
 // Every write — `pgmfa enroll`, and the proxy claiming a code's time step
 // (ClaimStep) — takes an flock on the store's directory and re-reads the
@@ -210,8 +210,8 @@ func (s *FileStore) updateAll(change func(map[string]storedUser, *accountSet) er
 }
 
 // updateContent is update with the whole content: users, accounts and
-// passkeys (passkeystore.go). Enrollment links that expired or were used
-// are dropped from what is written.
+// passkeys (passkeystore.go). Enrollment links that expired are dropped
+// from what is written (a used one was deleted when it was used).
 func (s *FileStore) updateContent(change func(*storeContent) error) error {
 	unlock, err := lockDir(s.path)
 	if err != nil {

@@ -49,8 +49,8 @@ type Options struct {
 }
 
 // Store is the PostgreSQL store. It implements mfa.Secrets, mfa.Accounts,
-// mfa.AccountLoader, mfa.StepClaimer, mfa.Shared and mfa.PasskeyStore. Safe for concurrent
-// use.
+// mfa.AccountLoader, mfa.StepClaimer, mfa.Shared and mfa.PasskeyStore.
+// Safe for concurrent use.
 type Store struct {
 	pool     *pgxpool.Pool
 	keyring  atomic.Pointer[mfa.Keyring]

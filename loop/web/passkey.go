@@ -60,7 +60,7 @@ const maxCeremonies = 10000
 type ceremony struct {
 	register  bool
 	data      webauthn.SessionData
-	tokenHash []byte // the enrollment link (register) or the login's link (sign-in; nil from the start page)
+	tokenHash []byte // a registration: its enrollment link (mfa.PasskeyLinkHash)
 	token     string // sign-in from a login's link: the link's token, used up on success
 	user      string // "" for a discoverable sign-in
 	expires   time.Time
@@ -250,7 +250,7 @@ func (s *Server) enrollLink(w http.ResponseWriter, r *http.Request) (string, boo
 		s.noPasskeys(w, r)
 		return "", false
 	}
-	th := tokenHash(r.PathValue("token"))
+	th := mfa.PasskeyLinkHash(r.PathValue("token"))
 	user, ok, err := s.cfg.Passkeys.PasskeyLink(th, s.cfg.Now())
 	switch {
 	case err != nil:
@@ -275,13 +275,6 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, status int, msg st
 
 func (s *Server) noPasskeys(w http.ResponseWriter, r *http.Request) {
 	s.fail(w, r, http.StatusNotFound, "Passkeys are not enabled on this page (the store keeps no passkeys, or --web-url names an IP address).")
-}
-
-// tokenHash is how the store knows an enrollment link: the SHA-256 of its
-// token.
-func tokenHash(token string) []byte {
-	h := sha256.Sum256([]byte(token))
-	return h[:]
 }
 
 // enrollBegin starts registering a passkey from an enrollment link.
@@ -314,7 +307,7 @@ func (s *Server) enrollBegin(w http.ResponseWriter, r *http.Request) {
 		jsonError(w, http.StatusInternalServerError, "could not start the registration")
 		return
 	}
-	if !s.putCeremony(w, &ceremony{register: true, data: *data, tokenHash: tokenHash(r.PathValue("token")), user: user}) {
+	if !s.putCeremony(w, &ceremony{register: true, data: *data, tokenHash: mfa.PasskeyLinkHash(r.PathValue("token")), user: user}) {
 		return
 	}
 	jsonOK(w, creation)
@@ -330,7 +323,7 @@ func (s *Server) enrollFinish(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c := s.takeCeremony(r)
-	th := tokenHash(r.PathValue("token"))
+	th := mfa.PasskeyLinkHash(r.PathValue("token"))
 	if c == nil || !c.register || !bytes.Equal(c.tokenHash, th) {
 		jsonError(w, http.StatusBadRequest, "no passkey registration is in progress here (it finished, or took longer than "+ceremonyTTL.String()+"): reload the page and start again")
 		return

@@ -240,8 +240,11 @@ func passkeyPage(t *testing.T, fs passkeyStore) (*Server, *httptest.Server) {
 // does and returns its path.
 func enrollLink(t *testing.T, fs mfa.PasskeyStore, user string, ttl time.Duration) string {
 	t.Helper()
-	token := randomToken()
-	if err := fs.AddPasskeyLink(user, tokenHash(token), time.Now().Add(ttl)); err != nil {
+	token, hash, err := mfa.NewPasskeyLinkToken()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fs.AddPasskeyLink(user, hash, time.Now().Add(ttl)); err != nil {
 		t.Fatal(err)
 	}
 	return "/enroll/" + token

@@ -92,6 +92,7 @@ func isSessionWorkload(w string) bool { return w == "idle-rss" || w == "mfa-wait
 func (e *env) holdIdle(ctx context.Context, ep *endpoint, pid, n int) (int, int64, error) {
 	conns := make([]*pgconn.PgConn, n)
 	var firstErr error
+	retried := 0
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	next := make(chan int)
@@ -100,12 +101,25 @@ func (e *env) holdIdle(ctx context.Context, ep *endpoint, pid, n int) (int, int6
 		go func() {
 			defer wg.Done()
 			for i := range next {
-				cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-				c, err := connect(cctx, ep, benchUser, true, nil, nil)
-				cancel()
+				var c *pgconn.PgConn
+				var err error
+				// A login can time out on a machine busy enough (the
+				// proxy's --handshake-timeout is 15 s); one of 10,000
+				// must not throw away the minutes spent on the others.
+				for try := 0; try < 3 && ctx.Err() == nil; try++ {
+					cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+					c, err = connect(cctx, ep, benchUser, true, nil, nil)
+					cancel()
+					if err == nil {
+						break
+					}
+					mu.Lock()
+					retried++
+					mu.Unlock()
+				}
 				mu.Lock()
 				if err != nil && firstErr == nil {
-					firstErr = fmt.Errorf("session %d of %d: %w", i+1, n, err)
+					firstErr = fmt.Errorf("session %d of %d (3 tries): %w", i+1, n, err)
 				}
 				conns[i] = c
 				mu.Unlock()
@@ -144,6 +158,9 @@ func (e *env) holdIdle(ctx context.Context, ep *endpoint, pid, n int) (int, int6
 	}
 	if err := ctx.Err(); err != nil {
 		return 0, 0, err
+	}
+	if retried > 0 {
+		e.logf("%s: idle-rss: %d logins failed and were tried again", ep.Name, retried)
 	}
 	rss, err := settledRSS(pid, 5*time.Second)
 	return n, rss, err

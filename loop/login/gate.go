@@ -98,32 +98,27 @@ func (g *Gate) Resolve(req *session.MFARequest, connID uint64, addr string, late
 			return mfa.PathWeb, o, nil, false
 		}
 	}
-	p, others, cancel := g.Approvals.Wait(l, func(o mfa.Outcome) { later(mfa.PathApproval, o) })
+	p, others, more, cancel := g.Approvals.Wait(l, func(o mfa.Outcome) { later(mfa.PathApproval, o) })
 	if g.Web != nil {
 		g.Web.Waiting(p)
 	}
-	for i, w := range others {
-		if i == maxOthersLogged {
-			// A pool opening many connections without a code would
-			// otherwise log every waiting login again for each new one
-			// (n² lines: 50 million at 10,000 waiting logins).
-			g.logger().Warn("more logins of the user are already waiting for MFA approval", "user", req.User,
-				"conn", p.ID, "client", addr, "more_waiting", len(others)-maxOthersLogged)
-			break
-		}
+	for _, w := range others {
 		// Whoever has the password may be racing the real user for the
 		// approval: say so, with both addresses.
 		g.logger().Warn("another login of the user is already waiting for MFA approval", "user", req.User,
 			"conn", p.ID, "client", addr, "waiting_conn", w.ID, "waiting_client", w.Addr,
 			"waiting_since", w.Since.Format(time.RFC3339))
 	}
+	if more > 0 {
+		// The oldest few are named (mfa.MaxOthers); a pool opening many
+		// connections without a code would otherwise log every waiting
+		// login again for each new one (n² lines: 50 million at 10,000
+		// waiting logins).
+		g.logger().Warn("more logins of the user are already waiting for MFA approval", "user", req.User,
+			"conn", p.ID, "client", addr, "more_waiting", more)
+	}
 	return mfa.PathApproval, mfa.Outcome{}, cancel, true
 }
-
-// maxOthersLogged is how many of the user's other waiting logins a new
-// waiting login names in the log, oldest first; the rest are counted in
-// one line.
-const maxOthersLogged = 3
 
 // Web is the approval page as the gate sees it (loop/web.Server). Its
 // methods must not block: Admitted runs on event loops.

@@ -154,7 +154,7 @@ func TestGateResolveManyWaiting(t *testing.T) {
 	log, buf := newLog()
 	g, _ := newGate(t, log)
 	never := func(mfa.Path, mfa.Outcome) {}
-	const n = maxOthersLogged + 4
+	const n = mfa.MaxOthers + 4
 	for i := range n {
 		_, _, cancel, waiting := g.Resolve(&session.MFARequest{User: "bob"}, uint64(100+i), "10.0.0.5:1", never)
 		if !waiting {
@@ -166,16 +166,16 @@ func TestGateResolveManyWaiting(t *testing.T) {
 		}
 	}
 	lines := logLines(t, buf)
-	if len(lines) != maxOthersLogged+1 {
-		t.Fatalf("the last login logged %d lines, want %d: %v", len(lines), maxOthersLogged+1, lines)
+	if len(lines) != mfa.MaxOthers+1 {
+		t.Fatalf("the last login logged %d lines, want %d: %v", len(lines), mfa.MaxOthers+1, lines)
 	}
-	for i, l := range lines[:maxOthersLogged] {
+	for i, l := range lines[:mfa.MaxOthers] {
 		if l["msg"] != "another login of the user is already waiting for MFA approval" || l["waiting_conn"] != float64(100+i) {
 			t.Errorf("line %d: %v", i, l)
 		}
 	}
-	if l := lines[maxOthersLogged]; l["msg"] != "more logins of the user are already waiting for MFA approval" ||
-		l["more_waiting"] != float64(n-1-maxOthersLogged) || l["conn"] != float64(100+n-1) {
+	if l := lines[mfa.MaxOthers]; l["msg"] != "more logins of the user are already waiting for MFA approval" ||
+		l["more_waiting"] != float64(n-1-mfa.MaxOthers) || l["conn"] != float64(100+n-1) {
 		t.Errorf("summary line: %v", l)
 	}
 }

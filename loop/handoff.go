@@ -63,13 +63,13 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 	}
 	c.detach(false)
 
-	c.uncancel = c.srv.cancels.add(est.Key, c.id)
+	uncancel := c.srv.cancels.add(est.Key, c.id)
 	c.rec.Audit(c.m, true, nil)
 	// From here on the session is a handed: the callbacks below hold it,
 	// not the conn, so the login's state (its machine, the held startup
 	// and server messages, timers, timeline) is garbage once this callback
 	// returns; a session kept for hours keeps only what its end needs.
-	h := &handed{srv: c.srv, id: c.id, rec: c.rec, user: c.m.User(), database: c.m.Database(), uncancel: c.uncancel}
+	h := &handed{srv: c.srv, id: c.id, rec: c.rec, user: c.m.User(), database: c.m.Database(), uncancel: uncancel}
 	// Listed before the carrier takes it: its end (ended) may come before
 	// Splice or Add returns.
 	since := time.Now()

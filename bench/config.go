@@ -59,7 +59,7 @@ func parseConfig(args []string, stderr io.Writer) (*config, error) {
 		scale     = fs.Int("scale", 20, "pgbench scale factor (pgbench -i -s N; 20 is ~300 MB)")
 		clients   = fs.String("clients", "1,16,64", "client counts for the pgbench -S workloads (one workload select-N each); -j is min(N, cores)")
 		bulkMB    = fs.Int("bulk-mb", 500, "size in MB of the copy-out (COPY TO STDOUT) and copy-in (COPY FROM STDIN into an unlogged table, truncated before each run and verified by row count and checksum after) workloads; select-bulk returns 3/5 of it")
-		sessions  = fs.Int("sessions", 1000, "sessions held open for the idle-rss and mfa-wait-rss workloads (PostgreSQL max_connections is raised to fit)")
+		sessions  = fs.Int("sessions", 1000, "sessions held open for the idle-rss and mfa-wait-rss workloads (PostgreSQL max_connections and the open-file limit are raised to fit; 10000 is the issue's figure, ~25 min per workload on 2 cores and ~17 GiB for the backends)")
 		pgmfa     = fs.String("pgmfa", "", "pgmfa binary (default: cmd/pgmfa/bin/pgmfa in the repository (make build), built with go build when missing)")
 		pgmfaFl   = fs.String("pgmfa-flags", "", "extra flags appended to every pgmfa serve command line, space-separated (e.g. '--loops 1 --socket-buffer 4194304'); later flags override the suite's")
 		out       = fs.String("out", "", "output directory (default bench/out/<UTC timestamp>)")

@@ -47,6 +47,21 @@ func setup(ctx context.Context, cfg *config, repo string, logf func(string, ...a
 	if err = os.Chmod(e.tmp, 0o711); err != nil {
 		return e, err
 	}
+	pgmfaFlags := cfg.PgmfaFlags
+	if slices.ContainsFunc(cfg.Workloads, isSessionWorkload) {
+		// Before any child starts: they inherit it.
+		fl, lerr := raiseFileLimit(cfg.Sessions)
+		if lerr != nil {
+			return e, lerr
+		}
+		if fl.Log != "" {
+			logf("%s", fl.Log)
+		}
+		if fl.MaxConns > 0 {
+			// Before the user's flags, which may override it.
+			pgmfaFlags = append([]string{"--max-conns", strconv.Itoa(fl.MaxConns)}, pgmfaFlags...)
+		}
+	}
 	logf("starting PostgreSQL (scale %d)", cfg.Scale)
 	e.cluster, err = pgcluster.Start(pgcluster.Options{
 		Method: pgcluster.ScramSHA256,
@@ -106,11 +121,11 @@ func setup(ctx context.Context, cfg *config, repo string, logf func(string, ...a
 		case isPgbouncer(p):
 			ep = startPgbouncer(&e.procs, p, e.cluster, filepath.Join(e.tmp, p), e.pki, []string{benchUser, benchWaitUser}, cfg.Sessions)
 		default:
-			ep = startPgmfa(&e.procs, e.pgmfaBin, p, e.cluster, filepath.Join(e.tmp, p), e.pki, cfg.PgmfaFlags)
+			ep = startPgmfa(&e.procs, e.pgmfaBin, p, e.cluster, filepath.Join(e.tmp, p), e.pki, pgmfaFlags)
 			fresh := 0
 			ep.Fresh = func() *endpoint {
 				fresh++
-				return startPgmfa(&e.procs, e.pgmfaBin, p, e.cluster, filepath.Join(e.tmp, fmt.Sprintf("%s-fresh%d", p, fresh)), e.pki, cfg.PgmfaFlags)
+				return startPgmfa(&e.procs, e.pgmfaBin, p, e.cluster, filepath.Join(e.tmp, fmt.Sprintf("%s-fresh%d", p, fresh)), e.pki, pgmfaFlags)
 			}
 		}
 		if ep.Err != nil {

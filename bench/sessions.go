@@ -61,7 +61,7 @@ func (e *env) sessionRSSOn(ctx context.Context, ep *endpoint, waiting bool) (flo
 				e.logf("%s: %v", ep.Name, err)
 			}
 		}
-		e.waitBackendsGone(20 * time.Second)
+		e.waitBackendsGone(20*time.Second + time.Duration(e.cfg.Sessions)*2*time.Millisecond)
 	}()
 	// A Go proxy's runtime hands memory back to the kernel in the background
 	// after a busy workload; a reading taken while that is under way can
@@ -85,10 +85,14 @@ func (e *env) sessionRSSOn(ctx context.Context, ep *endpoint, waiting bool) (flo
 		"rss_before_kib": float64(before), "rss_after_kib": float64(after), "sessions": float64(open)}, nil
 }
 
+// isSessionWorkload reports whether a workload holds -sessions sessions.
+func isSessionWorkload(w string) bool { return w == "idle-rss" || w == "mfa-wait-rss" }
+
 // holdIdle opens n logged-in sessions, reads the RSS and closes them.
 func (e *env) holdIdle(ctx context.Context, ep *endpoint, pid, n int) (int, int64, error) {
 	conns := make([]*pgconn.PgConn, n)
 	var firstErr error
+	retried := 0
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	next := make(chan int)
@@ -97,19 +101,47 @@ func (e *env) holdIdle(ctx context.Context, ep *endpoint, pid, n int) (int, int6
 		go func() {
 			defer wg.Done()
 			for i := range next {
-				cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-				c, err := connect(cctx, ep, benchUser, true, nil, nil)
-				cancel()
+				var c *pgconn.PgConn
+				var err error
+				// A login can time out on a machine busy enough (the
+				// proxy's --handshake-timeout is 15 s); one of 10,000
+				// must not throw away the minutes spent on the others.
+				for try := 0; try < 3 && ctx.Err() == nil; try++ {
+					cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+					c, err = connect(cctx, ep, benchUser, true, nil, nil)
+					cancel()
+					if err == nil {
+						break
+					}
+					mu.Lock()
+					retried++
+					mu.Unlock()
+				}
 				mu.Lock()
 				if err != nil && firstErr == nil {
-					firstErr = fmt.Errorf("session %d of %d: %w", i+1, n, err)
+					firstErr = fmt.Errorf("session %d of %d (3 tries): %w", i+1, n, err)
 				}
 				conns[i] = c
 				mu.Unlock()
 			}
 		}()
 	}
+	progress := time.Now()
 	for i := 0; i < n && ctx.Err() == nil; i++ {
+		if i%100 == 0 {
+			if avail := memAvailableKB(); avail >= 0 && avail < minMemAvailableKB {
+				mu.Lock()
+				if firstErr == nil {
+					firstErr = errLowMemory(i, n)
+				}
+				mu.Unlock()
+				break
+			}
+			if time.Since(progress) > 30*time.Second {
+				e.logf("%s: idle-rss: %d of %d sessions open", ep.Name, i, n)
+				progress = time.Now()
+			}
+		}
 		next <- i
 	}
 	close(next)
@@ -127,13 +159,27 @@ func (e *env) holdIdle(ctx context.Context, ep *endpoint, pid, n int) (int, int6
 	if err := ctx.Err(); err != nil {
 		return 0, 0, err
 	}
+	if retried > 0 {
+		e.logf("%s: idle-rss: %d logins failed and were tried again", ep.Name, retried)
+	}
 	rss, err := settledRSS(pid, 5*time.Second)
 	return n, rss, err
 }
 
+// loginsInFlight bounds the waiting logins holdWaiting has started that
+// are not waiting yet (their database backend is not there). Started all
+// at once, thousands of logins queue behind each other's SCRAM and backend
+// start-up, and the ones at the back run into the proxy's
+// --handshake-timeout (15 s) or PostgreSQL's authentication_timeout (60 s)
+// before they ever wait.
+const loginsInFlight = 32
+
 // holdWaiting starts n logins that send no code and, once they all wait
 // (their upstream backends exist, or the proxy's RSS stopped growing),
-// reads the RSS and abandons them.
+// reads the RSS and abandons them. Logins are started as earlier ones
+// reach the wait (at most loginsInFlight on their way); a proxy whose
+// waiting logins leave no backend to count gets the rest 1 ms apart once
+// the count has not moved for 10 s.
 func (e *env) holdWaiting(ctx context.Context, ep *endpoint, pid, n int) (int, int64, error) {
 	cctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -141,7 +187,7 @@ func (e *env) holdWaiting(ctx context.Context, ep *endpoint, pid, n int) (int, i
 	returned, admitted := 0, 0
 	var firstErr error
 	local := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}
-	for i := 0; i < n; i++ {
+	start := func() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -166,19 +212,47 @@ func (e *env) holdWaiting(ctx context.Context, ep *endpoint, pid, n int) (int, i
 	}
 	defer func() { cancel(); wg.Wait() }()
 
-	deadline := time.Now().Add(30*time.Second + time.Duration(n)*20*time.Millisecond)
+	started, paced := 0, true
+	waiting, moved, logged := 0, time.Now(), time.Now()
 	var last int64
 	stable := 0
-	for time.Now().Before(deadline) && ctx.Err() == nil {
-		time.Sleep(250 * time.Millisecond)
+	for ctx.Err() == nil {
 		mu.Lock()
 		r := returned
 		mu.Unlock()
 		if r == n {
 			break
 		}
-		if e.backends(benchWaitUser) >= n {
+		if b := e.backends(benchWaitUser); b > waiting {
+			waiting, moved = b, time.Now()
+		}
+		if waiting >= n {
 			break
+		}
+		if avail := memAvailableKB(); avail >= 0 && avail < minMemAvailableKB {
+			return 0, 0, errLowMemory(waiting, n)
+		}
+		if paced && time.Since(moved) > 10*time.Second {
+			paced = false
+		}
+		room := n - started
+		if paced {
+			room = min(room, waiting+r+loginsInFlight-started)
+		}
+		for ; room > 0; room-- {
+			start()
+			started++
+		}
+		if time.Since(logged) > 30*time.Second {
+			e.logf("%s: mfa-wait-rss: %d of %d logins waiting", ep.Name, waiting, n)
+			logged = time.Now()
+		}
+		time.Sleep(250 * time.Millisecond)
+		if started < n {
+			continue
+		}
+		if time.Since(moved) > 60*time.Second {
+			break // no login reached the wait for a minute: read what is there
 		}
 		// A proxy that waits for MFA before dialing upstream leaves no
 		// backend to count: settle on the RSS instead.
@@ -189,7 +263,7 @@ func (e *env) holdWaiting(ctx context.Context, ep *endpoint, pid, n int) (int, i
 			stable = 0
 		}
 		last = rss
-		if stable >= 8 {
+		if stable >= 8 && waiting == 0 {
 			break
 		}
 	}
@@ -205,10 +279,15 @@ func (e *env) holdWaiting(ctx context.Context, ep *endpoint, pid, n int) (int, i
 	if returned == n && firstErr != nil {
 		return 0, 0, fmt.Errorf("every login without a code ended instead of waiting: %w", firstErr)
 	}
+	if returned > 0 && firstErr != nil {
+		// Logins that ended did not wait: the figure would be per fewer
+		// sessions than asked for, and the reason is worth seeing.
+		e.logf("%s: mfa-wait-rss: %d of %d logins ended instead of waiting, first: %v", ep.Name, returned, n, firstErr)
+	}
 	if err := ctx.Err(); err != nil {
 		return 0, 0, err
 	}
-	return n - returned, rss, nil
+	return started - returned, rss, nil
 }
 
 // settledRSS waits (at most max) until the RSS of pid changes by at most

@@ -38,7 +38,6 @@ type conn struct {
 	clientHeld []byte
 	clientOut  []byte // bytes for the half-closed client not yet written
 
-	uncancel   func()    // unregisters the session's cancel key (set at the handoff)
 	cancelConn gnet.Conn // a CancelRequest being forwarded for this client
 	cancelling bool      // this client sent a CancelRequest; it is being forwarded
 

@@ -63,31 +63,30 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 	}
 	c.detach(false)
 
-	c.uncancel = c.srv.cancels.add(est.Key, c.id)
+	uncancel := c.srv.cancels.add(est.Key, c.id)
 	c.rec.Audit(c.m, true, nil)
+	// From here on the session is a handed: the callbacks below hold it,
+	// not the conn, so the login's state (its machine, the held startup
+	// and server messages, timers, timeline) is garbage once this callback
+	// returns; a session kept for hours keeps only what its end needs.
+	h := &handed{srv: c.srv, id: c.id, rec: c.rec, user: c.m.User(), database: c.m.Database(), uncancel: uncancel}
 	// Listed before the carrier takes it: its end (ended) may come before
 	// Splice or Add returns.
 	since := time.Now()
-	c.srv.sessions.add(&liveSession{info: SessionInfo{ID: c.id, User: c.m.User(), Database: c.m.Database(), Client: c.addr, Since: since},
+	c.srv.sessions.add(&liveSession{info: SessionInfo{ID: c.id, User: h.user, Database: h.database, Client: c.addr, Since: since},
 		key: est.Key})
 
 	if sp := c.srv.splicer; sp != nil {
 		c.rec.Started(login.ModeSockmap)
 		// What a process taking over needs to carry the session on
 		// (takeover.go).
-		meta := encodeMeta(c.id, c.m.User(), c.m.Database(), c.addr, since, est.Key)
+		meta := encodeMeta(c.id, h.user, h.database, c.addr, since, est.Key)
 		live, err := sp.SpliceLive(cfd, ufd, toServer, toClient, meta, func(st bpf.Stats) {
-			c.ended(login.Stats{Mode: login.ModeSockmap, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
+			h.ended(login.Stats{Mode: login.ModeSockmap, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
 				Duration: st.Duration, Reason: st.Reason, FlowControl: st.FlowControl, Relayed: st.Relayed})
 		})
 		if err == nil {
-			c.srv.sessions.attachSpliced(c.id, sp, live, func() {
-				// Handed over to another process, which ends it: this
-				// one only lets go of it.
-				c.uncancel()
-				c.rec.HandedOver()
-				c.srv.release()
-			})
+			c.srv.sessions.attachSpliced(c.id, sp, live, h.handedOver)
 			c.srv.stats.Spliced.Add(1)
 			return
 		}
@@ -97,7 +96,7 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 			// continue this byte stream faithfully.
 			unix.Close(cfd)
 			unix.Close(ufd)
-			c.ended(login.Stats{Mode: login.ModeSockmap, Reason: "handoff failed: " + err.Error()})
+			h.ended(login.Stats{Mode: login.ModeSockmap, Reason: "handoff failed: " + err.Error()})
 			return
 		}
 		c.srv.log.Info("session not spliced; using the user-space relay", "conn", c.id, "reason", err.Error())
@@ -105,17 +104,48 @@ func (c *conn) handoff(release []byte, est *session.Established) {
 	}
 	c.rec.Started(login.ModeRelay)
 	rs, err := c.srv.relay.Add(cfd, ufd, toServer, toClient, func(st relay.Stats) {
-		c.ended(login.Stats{Mode: login.ModeRelay, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
+		h.ended(login.Stats{Mode: login.ModeRelay, ClientToServer: st.ClientToServer, ServerToClient: st.ServerToClient,
 			Duration: st.Duration, Reason: st.Reason})
 	})
 	if err != nil {
 		unix.Close(cfd)
 		unix.Close(ufd)
-		c.ended(login.Stats{Mode: login.ModeRelay, Reason: "handoff failed: " + err.Error()})
+		h.ended(login.Stats{Mode: login.ModeRelay, Reason: "handoff failed: " + err.Error()})
 		return
 	}
 	c.srv.sessions.attach(c.id, login.ModeRelay, rs)
 	c.srv.stats.Relayed.Add(1)
+}
+
+// handed is what a handed-off session keeps of its login until it ends:
+// enough for its end (the registry entry, the cancel key, the session-end
+// line, the connection slot). Its carrier's callbacks hold this and not
+// the conn, whose login state would otherwise live as long as the session
+// (a few KiB each: the machine with the startup packet and the held
+// ParameterStatus messages, the timers, the timeline).
+type handed struct {
+	srv            *Server
+	id             uint64
+	rec            *login.Record
+	user, database string
+	uncancel       func()
+}
+
+// ended logs the end of a handed-off session and frees what it held. It
+// runs on the splicer's or the relay's goroutine.
+func (h *handed) ended(st login.Stats) {
+	h.srv.sessions.remove(h.id)
+	h.uncancel()
+	h.rec.EndOf(h.user, h.database, st)
+	h.srv.release()
+}
+
+// handedOver lets go of a spliced session that its Splicer handed over to
+// another process (takeover.go), which ends it.
+func (h *handed) handedOver() {
+	h.uncancel()
+	h.rec.HandedOver()
+	h.srv.release()
 }
 
 // dupClient takes what gnet holds of the client's bytes and a duplicate of
@@ -162,13 +192,4 @@ func (c *conn) detach(atOpen bool) {
 		_ = c.loop.Close(c.upstream)
 	}
 	c.client, c.upstream = nil, nil
-}
-
-// ended logs the end of a handed-off session and frees what it held. It
-// runs on the splicer's or the relay's goroutine.
-func (c *conn) ended(st login.Stats) {
-	c.srv.sessions.remove(c.id)
-	c.uncancel()
-	c.rec.End(c.m, st)
-	c.srv.release()
 }

@@ -86,15 +86,18 @@ func NewApprovals(g *Guard) *Approvals {
 	return &Approvals{g: g, waiting: map[uint64]*waiter{}}
 }
 
-// Wait registers a waiting login and returns it with the other logins of the
-// same user already waiting (oldest first: a second login while one waits
-// is worth a warning — it may be whoever has the user's password). release
-// is called at most once, from the goroutine that calls Approve. cancel
-// withdraws the login: after cancel returns, release either was never
-// called and never will be, or has already returned. release must therefore
-// not call cancel itself (it would wait for itself); cancel may be called
-// any number of times.
-func (a *Approvals) Wait(l Login, release func(Outcome)) (p Pending, others []Pending, cancel func()) {
+// Wait registers a waiting login and returns it with the oldest other
+// logins of the same user already waiting (at most MaxOthers, oldest first:
+// a second login while one waits is worth a warning — it may be whoever has
+// the user's password) and how many more wait beyond those. Only the
+// oldest are returned so that a pool opening thousands of connections
+// without a code does not copy every waiting login for each new one.
+// release is called at most once, from the goroutine that calls Approve.
+// cancel withdraws the login: after cancel returns, release either was
+// never called and never will be, or has already returned. release must
+// therefore not call cancel itself (it would wait for itself); cancel may be
+// called any number of times.
+func (a *Approvals) Wait(l Login, release func(Outcome)) (p Pending, others []Pending, more int, cancel func()) {
 	since := a.g.opts.Now()
 	var fleetID uint64
 	if a.fleet != nil {
@@ -106,6 +109,10 @@ func (a *Approvals) Wait(l Login, release func(Outcome)) (p Pending, others []Pe
 		if err != nil {
 			a.g.storeError(l.User, err)
 			fleetID, others = 0, nil
+		}
+		sortPending(others)
+		if len(others) > MaxOthers {
+			others, more = others[:MaxOthers:MaxOthers], len(others)-MaxOthers
 		}
 	}
 	a.mu.Lock()
@@ -127,7 +134,7 @@ func (a *Approvals) Wait(l Login, release func(Outcome)) (p Pending, others []Pe
 	if fleetID == 0 {
 		for _, w := range a.waiting {
 			if w.User == l.User {
-				others = append(others, w.Pending)
+				others, more = keepOldest(others, w.Pending, more)
 			}
 		}
 	}
@@ -138,8 +145,26 @@ func (a *Approvals) Wait(l Login, release func(Outcome)) (p Pending, others []Pe
 	}
 	a.waiting[id] = w
 	a.mu.Unlock()
-	sortPending(others)
-	return w.Pending, others, func() { a.cancel(w) }
+	return w.Pending, others, more, func() { a.cancel(w) }
+}
+
+// MaxOthers is how many of the user's other waiting logins Wait returns.
+const MaxOthers = 3
+
+// keepOldest adds p to oldest (sorted, oldest first, at most MaxOthers),
+// counting in more whichever of them drops out.
+func keepOldest(oldest []Pending, p Pending, more int) ([]Pending, int) {
+	if len(oldest) == MaxOthers {
+		if !less(p, oldest[MaxOthers-1]) {
+			return oldest, more + 1
+		}
+		oldest, more = oldest[:MaxOthers-1], more+1
+	}
+	i := sort.Search(len(oldest), func(i int) bool { return less(p, oldest[i]) })
+	oldest = append(oldest, Pending{})
+	copy(oldest[i+1:], oldest[i:])
+	oldest[i] = p
+	return oldest, more
 }
 
 func (a *Approvals) cancel(w *waiter) {

@@ -10,7 +10,7 @@ import (
 
 // wait registers a waiting login of user from addr and returns its id.
 func wait(a *Approvals, user, addr string, release func(Outcome)) (uint64, func()) {
-	p, _, cancel := a.Wait(Login{User: user, Addr: addr, Database: "app"}, release)
+	p, _, _, cancel := a.Wait(Login{User: user, Addr: addr, Database: "app"}, release)
 	return p.ID, cancel
 }
 
@@ -57,6 +57,30 @@ func TestApproveReleasesTheOneWaitingLogin(t *testing.T) {
 	}
 }
 
+// TestWaitReturnsOldestOthers: many logins of a user wait (a pool without
+// a code); a new one gets the MaxOthers oldest, oldest first, and the count
+// of the rest, whatever order the map holds them in.
+func TestWaitReturnsOldestOthers(t *testing.T) {
+	g, clk := newTestGuard(Options{}, "alice")
+	a := NewApprovals(g)
+	const n = 20
+	for i := range n {
+		// IDs out of age order: the age decides.
+		a.Wait(Login{ConnID: uint64(100 + (i*7)%n), User: "alice"}, func(Outcome) {})
+		a.Wait(Login{ConnID: uint64(1000 + i), User: "bob"}, func(Outcome) {})
+		clk.Advance(time.Second)
+	}
+	_, others, more, _ := a.Wait(Login{ConnID: 99, User: "alice"}, func(Outcome) {})
+	if len(others) != MaxOthers || more != n-MaxOthers {
+		t.Fatalf("others %+v, more %d; want %d and %d", others, more, MaxOthers, n-MaxOthers)
+	}
+	for i, o := range others {
+		if want := uint64(100 + (i*7)%n); o.ID != want || o.User != "alice" {
+			t.Errorf("others[%d] = %+v, want id %d", i, o, want)
+		}
+	}
+}
+
 // TestApproveSeveralWaitingReleasesNone: two logins of alice wait (one may
 // be whoever has her password). An approval that does not say which
 // releases neither, lists both, and does not spend the code; --conn then
@@ -65,13 +89,13 @@ func TestApproveSeveralWaitingReleasesNone(t *testing.T) {
 	g, clk := newTestGuard(Options{Remember: time.Minute}, "alice")
 	a := NewApprovals(g)
 	var released sync.Map
-	p1, others, _ := a.Wait(Login{ConnID: 41, User: "alice", Addr: "192.0.2.1:5000", Database: "app", AppName: "psql"},
+	p1, others, _, _ := a.Wait(Login{ConnID: 41, User: "alice", Addr: "192.0.2.1:5000", Database: "app", AppName: "psql"},
 		func(o Outcome) { released.Store(41, o) })
 	if p1.ID != 41 || len(others) != 0 {
 		t.Fatalf("first wait: %+v, others %+v", p1, others)
 	}
 	clk.Advance(time.Second)
-	p2, others, _ := a.Wait(Login{ConnID: 42, User: "alice", Addr: "198.51.100.9:6000", Database: "prod", AppName: "evil"},
+	p2, others, _, _ := a.Wait(Login{ConnID: 42, User: "alice", Addr: "198.51.100.9:6000", Database: "prod", AppName: "evil"},
 		func(o Outcome) { released.Store(42, o) })
 	if p2.ID != 42 || len(others) != 1 || others[0].ID != 41 || others[0].Addr != "192.0.2.1:5000" {
 		t.Fatalf("second wait must report the first: %+v", others)
@@ -159,8 +183,8 @@ func TestApproveOneConnection(t *testing.T) {
 func TestWaitKeepsIDsUnique(t *testing.T) {
 	g, _ := newTestGuard(Options{}, "alice")
 	a := NewApprovals(g)
-	p1, _, cancel1 := a.Wait(Login{ConnID: 1, User: "alice"}, func(Outcome) {})
-	p2, _, _ := a.Wait(Login{ConnID: 1, User: "alice"}, func(Outcome) {})
+	p1, _, _, cancel1 := a.Wait(Login{ConnID: 1, User: "alice"}, func(Outcome) {})
+	p2, _, _, _ := a.Wait(Login{ConnID: 1, User: "alice"}, func(Outcome) {})
 	if p1.ID != 1 || p2.ID == 1 {
 		t.Fatalf("ids %d %d", p1.ID, p2.ID)
 	}

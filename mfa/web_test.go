@@ -39,8 +39,8 @@ func TestApprovalsDecide(t *testing.T) {
 	g := NewGuard(Options{}, accounts{"alice": {Secret: secretA}})
 	a := NewApprovals(g)
 	got := make(chan Outcome, 2)
-	p1, _, _ := a.Wait(Login{User: "alice", Addr: "192.0.2.1:1"}, func(o Outcome) { got <- o })
-	p2, _, _ := a.Wait(Login{User: "alice", Addr: "192.0.2.1:2"}, func(o Outcome) { got <- o })
+	p1, _, _, _ := a.Wait(Login{User: "alice", Addr: "192.0.2.1:1"}, func(o Outcome) { got <- o })
+	p2, _, _, _ := a.Wait(Login{User: "alice", Addr: "192.0.2.1:2"}, func(o Outcome) { got <- o })
 	if _, ok := a.Decide("bob", p1.ID, true, Outcome{}); ok {
 		t.Fatal("bob decided alice's login")
 	}

@@ -76,7 +76,7 @@ func runApproveT(t *testing.T, stdin string, args ...string) (int, string, strin
 func TestApproveCommand(t *testing.T) {
 	f := newApproveFixture(t)
 	released := make(chan mfa.Outcome, 3)
-	p1, _, _ := f.appr.Wait(mfa.Login{ConnID: 7, User: "alice", Addr: "192.0.2.1:5000", Database: "app", AppName: "psql"}, func(o mfa.Outcome) { released <- o })
+	p1, _, _, _ := f.appr.Wait(mfa.Login{ConnID: 7, User: "alice", Addr: "192.0.2.1:5000", Database: "app", AppName: "psql"}, func(o mfa.Outcome) { released <- o })
 	id1 := p1.ID
 	f.appr.Wait(mfa.Login{ConnID: 8, User: "alice", Addr: "192.0.2.2:5001", Database: "prod", AppName: "x\x1b[2Jy"}, func(o mfa.Outcome) { released <- o })
 

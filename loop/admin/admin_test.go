@@ -115,7 +115,7 @@ func TestUnixSocketEndToEnd(t *testing.T) {
 
 	// Two logins wait.
 	released := make(chan uint64, 2)
-	p1, _, _ := f.appr.Wait(mfa.Login{ConnID: 11, User: "alice", Addr: "192.0.2.1:5000", Database: "app", AppName: "psql"}, func(o mfa.Outcome) {
+	p1, _, _, _ := f.appr.Wait(mfa.Login{ConnID: 11, User: "alice", Addr: "192.0.2.1:5000", Database: "app", AppName: "psql"}, func(o mfa.Outcome) {
 		if o.OK {
 			released <- 11
 		}

@@ -98,7 +98,7 @@ func (g *Gate) Resolve(req *session.MFARequest, connID uint64, addr string, late
 			return mfa.PathWeb, o, nil, false
 		}
 	}
-	p, others, cancel := g.Approvals.Wait(l, func(o mfa.Outcome) { later(mfa.PathApproval, o) })
+	p, others, more, cancel := g.Approvals.Wait(l, func(o mfa.Outcome) { later(mfa.PathApproval, o) })
 	if g.Web != nil {
 		g.Web.Waiting(p)
 	}
@@ -108,6 +108,14 @@ func (g *Gate) Resolve(req *session.MFARequest, connID uint64, addr string, late
 		g.logger().Warn("another login of the user is already waiting for MFA approval", "user", req.User,
 			"conn", p.ID, "client", addr, "waiting_conn", w.ID, "waiting_client", w.Addr,
 			"waiting_since", w.Since.Format(time.RFC3339))
+	}
+	if more > 0 {
+		// The oldest few are named (mfa.MaxOthers); a pool opening many
+		// connections without a code would otherwise log every waiting
+		// login again for each new one (n² lines: 50 million at 10,000
+		// waiting logins).
+		g.logger().Warn("more logins of the user are already waiting for MFA approval", "user", req.User,
+			"conn", p.ID, "client", addr, "more_waiting", more)
 	}
 	return mfa.PathApproval, mfa.Outcome{}, cancel, true
 }

@@ -147,6 +147,39 @@ func TestGateResolve(t *testing.T) {
 	}
 }
 
+// A pool that opens many connections without a code: each new waiting
+// login names the oldest few others and counts the rest in one line,
+// instead of a line per waiting login (n² lines in all).
+func TestGateResolveManyWaiting(t *testing.T) {
+	log, buf := newLog()
+	g, _ := newGate(t, log)
+	never := func(mfa.Path, mfa.Outcome) {}
+	const n = mfa.MaxOthers + 4
+	for i := range n {
+		_, _, cancel, waiting := g.Resolve(&session.MFARequest{User: "bob"}, uint64(100+i), "10.0.0.5:1", never)
+		if !waiting {
+			t.Fatalf("login %d did not wait", i)
+		}
+		defer cancel()
+		if i < n-1 {
+			buf.Reset()
+		}
+	}
+	lines := logLines(t, buf)
+	if len(lines) != mfa.MaxOthers+1 {
+		t.Fatalf("the last login logged %d lines, want %d: %v", len(lines), mfa.MaxOthers+1, lines)
+	}
+	for i, l := range lines[:mfa.MaxOthers] {
+		if l["msg"] != "another login of the user is already waiting for MFA approval" || l["waiting_conn"] != float64(100+i) {
+			t.Errorf("line %d: %v", i, l)
+		}
+	}
+	if l := lines[mfa.MaxOthers]; l["msg"] != "more logins of the user are already waiting for MFA approval" ||
+		l["more_waiting"] != float64(n-1-mfa.MaxOthers) || l["conn"] != float64(100+n-1) {
+		t.Errorf("summary line: %v", l)
+	}
+}
+
 func TestGateAsk(t *testing.T) {
 	g, _ := newGate(t, slog.New(slog.DiscardHandler))
 	var got []mfa.Path

@@ -434,7 +434,7 @@ func TestFleetApprovalsReconcile(t *testing.T) {
 	apB := mfa.NewFleetApprovals(mfa.NewGuard(mfa.Options{}, b), b)
 
 	released := make(chan mfa.Outcome, 2)
-	p1, _, cancel1 := apB.Wait(mfa.Login{User: "dave", Addr: "10.0.0.1:1"}, func(o mfa.Outcome) { released <- o })
+	p1, _, _, cancel1 := apB.Wait(mfa.Login{User: "dave", Addr: "10.0.0.1:1"}, func(o mfa.Outcome) { released <- o })
 	defer cancel1()
 	if ls := apA.List(); len(ls) != 1 || ls[0].ID != p1.ID || ls[0].User != "dave" {
 		t.Fatalf("A lists %+v, want B's login %d", ls, p1.ID)
@@ -465,7 +465,7 @@ func TestFleetApprovalsReconcile(t *testing.T) {
 	}
 
 	// A row deleted by hand releases nothing.
-	p2, _, cancel2 := apB.Wait(mfa.Login{User: "dave", Addr: "10.0.0.2:1"}, func(o mfa.Outcome) { released <- o })
+	p2, _, _, cancel2 := apB.Wait(mfa.Login{User: "dave", Addr: "10.0.0.2:1"}, func(o mfa.Outcome) { released <- o })
 	defer cancel2()
 	if err := a.Withdraw(p2.ID); err != nil {
 		t.Fatal(err)

@@ -149,38 +149,30 @@ func jsonOK(w http.ResponseWriter, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-// jsonRequest checks what a ceremony request must carry: JSON (which a
-// form on another site cannot send without a CORS preflight this page
-// never answers), the sign-in CSRF token in X-CSRF-Token (double submit,
-// as the forms), and, when the browser says where it comes from, this
-// page's origin. It answers the refusal itself.
-func (s *Server) jsonRequest(w http.ResponseWriter, r *http.Request) bool {
+// ceremonyRequest checks what a ceremony request must carry and returns
+// its body: passkeys on; JSON (which a form on another site cannot send
+// without a CORS preflight this page never answers); the sign-in CSRF
+// token in X-CSRF-Token (double submit, as the forms); when the browser
+// says where it comes from, this page's origin; a body within
+// maxJSONBody. It answers a refusal itself.
+func (s *Server) ceremonyRequest(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
+	if s.rp == nil {
+		s.noPasskeys(w, r)
+		return nil, false
+	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
 		jsonError(w, http.StatusUnsupportedMediaType, "send application/json")
-		return false
+		return nil, false
 	}
 	if o := r.Header.Get("Origin"); o != "" && o != s.origin() {
 		jsonError(w, http.StatusForbidden, "wrong origin")
-		return false
+		return nil, false
 	}
 	pre, err := r.Cookie(s.cookieName(preCookie))
 	if err != nil || !same(r.Header.Get("X-CSRF-Token"), pre.Value) {
 		jsonError(w, http.StatusForbidden, "missing or wrong CSRF token; reload the page and try again")
-		return false
+		return nil, false
 	}
-	return true
-}
-
-func (s *Server) origin() string {
-	u, err := url.Parse(s.cfg.URL)
-	if err != nil {
-		return ""
-	}
-	return u.Scheme + "://" + u.Host
-}
-
-// readJSON reads a ceremony body within maxJSONBody.
-func readJSON(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 	b, err := io.ReadAll(r.Body)
 	if err != nil {
 		var tooBig *http.MaxBytesError
@@ -192,6 +184,14 @@ func readJSON(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 		return nil, false
 	}
 	return b, true
+}
+
+func (s *Server) origin() string {
+	u, err := url.Parse(s.cfg.URL)
+	if err != nil {
+		return ""
+	}
+	return u.Scheme + "://" + u.Host
 }
 
 // putCeremony keeps c under a new id in a cookie.
@@ -279,7 +279,7 @@ func (s *Server) noPasskeys(w http.ResponseWriter, r *http.Request) {
 
 // enrollBegin starts registering a passkey from an enrollment link.
 func (s *Server) enrollBegin(w http.ResponseWriter, r *http.Request) {
-	if !s.jsonRequest(w, r) {
+	if _, ok := s.ceremonyRequest(w, r); !ok {
 		return
 	}
 	user, ok := s.enrollLink(w, r)
@@ -315,10 +315,7 @@ func (s *Server) enrollBegin(w http.ResponseWriter, r *http.Request) {
 
 // enrollFinish checks the new passkey and stores it, using the link up.
 func (s *Server) enrollFinish(w http.ResponseWriter, r *http.Request) {
-	if !s.jsonRequest(w, r) {
-		return
-	}
-	body, ok := readJSON(w, r)
+	body, ok := s.ceremonyRequest(w, r)
 	if !ok {
 		return
 	}
@@ -373,14 +370,7 @@ type passkeyRequest struct {
 
 // passkeyBegin starts a sign-in with a passkey.
 func (s *Server) passkeyBegin(w http.ResponseWriter, r *http.Request) {
-	if s.rp == nil {
-		s.noPasskeys(w, r)
-		return
-	}
-	if !s.jsonRequest(w, r) {
-		return
-	}
-	body, ok := readJSON(w, r)
+	body, ok := s.ceremonyRequest(w, r)
 	if !ok {
 		return
 	}
@@ -427,14 +417,7 @@ func (s *Server) passkeyBegin(w http.ResponseWriter, r *http.Request) {
 
 // passkeyFinish checks an assertion and signs its user in.
 func (s *Server) passkeyFinish(w http.ResponseWriter, r *http.Request) {
-	if s.rp == nil {
-		s.noPasskeys(w, r)
-		return
-	}
-	if !s.jsonRequest(w, r) {
-		return
-	}
-	body, ok := readJSON(w, r)
+	body, ok := s.ceremonyRequest(w, r)
 	if !ok {
 		return
 	}

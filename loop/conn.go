@@ -339,23 +339,14 @@ func isEOF(err error) bool { return errors.Is(err, io.EOF) }
 // dial opens the database connection on this connection's own loop.
 func (c *conn) dial() {
 	ctx := gnet.NewContext(context.Background(), &upstreamSide{c})
-	ch, err := c.loop.Register(ctx, c.srv.upAddr)
-	if err != nil {
-		c.act(c.m.UpstreamFailed(c.srv.upName, err))
-		return
-	}
-	// gnet dials in its worker pool and reports failures only on this
-	// channel; wait for it off the loop (for the length of a connect) and
-	// bring a failure back onto the loop.
-	go func() {
-		if r := <-ch; r.Err != nil {
-			c.exec(func() {
-				if !c.closed {
-					c.act(c.m.UpstreamFailed(c.srv.upName, r.Err))
-				}
-			})
+	failed := func(err error) {
+		if !c.closed {
+			c.act(c.m.UpstreamFailed(c.srv.upName, err))
 		}
-	}()
+	}
+	if err := c.register(ctx, failed); err != nil { // dial.go
+		failed(err)
+	}
 }
 
 // askMFA answers the machine's MFA request through the server's gate,
@@ -474,19 +465,13 @@ func (c *conn) forwardCancel(req *pgproto3.CancelRequest) bool {
 	}
 	pkt := proto.Append(nil, req)
 	ctx := gnet.NewContext(context.Background(), &cancelSide{c: c, packet: pkt})
-	ch, err := c.loop.Register(ctx, c.srv.upAddr)
-	if err != nil {
+	if err := c.register(ctx, func(err error) {
+		c.srv.log.Warn("cancel request not forwarded", "conn", c.id, "client", c.addr, "err", err)
+		c.close(nil)
+	}); err != nil {
 		c.srv.log.Warn("cancel request not forwarded", "conn", c.id, "client", c.addr, "err", err)
 		return false
 	}
-	go func() {
-		if r := <-ch; r.Err != nil {
-			c.exec(func() {
-				c.srv.log.Warn("cancel request not forwarded", "conn", c.id, "client", c.addr, "err", r.Err)
-				c.close(nil)
-			})
-		}
-	}()
 	c.cancelling = true
 	c.stopWaiting()
 	c.deadline = c.after(login.CancelTimeout, func() { c.close(nil) })

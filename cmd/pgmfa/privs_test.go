@@ -260,6 +260,12 @@ func (e *privEnv) checkCreds(t *testing.T, p *privProc, bounding capSet) {
 				path, c.eff, c.prm, c.inh, c.amb, c.bnd, c.noNewPrivs, bounding)
 		}
 	}
+	// READY=1 comes over the notify socket after "pgmfa listening" is
+	// written; the log lines may still be on their way through the stderr
+	// pipe (a CI run at load read READY before either line).
+	if !eventually(10*time.Second, func() bool { return strings.Contains(p.log(), `"pgmfa listening"`) }) {
+		t.Fatalf("READY=1 came, and no \"pgmfa listening\" line within 10s:\n%s", p.log())
+	}
 	drop := p.logLines("privileges dropped")
 	if len(drop) != 1 || drop[0]["kept"] != "none" || drop[0]["bounding_set"] != bounding.String() {
 		t.Errorf("privileges dropped lines: %v", drop)

@@ -15,7 +15,7 @@ import (
 // the release. The login-latency workload reads the lines its own logins
 // produced and keeps the median of each step, so the table can say where
 // a login's extra time goes: the proxy's own steps (accept_to_loop, dial,
-// mfa, handoff, in_loop) against the client's and the database's.
+// mfa, release, splice, in_loop) against the client's and the database's.
 
 // breakdownSteps are the steps in the order of a login, with what owns them.
 var breakdownSteps = []struct{ key, owner string }{
@@ -25,8 +25,9 @@ var breakdownSteps = []struct{ key, owner string }{
 	{"db_first_auth", "database"},
 	{"auth_exchange", "client+database (relayed)"},
 	{"mfa", "proxy"},
-	{"handoff", "proxy+kernel"},
+	{"release", "proxy"},
 	{"total", "accept to release"},
+	{"splice", "proxy+kernel (after the release)"},
 	{"in_loop", "proxy (callbacks, within the above)"},
 }
 

@@ -8,6 +8,13 @@ import (
 // ErrClosed is returned by Splice after Close.
 var ErrClosed = errors.New("bpf: splicer closed")
 
+// ErrNotEstablished is wrapped by Splice's refusal of a socket that is no
+// longer established: its peer already sent FIN or a reset, and the kernel
+// refuses such a socket in a sockmap. A client that logs in and quits at
+// once gets here routinely (it has its ReadyForQuery before the splice, see
+// loop/handoff.go); the caller relays what is left instead.
+var ErrNotEstablished = errors.New("no longer established (it already received FIN or a reset); not spliced")
+
 // ErrHandingOver is returned by Splice while HandOver is under way: the
 // caller relays the session instead (nothing was changed).
 var ErrHandingOver = errors.New("bpf: the splicer is handing its sessions over to another process; not spliced")

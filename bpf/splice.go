@@ -110,7 +110,7 @@ func (s *Splicer) SpliceWithMeta(client, server int, toServer, toClient, meta []
 			return fmt.Errorf("bpf: %s socket cookie: %w", side(i), err)
 		}
 		if (i == 0 || !unixUp) && !established(fd) {
-			return fmt.Errorf("bpf: the %s socket is no longer established (it already received FIN or a reset); not spliced", side(i))
+			return fmt.Errorf("bpf: the %s socket is %w", side(i), ErrNotEstablished)
 		}
 	}
 	ss := &session{fds: [2]int{client, server}, cookies: cookies, start: start, onDone: onDone, unixServer: unixUp, meta: meta}

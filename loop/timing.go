@@ -22,14 +22,15 @@ import (
 type loginStep uint8
 
 const (
-	stepAccepted   loginStep = iota // the acceptor took the connection off the listen queue
-	stepOpened                      // gnet opened it on an event loop (OnOpen)
-	stepStartup                     // the StartupMessage is parsed; the database is dialed
-	stepDialed                      // the database connection is open on the loop
-	stepDBFirst                     // the database's first bytes (its first authentication request) arrived
-	stepMFAAsked                    // the database's login is complete (held); MFA is asked
-	stepMFADecided                  // the MFA decision is back on the loop
-	stepReleased                    // the release is written and the sockets are in the kernel (or the relay)
+	stepAccepted    loginStep = iota // the acceptor took the connection off the listen queue
+	stepOpened                       // gnet opened it on an event loop (OnOpen)
+	stepStartup                      // the StartupMessage is parsed; the database is dialed
+	stepDialed                       // the database connection is open on the loop
+	stepDBFirst                      // the database's first bytes (its first authentication request) arrived
+	stepMFAAsked                     // the database's login is complete (held); MFA is asked
+	stepMFADecided                   // the MFA decision is back on the loop
+	stepReleaseSent                  // the release (AuthenticationOk … ReadyForQuery) is in the client's socket
+	stepReleased                     // the sockets are in the kernel (or the relay)
 	numLoginSteps
 )
 
@@ -58,7 +59,9 @@ func (t *timeline) span(a, b loginStep) (time.Duration, bool) {
 }
 
 // timingSpans are the spans of the "login timing" line: each names who the
-// time belongs to. The spans follow one another, so they add up to total.
+// time belongs to. The spans up to release follow one another, so they add
+// up to total, which ends when the client has its ReadyForQuery; splice,
+// the sockets' move into the kernel, comes after it, off the client's path.
 var timingSpans = []struct {
 	key  string
 	a, b loginStep
@@ -69,8 +72,9 @@ var timingSpans = []struct {
 	{"db_first_auth", stepDialed, stepDBFirst},   // database: backend start, first auth request
 	{"auth_exchange", stepDBFirst, stepMFAAsked}, // client and database: the relayed round trips
 	{"mfa", stepMFAAsked, stepMFADecided},        // proxy: the MFA decision (store I/O when a code is claimed)
-	{"handoff", stepMFADecided, stepReleased},    // proxy + kernel: release, map inserts
-	{"total", stepAccepted, stepReleased},        //
+	{"release", stepMFADecided, stepReleaseSent}, // proxy: the release written to the client
+	{"total", stepAccepted, stepReleaseSent},     //
+	{"splice", stepReleaseSent, stepReleased},    // proxy + kernel: dups, map inserts (the client already has its ReadyForQuery)
 }
 
 // logTiming writes the login's timeline at debug level.

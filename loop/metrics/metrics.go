@@ -287,8 +287,9 @@ func (m *Metrics) StoreCall(op string, took time.Duration, err error) {
 }
 
 // fallbackReason sorts Splice's error into a bounded reason. Package bpf
-// has one sentinel (ErrClosed); its other refusals are told apart by their
-// words, which its tests of this package pin (metrics_test.go).
+// has sentinels for a closed splicer and a peer that already closed; its
+// other refusals are told apart by their words, which the tests of this
+// package pin (metrics_test.go).
 func fallbackReason(err error) string {
 	msg := ""
 	if err != nil {
@@ -299,7 +300,7 @@ func fallbackReason(err error) string {
 		return FallbackShutdown
 	case strings.Contains(msg, "unix-socket upstream"):
 		return FallbackUnixUpstream
-	case strings.Contains(msg, "no longer established"), strings.Contains(msg, "received FIN"),
+	case errors.Is(err, bpf.ErrNotEstablished), strings.Contains(msg, "received FIN"),
 		errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNRESET):
 		return FallbackPeerClosed
 	}

@@ -52,6 +52,7 @@ import (
 
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/loop/admin"
+	"github.com/pgmfa/pgmfa/loop/sysmon"
 )
 
 // privFlags are serve's flags for least privilege.
@@ -66,10 +67,15 @@ func (p *privFlags) register(fs *flag.FlagSet) {
 
 // afterStart tells systemd the proxy is ready once it serves (its
 // privileges are gone by then: beforeAccept).
-func (f *serveFlags) afterStart(p *proxy, logger *slog.Logger) {
+func (f *serveFlags) afterStart(p *proxy, logger *slog.Logger, guard *sysmon.Guard) {
 	<-p.srv.Ready()
 	if p.srv.Err() != nil {
 		return
+	}
+	if guard != nil {
+		// Start-up is when the runtime starts most of its threads, some
+		// from sysmon (loop/sysmon): set them back before the first login.
+		guard.Check()
 	}
 	if err := sdNotify("READY=1"); err != nil {
 		logger.Warn("could not tell systemd the service is ready", "err", err)

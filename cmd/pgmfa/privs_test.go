@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"golang.org/x/sys/unix"
 
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
 	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
@@ -329,6 +331,8 @@ func TestLeastPrivilege(t *testing.T) {
 			t.Fatalf("session mode %q, want sockmap:\n%s", mode, p.log())
 		}
 		e.checkCreds(t, p, spliceSet) // threads started since
+		// No CAP_SYS_NICE: SCHED_BATCH only, the timer slack as it was.
+		checkSysmon(t, p, "50000")
 	})
 
 	t.Run("as root with --user", func(t *testing.T) {
@@ -337,6 +341,18 @@ func TestLeastPrivilege(t *testing.T) {
 		e.checkCreds(t, p, 0)
 		if mode := e.login(t, p, "bob"); mode != "sockmap" {
 			t.Fatalf("session mode %q, want sockmap:\n%s", mode, p.log())
+		}
+		// Set while still root: SCHED_BATCH and a 1 ms slack.
+		checkSysmon(t, p, "1000000")
+	})
+
+	t.Run("--quiet-sysmon=false leaves every thread under SCHED_OTHER", func(t *testing.T) {
+		p := e.start(nil, "--splice", "sockmap", "--user", privUser, "--quiet-sysmon=false")
+		p.waitReady(t)
+		for _, th := range threadsOf(t, p.cmd.Process.Pid) {
+			if a, err := unix.SchedGetAttr(th.tid, 0); err == nil && a.Policy != unix.SCHED_NORMAL {
+				t.Errorf("thread %d has policy %d", th.tid, a.Policy)
+			}
 		}
 	})
 
@@ -371,6 +387,85 @@ func TestLeastPrivilege(t *testing.T) {
 			t.Fatalf("exit %d, log:\n%s", p.cmd.ProcessState.ExitCode(), p.log())
 		}
 	})
+}
+
+type threadInfo struct {
+	tid   int
+	start uint64
+}
+
+// threadsOf lists a process's threads in the order they started (start
+// time in clock ticks, then thread ID).
+func threadsOf(t *testing.T, pid int) []threadInfo {
+	t.Helper()
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ts []threadInfo
+	for _, en := range ents {
+		tid, _ := strconv.Atoi(en.Name())
+		b, err := os.ReadFile(dir + "/" + en.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		st, _ := strconv.ParseUint(f[19], 10, 64)
+		ts = append(ts, threadInfo{tid, st})
+	}
+	sort.Slice(ts, func(i, j int) bool {
+		if ts[i].start != ts[j].start {
+			return ts[i].start < ts[j].start
+		}
+		return ts[i].tid < ts[j].tid
+	})
+	return ts
+}
+
+// checkSysmon: the serving process's sysmon thread (its second) is under
+// SCHED_BATCH with the timer slack wantSlack (ns), and every other thread
+// under SCHED_OTHER (--quiet-sysmon, loop/sysmon).
+//
+// Threads sysmon starts inherit SCHED_BATCH until the guard's next check
+// (one at readiness, then every second), so the other threads get up to
+// three seconds to be set back.
+func checkSysmon(t *testing.T, p *privProc, wantSlack string) {
+	t.Helper()
+	var ts []threadInfo
+	var wrong []string
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		ts, wrong = threadsOf(t, p.cmd.Process.Pid), nil
+		if len(ts) < 2 {
+			t.Fatalf("%d threads", len(ts))
+		}
+		for i, th := range ts {
+			a, err := unix.SchedGetAttr(th.tid, 0)
+			if err != nil {
+				continue // exited
+			}
+			want := uint32(unix.SCHED_NORMAL)
+			if i == 1 {
+				want = unix.SCHED_BATCH
+			}
+			if a.Policy != want {
+				wrong = append(wrong, fmt.Sprintf("thread %d (#%d) has policy %d, want %d", th.tid, i, a.Policy, want))
+			}
+		}
+		if len(wrong) == 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	for _, w := range wrong {
+		t.Error(w)
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(ts[1].tid) + "/timerslack_ns")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(string(b)); got != wantSlack {
+		t.Errorf("sysmon thread %d has timer slack %s ns, want %s", ts[1].tid, got, wantSlack)
+	}
 }
 
 // TestSdNotify sends to a real unixgram socket, by path and by abstract

@@ -81,21 +81,44 @@ func policy(t *testing.T, tid int) uint32 {
 	return a.Policy
 }
 
-// TestGuard: Start puts sysmon under SCHED_BATCH and leaves the rest; a
-// thread that is under SCHED_BATCH too (as one sysmon starts would be) is
-// given SCHED_OTHER back by the next check.
-func TestGuard(t *testing.T) {
-	g, err := Start(time.Hour)
+func slackOf(t *testing.T, tid int) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(tid) + "/timerslack_ns")
 	if err != nil {
 		t.Fatal(err)
 	}
+	return strings.TrimSpace(string(b))
+}
+
+// TestGuard: Start puts sysmon under SCHED_BATCH with a 1 ms timer slack
+// (as root) and leaves the rest; a thread that is under SCHED_BATCH too
+// (as one sysmon starts would be) is given SCHED_OTHER back by the next
+// check.
+func TestGuard(t *testing.T) {
+	g, err := Start(time.Hour, time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := slackOf(t, os.Getpid())
 	defer func() {
 		g.Stop()
 		normal := unix.SchedAttr{Policy: unix.SCHED_NORMAL}
 		_ = unix.SchedSetAttr(g.Thread(), &normal, 0)
+		_ = os.WriteFile("/proc/"+strconv.Itoa(g.Thread())+"/timerslack_ns", []byte(old), 0)
 	}()
 	if p := policy(t, g.Thread()); p != unix.SCHED_BATCH {
 		t.Fatalf("sysmon thread %d has policy %d, want SCHED_BATCH", g.Thread(), p)
+	}
+	switch ok, err := g.SlackSet(); {
+	case ok && slackOf(t, g.Thread()) != "1000000":
+		t.Fatalf("SlackSet reports the slack raised, but thread %d has %s ns", g.Thread(), slackOf(t, g.Thread()))
+	case !ok && os.Geteuid() == 0:
+		t.Fatalf("as root the timer slack must be settable: %v", err)
+	case !ok:
+		t.Logf("timer slack not raised without root: %v", err)
+	}
+	if got := slackOf(t, os.Getpid()); got != old {
+		t.Fatalf("the main thread's timer slack changed to %s ns", got)
 	}
 	if p := policy(t, os.Getpid()); p != unix.SCHED_NORMAL {
 		t.Fatalf("main thread has policy %d, want SCHED_NORMAL", p)
@@ -138,7 +161,7 @@ func TestStartLeavesOperatorPolicy(t *testing.T) {
 		normal := unix.SchedAttr{Policy: unix.SCHED_NORMAL}
 		_ = unix.SchedSetAttr(os.Getpid(), &normal, 0)
 	}()
-	if g, err := Start(time.Hour); err != ErrNotNormal {
+	if g, err := Start(time.Hour, 0); err != ErrNotNormal {
 		if g != nil {
 			g.Stop()
 		}

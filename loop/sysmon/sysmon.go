@@ -58,7 +58,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -132,7 +131,6 @@ type Guard struct {
 	tid      int
 	base     unix.SchedAttr // the process's own policy, given back to threads that inherited SCHED_BATCH
 	slackErr error          // why the timer slack was not raised (nil: it was)
-	resets   atomic.Uint64
 	stop     chan struct{}
 	done     sync.WaitGroup
 	once     sync.Once
@@ -192,9 +190,6 @@ func setSlack(tid int, d time.Duration) error {
 	return nil
 }
 
-// Resets is how many threads the Guard has taken out of SCHED_BATCH.
-func (g *Guard) Resets() uint64 { return g.resets.Load() }
-
 // Stop ends the checks (sysmon stays under SCHED_BATCH).
 func (g *Guard) Stop() {
 	g.once.Do(func() { close(g.stop) })
@@ -238,6 +233,5 @@ func (g *Guard) Check() int {
 			n++
 		}
 	}
-	g.resets.Add(uint64(n))
 	return n
 }

@@ -138,8 +138,10 @@ func TestGuard(t *testing.T) {
 	}()
 	tid := <-inherited
 	defer close(done)
-	if n := g.Check(); n != 1 || g.Resets() != 1 {
-		t.Fatalf("Check changed %d threads (%d in all), want the one under SCHED_BATCH", n, g.Resets())
+	// At least that one: a thread sysmon started since Start is under
+	// SCHED_BATCH too, and set back as well.
+	if n := g.Check(); n < 1 {
+		t.Fatalf("Check changed %d threads, want the one under SCHED_BATCH", n)
 	}
 	if p := policy(t, tid); p != unix.SCHED_NORMAL {
 		t.Fatalf("thread %d still has policy %d after the check", tid, p)

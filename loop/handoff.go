@@ -18,15 +18,17 @@ import (
 // handoff takes an authenticated, released session out of gnet and gives
 // its two sockets to the kernel (sockmap) or to the user-space relay.
 //
-// The sequence: both conns are on this
-// loop and nothing is left in gnet's outbound buffers; take the read-ahead
-// (client bytes pipelined behind the login, anything the database sent
-// after ReadyForQuery); dup both fds; close both gnet conns synchronously so
-// gnet never polls them again (the sockets stay open through the dups); the
-// new owner writes the held bytes first and then moves the rest.
-// The release (AuthenticationOk … ReadyForQuery) is not written through
-// gnet at all: it travels as the first pending bytes to the client, so
-// nothing is left in gnet to wait for.
+// The sequence: both conns are on this loop and nothing is left in gnet's
+// outbound buffers; the release (AuthenticationOk … ReadyForQuery) is
+// written straight to the client's socket, not through gnet, so the client
+// can go on while the rest happens (what the socket does not take at once
+// stays pending, first in line); take the read-ahead (client bytes
+// pipelined behind the login, anything the database sent after
+// ReadyForQuery); dup both fds; close both gnet conns synchronously so
+// gnet never polls them again (the sockets stay open through the dups);
+// the new owner writes the held bytes first and then moves the rest. The
+// session's byte counts start after the release: they are the session's,
+// not the login's.
 func (c *conn) handoff(release []byte, est *session.Established) {
 	if (c.client == nil && c.clientFD == 0) || c.upstream == nil {
 		c.close(errors.New("a side closed at the handoff"))

@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -26,6 +25,7 @@ import (
 	"github.com/pgmfa/pgmfa/bench/pgcluster"
 	"github.com/pgmfa/pgmfa/bench/pgcluster/pgtest"
 	"github.com/pgmfa/pgmfa/bpf"
+	"github.com/pgmfa/pgmfa/loop/sysmon"
 )
 
 // The least-privilege tests start the real binary as another user with
@@ -349,9 +349,9 @@ func TestLeastPrivilege(t *testing.T) {
 	t.Run("--quiet-sysmon=false leaves every thread under SCHED_OTHER", func(t *testing.T) {
 		p := e.start(nil, "--splice", "sockmap", "--user", privUser, "--quiet-sysmon=false")
 		p.waitReady(t)
-		for _, th := range threadsOf(t, p.cmd.Process.Pid) {
-			if a, err := unix.SchedGetAttr(th.tid, 0); err == nil && a.Policy != unix.SCHED_NORMAL {
-				t.Errorf("thread %d has policy %d", th.tid, a.Policy)
+		for _, tid := range threadsOf(t, p.cmd.Process.Pid) {
+			if a, err := unix.SchedGetAttr(tid, 0); err == nil && a.Policy != unix.SCHED_NORMAL {
+				t.Errorf("thread %d has policy %d", tid, a.Policy)
 			}
 		}
 	})
@@ -389,37 +389,13 @@ func TestLeastPrivilege(t *testing.T) {
 	})
 }
 
-type threadInfo struct {
-	tid   int
-	start uint64
-}
-
-// threadsOf lists a process's threads in the order they started (start
-// time in clock ticks, then thread ID).
-func threadsOf(t *testing.T, pid int) []threadInfo {
+// threadsOf lists a process's threads in the order they started.
+func threadsOf(t *testing.T, pid int) []int {
 	t.Helper()
-	dir := "/proc/" + strconv.Itoa(pid) + "/task"
-	ents, err := os.ReadDir(dir)
+	ts, err := sysmon.ThreadsByStart(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ts []threadInfo
-	for _, en := range ents {
-		tid, _ := strconv.Atoi(en.Name())
-		b, err := os.ReadFile(dir + "/" + en.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
-		st, _ := strconv.ParseUint(f[19], 10, 64)
-		ts = append(ts, threadInfo{tid, st})
-	}
-	sort.Slice(ts, func(i, j int) bool {
-		if ts[i].start != ts[j].start {
-			return ts[i].start < ts[j].start
-		}
-		return ts[i].tid < ts[j].tid
-	})
 	return ts
 }
 
@@ -432,15 +408,15 @@ func threadsOf(t *testing.T, pid int) []threadInfo {
 // three seconds to be set back.
 func checkSysmon(t *testing.T, p *privProc, wantSlack string) {
 	t.Helper()
-	var ts []threadInfo
+	var ts []int
 	var wrong []string
 	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		ts, wrong = threadsOf(t, p.cmd.Process.Pid), nil
 		if len(ts) < 2 {
 			t.Fatalf("%d threads", len(ts))
 		}
-		for i, th := range ts {
-			a, err := unix.SchedGetAttr(th.tid, 0)
+		for i, tid := range ts {
+			a, err := unix.SchedGetAttr(tid, 0)
 			if err != nil {
 				continue // exited
 			}
@@ -449,7 +425,7 @@ func checkSysmon(t *testing.T, p *privProc, wantSlack string) {
 				want = unix.SCHED_BATCH
 			}
 			if a.Policy != want {
-				wrong = append(wrong, fmt.Sprintf("thread %d (#%d) has policy %d, want %d", th.tid, i, a.Policy, want))
+				wrong = append(wrong, fmt.Sprintf("thread %d (#%d) has policy %d, want %d", tid, i, a.Policy, want))
 			}
 		}
 		if len(wrong) == 0 || time.Now().After(deadline) {
@@ -459,12 +435,12 @@ func checkSysmon(t *testing.T, p *privProc, wantSlack string) {
 	for _, w := range wrong {
 		t.Error(w)
 	}
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(ts[1].tid) + "/timerslack_ns")
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(ts[1]) + "/timerslack_ns")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := strings.TrimSpace(string(b)); got != wantSlack {
-		t.Errorf("sysmon thread %d has timer slack %s ns, want %s", ts[1].tid, got, wantSlack)
+		t.Errorf("sysmon thread %d has timer slack %s ns, want %s", ts[1], got, wantSlack)
 	}
 }
 

@@ -68,14 +68,27 @@ import (
 // The runtime starts sysmon first thing in runtime.main, on a thread of its
 // own, before any package init runs and before any other thread exists
 // (Linux, a binary without cgo: no template thread, nothing locked). So it
-// is the second thread the process created: the thread after the main one
-// in order of start time, thread IDs breaking ties (IDs grow; a wrap of
-// pid_max within the same clock tick is the one case this misreads).
+// is the second thread the process created (see ThreadsByStart).
 func Thread() (int, error) {
-	pid := os.Getpid()
-	ents, err := os.ReadDir("/proc/self/task")
+	ts, err := ThreadsByStart(os.Getpid())
 	if err != nil {
 		return 0, err
+	}
+	if len(ts) < 2 || ts[0] != os.Getpid() {
+		return 0, errors.New("sysmon: the process's threads are not in the order the Go runtime starts them")
+	}
+	return ts[1], nil
+}
+
+// ThreadsByStart returns the thread IDs of process pid in the order the
+// threads started: by start time, thread IDs breaking ties (IDs grow; a
+// wrap of pid_max within the same clock tick is the one case this
+// misorders). Threads that exit meanwhile are left out.
+func ThreadsByStart(pid int) ([]int, error) {
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
 	}
 	type thread struct {
 		tid   int
@@ -87,7 +100,7 @@ func Thread() (int, error) {
 		if err != nil {
 			continue
 		}
-		st, err := startTime(tid)
+		st, err := startTime(dir + "/" + e.Name() + "/stat")
 		if err != nil {
 			continue // exited meanwhile
 		}
@@ -99,16 +112,17 @@ func Thread() (int, error) {
 		}
 		return ts[i].tid < ts[j].tid
 	})
-	if len(ts) < 2 || ts[0].tid != pid {
-		return 0, errors.New("sysmon: the process's threads are not in the order the Go runtime starts them")
+	tids := make([]int, len(ts))
+	for i, t := range ts {
+		tids[i] = t.tid
 	}
-	return ts[1].tid, nil
+	return tids, nil
 }
 
-// startTime is field 22 of /proc/self/task/TID/stat: when the thread
-// started, in clock ticks since boot.
-func startTime(tid int) (uint64, error) {
-	b, err := os.ReadFile("/proc/self/task/" + strconv.Itoa(tid) + "/stat")
+// startTime is field 22 of a thread's stat file: when the thread started,
+// in clock ticks since boot.
+func startTime(path string) (uint64, error) {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return 0, err
 	}

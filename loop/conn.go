@@ -323,14 +323,7 @@ func (c *conn) writeClient(b []byte) {
 	case c.client != nil:
 		_, _ = c.client.Write(b)
 	case c.clientFD > 0:
-		c.clientOut = append(c.clientOut, b...)
-		for len(c.clientOut) > 0 {
-			n, err := unix.Write(c.clientFD, c.clientOut)
-			if err != nil || n <= 0 {
-				return
-			}
-			c.clientOut = c.clientOut[n:]
-		}
+		c.clientOut = writeNow(c.clientFD, append(c.clientOut, b...)) // handoff.go
 	}
 }
 

@@ -95,9 +95,15 @@ func TestApprovalReleasesOnlyTheLoginItNames(t *testing.T) {
 	if first.AppName != "mine" || second.AppName != "theirs" || first.Database != "app" || !strings.HasPrefix(first.Addr, "127.0.0.1:") {
 		t.Fatalf("waiting logins: %+v", waiting)
 	}
-	logs := p.logs.String()
-	if !strings.Contains(logs, "another login of the user is already waiting") ||
-		!strings.Contains(logs, "client="+second.Addr) || !strings.Contains(logs, "waiting_client="+first.Addr) {
+	// The warning is logged just after the second login is listed as
+	// waiting, so it may trail the list by a moment.
+	var logs string
+	warned := func() bool {
+		logs = p.logs.String()
+		return strings.Contains(logs, "another login of the user is already waiting") &&
+			strings.Contains(logs, "client="+second.Addr) && strings.Contains(logs, "waiting_client="+first.Addr)
+	}
+	if !eventually(5*time.Second, warned) {
 		t.Fatalf("no warning naming both addresses:\n%s", logs)
 	}
 	// The connection id of the log is the approval id.

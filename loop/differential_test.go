@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -377,9 +378,19 @@ func converse(t *testing.T, tg target, admin *pgx.Conn) []string {
 // line per message, with the allowed differences normalised.
 func transcript(t *testing.T, raw []byte, roles map[uint32]string) []string {
 	t.Helper()
+	// Whole numbers only: a PID such as 389 must not rewrite the 389 in a
+	// source line number 3891.
+	type pidRole struct {
+		re   *regexp.Regexp
+		role string
+	}
+	var byPID []pidRole
+	for pid, role := range roles {
+		byPID = append(byPID, pidRole{regexp.MustCompile(`\b` + strconv.FormatUint(uint64(pid), 10) + `\b`), "<" + role + ">"})
+	}
 	pids := func(s string) string {
-		for pid, role := range roles {
-			s = strings.ReplaceAll(s, strconv.FormatUint(uint64(pid), 10), "<"+role+">")
+		for _, p := range byPID {
+			s = p.re.ReplaceAllLiteralString(s, p.role)
 		}
 		return s
 	}

@@ -33,6 +33,10 @@ var breakdownSteps = []struct{ key, owner string }{
 
 var timingField = regexp.MustCompile(`\b([a-z_]+)_us[=":]+(\d+)`)
 
+// spareField is the line's "spare" flag: the login ran on a spare
+// database connection (--spare-conns), opened before the client came.
+var spareField = regexp.MustCompile(`\bspare[=":]+(true|false)`)
+
 // parseLoginTimings returns each step's values (ms) from the "login
 // timing" lines in log (text or JSON).
 func parseLoginTimings(log string) map[string][]float64 {
@@ -45,6 +49,9 @@ func parseLoginTimings(log string) map[string][]float64 {
 			if us, err := strconv.ParseFloat(m[2], 64); err == nil {
 				out[m[1]] = append(out[m[1]], us/1000)
 			}
+		}
+		if m := spareField.FindStringSubmatch(line); m != nil {
+			out["spare"] = append(out["spare"], map[string]float64{"true": 1, "false": 0}[m[1]])
 		}
 	}
 	return out
@@ -68,7 +75,11 @@ func addBreakdown(detail map[string]float64, logFile string, offset int64) {
 	defer f.Close()
 	b, _ := io.ReadAll(io.NewSectionReader(f, offset, 1<<40))
 	for k, v := range parseLoginTimings(string(b)) {
-		if len(v) > 0 {
+		switch {
+		case len(v) == 0:
+		case k == "spare":
+			detail["spare_share"] = mean(v)
+		default:
 			detail["step_"+k+"_ms"] = median(v)
 		}
 	}
@@ -79,7 +90,7 @@ func addBreakdown(detail map[string]float64, logFile string, offset int64) {
 func writeBreakdown(w io.Writer, res *Results) {
 	var rows []*Row
 	for _, r := range res.Rows {
-		if r.Workload == "login-latency" {
+		if strings.HasPrefix(r.Workload, "login-latency") {
 			if _, ok := stepMedian(r, "total"); ok {
 				rows = append(rows, r)
 			}
@@ -94,6 +105,13 @@ func writeBreakdown(w io.Writer, res *Results) {
 		fmt.Fprintf(w, " %14s", r.Path)
 	}
 	fmt.Fprintln(w)
+	if len(rows) > 1 {
+		fmt.Fprintf(w, "  %-16s %-30s", "", "")
+		for _, r := range rows {
+			fmt.Fprintf(w, " %14s", strings.TrimPrefix(strings.TrimPrefix(r.Workload, "login-latency"), "-"))
+		}
+		fmt.Fprintln(w)
+	}
 	for _, s := range breakdownSteps {
 		fmt.Fprintf(w, "  %-16s %-30s", s.key, s.owner)
 		for _, r := range rows {
@@ -105,12 +123,24 @@ func writeBreakdown(w io.Writer, res *Results) {
 		}
 		fmt.Fprintln(w)
 	}
+	fmt.Fprintf(w, "  %-16s %-30s", "on a spare", "share of logins (--spare-conns)")
+	for _, r := range rows {
+		if v, ok := detailMedian(r, "spare_share"); ok {
+			fmt.Fprintf(w, " %14.2f", v)
+		} else {
+			fmt.Fprintf(w, " %14s", "-")
+		}
+	}
+	fmt.Fprintln(w)
 }
 
-func stepMedian(r *Row, key string) (float64, bool) {
+func stepMedian(r *Row, key string) (float64, bool) { return detailMedian(r, "step_"+key+"_ms") }
+
+// detailMedian is the median over the rounds of one detail figure.
+func detailMedian(r *Row, key string) (float64, bool) {
 	var v []float64
 	for _, s := range r.Samples {
-		if x, ok := s.Detail["step_"+key+"_ms"]; ok && !math.IsNaN(x) {
+		if x, ok := s.Detail[key]; ok && !math.IsNaN(x) {
 			v = append(v, x)
 		}
 	}
@@ -118,4 +148,13 @@ func stepMedian(r *Row, key string) (float64, bool) {
 		return 0, false
 	}
 	return median(v), true
+}
+
+// mean of a non-empty slice.
+func mean(v []float64) float64 {
+	sum := 0.0
+	for _, x := range v {
+		sum += x
+	}
+	return sum / float64(len(v))
 }

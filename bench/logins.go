@@ -6,13 +6,21 @@ import (
 	"time"
 )
 
-// loginLatency logs in and out one login after another for -duration and
-// returns the median milliseconds from dial to ReadyForQuery. On pgmfa
+// pacedLoginGap is the pause between logins of login-latency-paced: long
+// enough for the database to have finished with the previous login (its
+// backend's exit) and for a spare connection's backend to be forked and
+// waiting, as between the requests of an application that connects per
+// request at tens of requests a second.
+const pacedLoginGap = 50 * time.Millisecond
+
+// loginLatency logs in and out one login after another (gap apart) for
+// -duration and returns the median milliseconds from dial to
+// ReadyForQuery. On pgmfa
 // paths the code is sent every time (and --mfa-remember is on, as with
 // pgbench), so the figure is what MFA adds to a login a pool or a script
 // makes; the median of each step of pgmfa's own login timing is kept too
 // (breakdown.go).
-func (e *env) loginLatency(ctx context.Context, ep *endpoint) (float64, map[string]float64, error) {
+func (e *env) loginLatency(ctx context.Context, ep *endpoint, gap time.Duration) (float64, map[string]float64, error) {
 	var ms []float64
 	from := int64(-1)
 	if isPgmfa(ep.Name) && ep.LogFile != "" {
@@ -33,6 +41,9 @@ func (e *env) loginLatency(ctx context.Context, ep *endpoint) (float64, map[stri
 		}
 		conn.Close(context.Background())
 		ms = append(ms, float64(d.Microseconds())/1000)
+		if gap > 0 {
+			time.Sleep(gap)
+		}
 	}
 	s := summarize(ms)
 	detail := map[string]float64{"logins": float64(len(ms)), "min_ms": s.Min, "max_ms": s.Max}

@@ -117,8 +117,8 @@ func TestParseCtxt(t *testing.T) {
 
 func TestParseLoginTimings(t *testing.T) {
 	log := `time=2026-12-01T10:37:16.398Z level=INFO msg=login conn=1 user=bench
-time=2026-12-01T10:37:16.399Z level=DEBUG msg="login timing" conn=1 accept_to_loop_us=150 dial_us=230 total_us=20000 in_loop_us=600
-{"time":"2026-12-01T10:37:16.4Z","level":"DEBUG","msg":"login timing","conn":2,"accept_to_loop_us":250,"dial_us":210,"total_us":22000,"in_loop_us":500}
+time=2026-12-01T10:37:16.399Z level=DEBUG msg="login timing" conn=1 accept_to_loop_us=150 dial_us=230 total_us=20000 in_loop_us=600 spare=false
+{"time":"2026-12-01T10:37:16.4Z","level":"DEBUG","msg":"login timing","conn":2,"accept_to_loop_us":250,"dial_us":210,"total_us":22000,"in_loop_us":500,"spare":true}
 time=2026-12-01T10:37:16.5Z level=INFO msg="session end" conn=1 duration_us=5
 `
 	got := parseLoginTimings(log)
@@ -127,6 +127,9 @@ time=2026-12-01T10:37:16.5Z level=INFO msg="session end" conn=1 duration_us=5
 	}
 	if v := got["total"]; len(v) != 2 || v[1] != 22 {
 		t.Errorf("total = %v", v)
+	}
+	if v := got["spare"]; len(v) != 2 || v[0] != 0 || v[1] != 1 {
+		t.Errorf("spare = %v, want [0 1]", v)
 	}
 	if _, ok := got["duration"]; ok {
 		t.Error("a field of another line was taken")

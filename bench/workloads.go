@@ -69,7 +69,12 @@ func workloadList(clients []int) []*workload {
 		&workload{Name: "login-latency", Unit: "ms/login", HigherBetter: false, Applies: everyPath,
 			Desc: "median time of one login (connect to ReadyForQuery), logins one after another",
 			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
-				return e.loginLatency(ctx, ep)
+				return e.loginLatency(ctx, ep, 0)
+			}},
+		&workload{Name: "login-latency-paced", Unit: "ms/login", HigherBetter: false, Applies: everyPath,
+			Desc: fmt.Sprintf("as login-latency, with %s between logins: an application that connects per request at a moderate rate (where --spare-conns can have a backend ready)", pacedLoginGap),
+			Run: func(ctx context.Context, e *env, ep *endpoint) (float64, map[string]float64, error) {
+				return e.loginLatency(ctx, ep, pacedLoginGap)
 			}},
 		&workload{Name: "idle-rss", Unit: "KiB/session", HigherBetter: false, Applies: proxiedPath,
 			Desc: "proxy RSS growth per logged-in idle session, -sessions held open",

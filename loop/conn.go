@@ -54,7 +54,10 @@ type conn struct {
 // The contexts gnet carries for us, to tell a connection's role.
 type (
 	clientSide   struct{ c *conn }
-	upstreamSide struct{ c *conn }
+	upstreamSide struct {
+		c     *conn
+		spare bool // the connection was a spare (loop/spare), opened before the login
+	}
 )
 
 // cancelSide is the connection forwarding a client's CancelRequest.
@@ -81,6 +84,7 @@ func (s *Server) OnOpen(gc gnet.Conn) ([]byte, gnet.Action) {
 		}
 		c.upstream = gc
 		c.tl.mark(stepDialed)
+		c.tl.spare = ctx.spare
 		// gnet applies its socket-buffer options to accepted sockets
 		// only; the database socket is dialed, so --socket-buffer is set
 		// here (before any byte moves, so autotuning is off from the start).
@@ -260,6 +264,7 @@ func (c *conn) act(out session.Output) {
 		if c.handedOff {
 			c.tl.mark(stepReleased)
 			c.logTiming()
+			c.srv.spares.Refill() // for the next login (loop/spare)
 		}
 		return
 	}
@@ -331,15 +336,11 @@ func isEOF(err error) bool { return errors.Is(err, io.EOF) }
 
 // dial opens the database connection on this connection's own loop.
 func (c *conn) dial() {
-	ctx := gnet.NewContext(context.Background(), &upstreamSide{c})
-	failed := func(err error) {
+	c.register(&upstreamSide{c: c}, func(err error) { // dial.go
 		if !c.closed {
 			c.act(c.m.UpstreamFailed(c.srv.upName, err))
 		}
-	}
-	if err := c.register(ctx, failed); err != nil { // dial.go
-		failed(err)
-	}
+	})
 }
 
 // askMFA answers the machine's MFA request through the server's gate,
@@ -457,14 +458,10 @@ func (c *conn) forwardCancel(req *pgproto3.CancelRequest) bool {
 		return false
 	}
 	pkt := proto.Append(nil, req)
-	ctx := gnet.NewContext(context.Background(), &cancelSide{c: c, packet: pkt})
-	if err := c.register(ctx, func(err error) {
+	c.register(&cancelSide{c: c, packet: pkt}, func(err error) { // dial.go
 		c.srv.log.Warn("cancel request not forwarded", "conn", c.id, "client", c.addr, "err", err)
 		c.close(nil)
-	}); err != nil {
-		c.srv.log.Warn("cancel request not forwarded", "conn", c.id, "client", c.addr, "err", err)
-		return false
-	}
+	})
 	c.cancelling = true
 	c.stopWaiting()
 	c.deadline = c.after(login.CancelTimeout, func() { c.close(nil) })

@@ -7,6 +7,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/panjf2000/gnet/v2"
 	"golang.org/x/sys/unix"
 )
 
@@ -26,43 +27,50 @@ import (
 // return (a blocking syscall, not a netpoller wait). The connected socket
 // is then enrolled on the loop (EventLoop.Enroll) as before.
 
+// DefaultSpareMaxAge is how long a spare database connection is kept
+// unused: below PostgreSQL's default authentication_timeout (60 s), after
+// which the backend gives up waiting for its StartupMessage.
+const DefaultSpareMaxAge = 30 * time.Second
+
 // register opens a connection to the database on this conn's loop with
-// ctx as its gnet context. A failure found later is reported to failed on
-// the loop; an error returned means nothing was started.
-func (c *conn) register(ctx context.Context, failed func(error)) error {
+// side (an *upstreamSide or a *cancelSide) as its gnet context: a spare
+// one when the pool has one ready (package loop/spare), else a new one. A
+// failure is reported to failed on the loop.
+func (c *conn) register(side any, failed func(error)) {
 	fail := func(err error) { c.exec(func() { failed(err) }) }
-	if tcp, ok := c.srv.upAddr.(*net.TCPAddr); ok {
-		go func() {
-			nc, err := dialTCP(tcp, c.srv.cfg.HandshakeTimeout)
-			if err != nil {
-				fail(err)
-				return
-			}
-			ch, err := c.loop.Enroll(ctx, nc)
-			if err != nil {
-				nc.Close()
-				fail(err)
-				return
-			}
-			// Enroll closes nc once it holds a duplicate of its socket.
-			if r := <-ch; r.Err != nil {
-				fail(r.Err)
-			}
-		}()
-		return nil
-	}
-	ch, err := c.loop.Register(ctx, c.srv.upAddr)
-	if err != nil {
-		return err
-	}
-	// gnet reports a failed dial only on this channel: wait for it off the
-	// loop and bring a failure back onto the loop.
 	go func() {
+		nc := c.srv.spares.Get()
+		if u, ok := side.(*upstreamSide); ok && nc != nil {
+			u.spare = true // read on the loop once Enroll has handed side over
+		}
+		if nc == nil {
+			var err error
+			if nc, err = c.srv.dialUpstream(); err != nil {
+				fail(err)
+				return
+			}
+		}
+		ch, err := c.loop.Enroll(gnet.NewContext(context.Background(), side), nc)
+		if err != nil {
+			nc.Close()
+			fail(err)
+			return
+		}
+		// Enroll closes nc once it holds a duplicate of its socket; gnet
+		// reports a failure only on this channel.
 		if r := <-ch; r.Err != nil {
 			fail(r.Err)
 		}
 	}()
-	return nil
+}
+
+// dialUpstream connects to the database: over TCP with dialTCP; to a unix
+// socket with net.Dial, whose connect completes at once (or fails).
+func (s *Server) dialUpstream() (net.Conn, error) {
+	if tcp, ok := s.upAddr.(*net.TCPAddr); ok {
+		return dialTCP(tcp, s.cfg.HandshakeTimeout)
+	}
+	return net.DialTimeout(s.upAddr.Network(), s.upAddr.String(), s.cfg.HandshakeTimeout)
 }
 
 // TCP keepalive as net.Dial sets it (Go's defaults: probes after 15 s idle,

@@ -74,6 +74,7 @@ func (s *Server) Drain(timeout time.Duration) DrainResult {
 func (s *Server) drain(timeout time.Duration) DrainResult {
 	var res DrainResult
 	s.acc.close()
+	s.spares.Close() // logins still in flight dial their own
 	infos := s.Sessions()
 	res.Sessions = len(infos)
 	res.Logins = s.loginsInFlight()

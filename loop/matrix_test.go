@@ -150,7 +150,9 @@ func (m *matrix) proxy(t *testing.T, remember time.Duration, mod func(*loop.Conf
 
 func (m *matrix) run(t *testing.T) {
 	cell := func(name string, f func(t *testing.T)) { t.Run(name, f) }
-	main := m.proxy(t, 0, nil)
+	// main keeps a spare database connection, as pgmfa serve does by
+	// default: its logins after the first run on backends forked ahead.
+	main := m.proxy(t, 0, func(c *loop.Config) { c.Spares = 1 })
 	// Remember: pgbench opens a connection of its own before its clients,
 	// with the same password and code.
 	authPassword := m.proxy(t, time.Minute, func(c *loop.Config) {
@@ -188,6 +190,28 @@ func (m *matrix) run(t *testing.T) {
 		p := main
 		m.pgxLogin(t, p, p.dsn(dave, "", "app", m.code(p, dave)), dave)
 		m.expectLogin(t, p, dave, "trust", "code")
+	})
+	cell("spare/pgx", func(t *testing.T) {
+		p := main
+		if !eventually(20*time.Second, func() bool { return p.srv.StatsSnapshot()["spares_held"] == 1 }) {
+			t.Fatalf("no spare after the logins above: %v", p.srv.StatsSnapshot())
+		}
+		before := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, p.dsn(dave, "", "app", m.code(p, dave)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close(ctx)
+		var started time.Time
+		if err := conn.QueryRow(ctx, "select backend_start from pg_stat_activity where pid = pg_backend_pid()").Scan(&started); err != nil {
+			t.Fatal(err)
+		}
+		if !started.Before(before) {
+			t.Fatalf("the backend started at %s, after the client connected at %s: not the spare", started.Format(time.StampMicro), before.Format(time.StampMicro))
+		}
+		m.checkSession(t, conn, dave)
 	})
 	cell("passthrough/wrong-code/psql", func(t *testing.T) {
 		p := main

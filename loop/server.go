@@ -13,6 +13,7 @@
 package loop
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -34,6 +35,7 @@ import (
 	"github.com/pgmfa/pgmfa/bpf"
 	"github.com/pgmfa/pgmfa/loop/login"
 	"github.com/pgmfa/pgmfa/loop/relay"
+	"github.com/pgmfa/pgmfa/loop/spare"
 	"github.com/pgmfa/pgmfa/loop/tlsproxy"
 	"github.com/pgmfa/pgmfa/mfa"
 	"github.com/pgmfa/pgmfa/proto/session"
@@ -63,6 +65,12 @@ type Config struct {
 	Accounts      session.Accounts
 	AccountMethod string
 	MaxMessageLen int
+	// Spares is how many database connections are kept open ahead of the
+	// logins that will use them (package loop/spare; 0: none), and
+	// SpareMaxAge how long an unused one is kept (0: DefaultSpareMaxAge).
+	// Not used with TLS towards the database.
+	Spares      int
+	SpareMaxAge time.Duration
 
 	// The bounds of a login (zero: the defaults of package login).
 	HandshakeTimeout time.Duration // whole login up to the MFA wait
@@ -124,6 +132,7 @@ type Server struct {
 
 	splicer     *bpf.Splicer
 	relay       *relay.Relay
+	spares      *spare.Pool // nil: none
 	gate        *login.Gate
 	tls         *tlsproxy.Driver // nil without TLS
 	upstreamTLS bool             // every connection goes to the TLS driver
@@ -218,6 +227,9 @@ func New(cfg Config) (*Server, error) {
 	if err := s.setUpHandoff(); err != nil {
 		return nil, err
 	}
+	if !s.upstreamTLS {
+		s.spares = spare.New(cfg.Spares, cmp.Or(cfg.SpareMaxAge, DefaultSpareMaxAge), s.dialUpstream, s.log)
+	}
 	return s, nil
 }
 
@@ -281,6 +293,9 @@ func (s *Server) release() {
 // relay (its counters feed the metrics).
 func (s *Server) Splicer() *bpf.Splicer { return s.splicer }
 
+// Spares is the pool of spare database connections (nil: none).
+func (s *Server) Spares() *spare.Pool { return s.spares }
+
 // Splicing reports whether sessions go to the kernel.
 func (s *Server) Splicing() bool { return s.splicer != nil }
 
@@ -298,6 +313,10 @@ func (s *Server) StatsSnapshot() map[string]int64 {
 		ep, rel := s.splicer.FlowControl()
 		m["flow_control_episodes"], m["flow_control_relayed_bytes"] = int64(ep), int64(rel)
 		m["backlog_limit_ends"] = int64(s.splicer.BacklogLimitEnds())
+	}
+	if st := s.spares.Stats(); st != nil {
+		m["spares_held"], m["spares_used"], m["spares_missed"] = int64(s.spares.Len()), st.Used.Load(), st.Missed.Load()
+		m["spares_dead"], m["spares_expired"], m["spares_dial_errors"] = st.Dead.Load(), st.Expired.Load(), st.DialErrors.Load()
 	}
 	return m
 }
@@ -403,6 +422,7 @@ func (s *Server) Stop(ctx context.Context) error {
 }
 
 func (s *Server) shutdownHandoff() {
+	s.spares.Close()
 	if s.tls != nil {
 		s.tls.Close()
 	}

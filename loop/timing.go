@@ -39,6 +39,7 @@ const (
 type timeline struct {
 	at     [numLoginSteps]time.Time
 	inLoop time.Duration
+	spare  bool // the database connection was a spare: dial is only taking it
 }
 
 // mark stamps a step the first time it happens.
@@ -88,6 +89,6 @@ func (c *conn) logTiming() {
 			attrs = append(attrs, s.key+"_us", d.Microseconds())
 		}
 	}
-	attrs = append(attrs, "in_loop_us", c.tl.inLoop.Microseconds())
+	attrs = append(attrs, "in_loop_us", c.tl.inLoop.Microseconds(), "spare", c.tl.spare)
 	c.srv.log.Debug("login timing", attrs...)
 }

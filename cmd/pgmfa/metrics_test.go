@@ -332,6 +332,14 @@ func TestMetrics(t *testing.T) {
 		want[`pgmfa_splice_anomalies_total`] = 0
 		want[`pgmfa_splice_flow_control_episodes_total`] = 0
 	}
+	// Five plaintext logins asked for a database connection (the TLS one
+	// dials its own): the first found no spare; each that succeeded opened the next.
+	used, missed := m[`pgmfa_spare_conn_requests_total{result="used"}`], m[`pgmfa_spare_conn_requests_total{result="missed"}`]
+	if used+missed != 5 || missed < 1 {
+		t.Errorf("spare connections: used %v, missed %v; want 5 requests, the first one missed", used, missed)
+	}
+	want[`pgmfa_spare_conns_discarded_total{reason="dead"}`] = 0
+	want[`pgmfa_spare_conn_dial_errors_total`] = 0
 	for k, v := range want {
 		got, ok := m[k]
 		if !ok || got != v {

@@ -47,6 +47,8 @@ type serveFlags struct {
 	startupTimeout       time.Duration
 	maxConns             int
 	maxMessage           int
+	spares               int
+	spareMaxAge          time.Duration
 	splice               string
 	flowThreshold        int64
 	maxBacklog           int64
@@ -88,6 +90,8 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", login.DefaultHandshakeTimeout, "the whole login up to the MFA decision (slow clients are closed after it)")
 	fs.DurationVar(&f.startupTimeout, "startup-timeout", login.DefaultStartupTimeout, "from accept to the client's StartupMessage (TLS handshake included); a connection that says nothing is closed after it")
 	fs.IntVar(&f.maxConns, "max-conns", 0, "most client connections at once, logins and sessions alike; more get SQLSTATE 53300 (0: what the open-file limit allows, about (limit - a reserve) / 3; logged at start)")
+	fs.IntVar(&f.spares, "spare-conns", 1, "database connections kept open ahead of logins, so that a login does not wait for PostgreSQL to fork and start a backend (it forks one when it accepts a connection, and the backend then waits for the StartupMessage): opened after each successful login, closed unused after --spare-max-age, none held while no logins come (a client that cannot log in never makes pgmfa open one) (0: off; not used with an --upstream-sslmode other than disable)")
+	fs.DurationVar(&f.spareMaxAge, "spare-max-age", loop.DefaultSpareMaxAge, "how long an unused spare connection is kept; keep it below the database's authentication_timeout (60s by default), after which PostgreSQL closes it (a closed spare is skipped, not used)")
 	fs.IntVar(&f.maxMessage, "max-message-len", proto.DefaultMaxMessageLen, "largest protocol message accepted during login, bytes")
 	fs.StringVar(&f.splice, "splice", "auto", "after login: auto (kernel sockmap when available, else the user-space relay), sockmap (or refuse to start), off (always the relay)")
 	fs.Int64Var(&f.flowThreshold, "flow-threshold", 0, "sockmap flow control: bytes the kernel may queue between the two sockets of one direction of a session before that direction is moved through user space until its reader catches up (a slow reader, a bulk COPY FROM); the sender is slowed by TCP as on a direct connection, nothing is ended (0: the default, 4 MiB; -1: off, then --max-backlog ends such sessions)")
@@ -238,9 +242,20 @@ type proxy struct {
 	reloadAccounts func()
 }
 
+// maxSpares bounds --spare-conns: each spare is a forked backend waiting
+// in the database, and a few cover a burst (they are refilled as fast as
+// the database forks).
+const maxSpares = 64
+
 func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	if f.drainTimeout < 0 {
 		return nil, errors.New("--drain-timeout must not be negative")
+	}
+	if f.spares < 0 || f.spares > maxSpares {
+		return nil, fmt.Errorf("--spare-conns must be 0 to %d, not %d", maxSpares, f.spares)
+	}
+	if f.spareMaxAge <= 0 || f.spareMaxAge > 10*time.Minute {
+		return nil, fmt.Errorf("--spare-max-age must be more than 0 and at most 10m (PostgreSQL's largest authentication_timeout), not %s", f.spareMaxAge)
 	}
 	var required bool
 	switch f.mfaMode {
@@ -348,6 +363,8 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 		Accounts:               accounts,
 		AccountMethod:          f.accountMethod,
 		MaxMessageLen:          f.maxMessage,
+		Spares:                 f.spares,
+		SpareMaxAge:            f.spareMaxAge,
 		HandshakeTimeout:       f.handshakeTimeout,
 		StartupTimeout:         f.startupTimeout,
 		MFATimeout:             f.mfaTimeout,
@@ -410,6 +427,7 @@ func (f *serveFlags) build(logger *slog.Logger) (*proxy, error) {
 	}
 	if met != nil {
 		met.Splicer(srv.Splicer())
+		met.Spares(srv.Spares())
 		if page != nil && page.hook != nil {
 			met.Webhook(page.hook.Sent, page.hook.Failed)
 		}

@@ -25,6 +25,7 @@ import (
 
 	"github.com/pgmfa/pgmfa/bpf"
 	"github.com/pgmfa/pgmfa/loop/login"
+	"github.com/pgmfa/pgmfa/loop/spare"
 	"github.com/pgmfa/pgmfa/mfa"
 )
 
@@ -187,6 +188,14 @@ func New(version string) *Metrics {
 func (m *Metrics) Splicer(sp *bpf.Splicer) {
 	if sp != nil {
 		m.reg.MustRegister(spliceCollector{sp})
+	}
+}
+
+// Spares adds the spare-connection pool's counters (--spare-conns), read
+// at every scrape; a nil pool (none) adds nothing.
+func (m *Metrics) Spares(p *spare.Pool) {
+	if p != nil {
+		m.reg.MustRegister(spareCollector{p})
 	}
 }
 

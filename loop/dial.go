@@ -25,7 +25,10 @@ import (
 // connect(2) instead, on its own goroutine: the goroutine sleeps in the
 // kernel and wakes with the answer, and its thread takes its P back on
 // return (a blocking syscall, not a netpoller wait). The connected socket
-// is then enrolled on the loop (EventLoop.Enroll) as before.
+// is then enrolled on the loop (EventLoop.Enroll) as before. A unix-socket
+// upstream is dialed the same way with net.Dial (its connect completes at
+// once), so that both kinds can come from the spare pool (loop/spare),
+// which usually has one connected already.
 
 // DefaultSpareMaxAge is how long a spare database connection is kept
 // unused: below PostgreSQL's default authentication_timeout (60 s), after

@@ -196,6 +196,7 @@ func (m *matrix) run(t *testing.T) {
 		if !eventually(20*time.Second, func() bool { return p.srv.StatsSnapshot()["spares_held"] == 1 }) {
 			t.Fatalf("no spare after the logins above: %v", p.srv.StatsSnapshot())
 		}
+		waitForkedSpare(t, m.pg)
 		before := time.Now()
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
@@ -204,11 +205,7 @@ func (m *matrix) run(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer conn.Close(ctx)
-		var started time.Time
-		if err := conn.QueryRow(ctx, "select backend_start from pg_stat_activity where pid = pg_backend_pid()").Scan(&started); err != nil {
-			t.Fatal(err)
-		}
-		if !started.Before(before) {
+		if started := backendStartOf(ctx, t, conn); !started.Before(before) {
 			t.Fatalf("the backend started at %s, after the client connected at %s: not the spare", started.Format(time.StampMicro), before.Format(time.StampMicro))
 		}
 		m.checkSession(t, conn, dave)

@@ -1,13 +1,19 @@
 package loop_test
 
 import (
+	"bytes"
 	"context"
+	"fmt"
+	"os"
 	"regexp"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pgmfa/pgmfa/bench/pgcluster"
 	"github.com/pgmfa/pgmfa/loop"
 	"github.com/pgmfa/pgmfa/mfa"
 )
@@ -24,11 +30,58 @@ func backendStart(t *testing.T, p *proxy) time.Time {
 		t.Fatal(err)
 	}
 	defer c.Close(ctx)
+	return backendStartOf(ctx, t, c)
+}
+
+// backendStartOf is when the database started c's backend.
+func backendStartOf(ctx context.Context, t *testing.T, c *pgx.Conn) time.Time {
+	t.Helper()
 	var at time.Time
 	if err := c.QueryRow(ctx, "select backend_start from pg_stat_activity where pid = pg_backend_pid()").Scan(&at); err != nil {
 		t.Fatal(err)
 	}
 	return at
+}
+
+// waitForkedSpare waits until the database has a backend waiting for its
+// StartupMessage — a spare's: a child of the postmaster still under the
+// postmaster's own command line (a backend retitles itself for ps once it
+// has its StartupMessage), asleep (in its read; a child that has not run
+// yet is runnable and has not stamped its backend_start). The spare's
+// socket is connected before any of that (the kernel completes the
+// handshake), and under load the postmaster forks it, and the child first
+// runs, milliseconds later.
+func waitForkedSpare(t *testing.T, pg *pgcluster.Cluster) {
+	t.Helper()
+	pm := pg.PID()
+	title, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pm))
+	if err != nil {
+		t.Fatal(err)
+	}
+	forked := func() bool {
+		dir, _ := os.ReadDir("/proc")
+		for _, e := range dir {
+			if _, err := strconv.Atoi(e.Name()); err != nil {
+				continue
+			}
+			stat, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+			if err != nil {
+				continue
+			}
+			// pid (comm) state ppid …: comm may hold spaces, so split after ')'.
+			f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+			if len(f) < 2 || f[0] != "S" || f[1] != strconv.Itoa(pm) {
+				continue
+			}
+			if cmd, err := os.ReadFile("/proc/" + e.Name() + "/cmdline"); err == nil && bytes.Equal(cmd, title) {
+				return true
+			}
+		}
+		return false
+	}
+	if !eventually(20*time.Second, forked) {
+		t.Fatal("the database forked no backend for the spare within 20 s")
+	}
 }
 
 // With --spare-conns, a login gets a backend the database forked before
@@ -42,6 +95,7 @@ func TestLoginGetsASpareBackend(t *testing.T) {
 	if !eventually(10*time.Second, func() bool { return spares.srv.StatsSnapshot()["spares_held"] == 1 }) {
 		t.Fatalf("no spare was opened after a login: %v", spares.srv.StatsSnapshot())
 	}
+	waitForkedSpare(t, spares.pg)
 	before := time.Now()
 	if at := backendStart(t, spares); !at.Before(before) {
 		t.Fatalf("the backend started at %s, after the client connected at %s: not a spare", at.Format(time.StampMicro), before.Format(time.StampMicro))

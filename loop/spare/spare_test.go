@@ -6,6 +6,7 @@ import (
 	"net"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -77,11 +78,17 @@ func TestSpareIsOpenedAheadAndServesALogin(t *testing.T) {
 	if n := p.Len(); n != 0 {
 		t.Fatalf("Get opened %d spares; only Refill may", n)
 	}
+	received := func() int { return strings.Count(pg.Log(), "connection received:") }
+	n := received()
 	p.Refill()
 	waitLen(t, p, 1)
-	// The server logs the connection when it accepts it, before the
-	// backend reads anything (give the log writer a moment).
-	time.Sleep(200 * time.Millisecond)
+	// The backend logs the connection as it starts, before it reads
+	// anything; under load it starts milliseconds after the connect.
+	for deadline := time.Now().Add(10 * time.Second); received() == n; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the database logged no connection for the spare:\n%s", pg.Log())
+		}
+	}
 	logBefore := pg.Log()
 	nc := p.Get()
 	if nc == nil {

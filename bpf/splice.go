@@ -140,7 +140,7 @@ func (s *Splicer) SpliceWithMeta(client, server int, toServer, toClient, meta []
 	for i := range 2 {
 		if err := s.obj.Targets.Update(cookies[i], uint64(ss.fds[i]), ebpf.UpdateNoExist); err != nil {
 			s.unmap(ss)
-			return fmt.Errorf("bpf: the kernel refused the %s socket (one that already received FIN cannot be inserted): %w", side(i), err)
+			return refusedInsert(side(i), ss.fds[i], i == 0 || !unixUp, "one that already received FIN cannot be inserted", err)
 		}
 	}
 
@@ -222,7 +222,7 @@ func (s *Splicer) SpliceWithMeta(client, server int, toServer, toClient, meta []
 	for n, i := range order {
 		ss.dirs[i].rcvBase = rcvBase[i]
 		if err := s.obj.VerdictSocks.Update(cookies[i], uint64(ss.fds[i]), ebpf.UpdateNoExist); err != nil {
-			err = fmt.Errorf("bpf: the kernel refused the %s socket (it may have just received FIN): %w", i, err)
+			err = refusedInsert(i, ss.fds[i], i == sideClient || !unixUp, "it may have just received FIN", err)
 			if n == 0 {
 				return partial(err)
 			}
@@ -339,3 +339,16 @@ func (s *Splicer) register(ss *session) error {
 var eventfdOne = []byte{1, 0, 0, 0, 0, 0, 0, 0}
 
 func (s *Splicer) wake() { _, _ = unix.Write(s.wakefd, eventfdOne) }
+
+// refusedInsert explains the kernel's refusal to put a socket into a map.
+// The usual cause is a peer that closed between the splice's own check
+// and the insertion (a TCP socket past ESTABLISHED cannot enter a
+// sockmap: EOPNOTSUPP); when the socket is indeed no longer established
+// (tcp: it is a TCP socket), the error wraps ErrNotEstablished too, so
+// that callers treat it as the routine case it is.
+func refusedInsert(sd side, fd int, tcp bool, hint string, err error) error {
+	if tcp && !established(fd) {
+		return fmt.Errorf("bpf: the kernel refused the %s socket, %w: %w", sd, ErrNotEstablished, err)
+	}
+	return fmt.Errorf("bpf: the kernel refused the %s socket (%s): %w", sd, hint, err)
+}

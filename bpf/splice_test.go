@@ -2,7 +2,9 @@ package bpf
 
 import (
 	"bytes"
+	"errors"
 	"io"
+	"strings"
 	"testing"
 	"time"
 
@@ -118,5 +120,31 @@ func TestSpliceUnreadBeforeSplice(t *testing.T) {
 	}
 	if st.ClientToServer != uint64(len("early query")) || st.ServerToClient != uint64(len("ready early notice")) {
 		t.Fatalf("byte counts %d/%d", st.ClientToServer, st.ServerToClient)
+	}
+}
+
+// A map insertion the kernel refuses because the peer closed in the
+// meantime reads as ErrNotEstablished (the routine case: a client that
+// quit right after its login); one refused for another reason keeps the
+// kernel's error and says what may have happened.
+func TestRefusedInsert(t *testing.T) {
+	h := newHarness(t)
+	p := h.pair()
+	defer p.close()
+	kernel := unix.EOPNOTSUPP
+	if err := refusedInsert(sideClient, p.pc, true, "a hint", kernel); errors.Is(err, ErrNotEstablished) || !errors.Is(err, kernel) || !strings.Contains(err.Error(), "a hint") {
+		t.Fatalf("an established socket: %v", err)
+	}
+	p.client.Close() // the proxy's client socket receives FIN: CLOSE_WAIT
+	for deadline := time.Now().Add(5 * time.Second); established(p.pc); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the socket is still established 5 s after its peer closed")
+		}
+	}
+	if err := refusedInsert(sideClient, p.pc, true, "a hint", kernel); !errors.Is(err, ErrNotEstablished) || !errors.Is(err, kernel) {
+		t.Fatalf("a socket whose peer closed: %v", err)
+	}
+	if err := refusedInsert(sideServer, p.pc, false, "a hint", kernel); errors.Is(err, ErrNotEstablished) {
+		t.Fatalf("a socket that is not TCP (a unix upstream) is never judged by TCP state: %v", err)
 	}
 }

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/pgmfa/pgmfa/bench/pgcluster"
 )
 
 // Context switches during one measurement, per process group: the path's
@@ -116,7 +118,7 @@ func (s *ctxSampler) sample(atStart bool) {
 		}
 	}
 	if s.pgPID != 0 {
-		for _, pid := range append(childrenOf(s.pgPID), s.pgPID) {
+		for _, pid := range append(pgcluster.Children(s.pgPID), s.pgPID) {
 			for tid, n := range taskSwitches(pid) {
 				s.pg.see(tid, n, atStart)
 			}
@@ -167,22 +169,6 @@ func parseCtxtSwitches(status string) (uint64, bool) {
 		found++
 	}
 	return sum, found == 2
-}
-
-// childrenOf lists the children of pid (/proc/<pid>/task/<pid>/children,
-// the postmaster's children are all single-threaded processes).
-func childrenOf(pid int) []int {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + strconv.Itoa(pid) + "/children")
-	if err != nil {
-		return nil
-	}
-	var out []int
-	for _, f := range strings.Fields(string(b)) {
-		if n, err := strconv.Atoi(f); err == nil {
-			out = append(out, n)
-		}
-	}
-	return out
 }
 
 // kworkerPIDs lists the kernel's kworker threads (comm "kworker/...").

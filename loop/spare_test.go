@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -59,21 +58,17 @@ func waitForkedSpare(t *testing.T, pg *pgcluster.Cluster) {
 		t.Fatal(err)
 	}
 	forked := func() bool {
-		dir, _ := os.ReadDir("/proc")
-		for _, e := range dir {
-			if _, err := strconv.Atoi(e.Name()); err != nil {
-				continue
-			}
-			stat, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		for _, child := range pgcluster.Children(pm) {
+			stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", child))
 			if err != nil {
 				continue
 			}
-			// pid (comm) state ppid …: comm may hold spaces, so split after ')'.
+			// pid (comm) state …: comm may hold spaces, so split after ')'.
 			f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
-			if len(f) < 2 || f[0] != "S" || f[1] != strconv.Itoa(pm) {
+			if len(f) < 1 || f[0] != "S" {
 				continue
 			}
-			if cmd, err := os.ReadFile("/proc/" + e.Name() + "/cmdline"); err == nil && bytes.Equal(cmd, title) {
+			if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", child)); err == nil && bytes.Equal(cmd, title) {
 				return true
 			}
 		}
@@ -82,6 +77,25 @@ func waitForkedSpare(t *testing.T, pg *pgcluster.Cluster) {
 	if !eventually(20*time.Second, forked) {
 		t.Fatal("the database forked no backend for the spare within 20 s")
 	}
+}
+
+// connectOnSpare logs in through p, which holds a spare, once the spare's
+// backend runs, and fails the test unless the session's backend started
+// before the client connected: the login ran on the spare. The caller
+// closes the connection.
+func connectOnSpare(ctx context.Context, t *testing.T, p *proxy, dsn string) *pgx.Conn {
+	t.Helper()
+	waitForkedSpare(t, p.pg)
+	before := time.Now()
+	c, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if at := backendStartOf(ctx, t, c); !at.Before(before) {
+		c.Close(ctx)
+		t.Fatalf("the backend started at %s, after the client connected at %s: not a spare", at.Format(time.StampMicro), before.Format(time.StampMicro))
+	}
+	return c
 }
 
 // With --spare-conns, a login gets a backend the database forked before
@@ -95,11 +109,9 @@ func TestLoginGetsASpareBackend(t *testing.T) {
 	if !eventually(10*time.Second, func() bool { return spares.srv.StatsSnapshot()["spares_held"] == 1 }) {
 		t.Fatalf("no spare was opened after a login: %v", spares.srv.StatsSnapshot())
 	}
-	waitForkedSpare(t, spares.pg)
-	before := time.Now()
-	if at := backendStart(t, spares); !at.Before(before) {
-		t.Fatalf("the backend started at %s, after the client connected at %s: not a spare", at.Format(time.StampMicro), before.Format(time.StampMicro))
-	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	connectOnSpare(ctx, t, spares, spares.dsn(svc, svcPW, "app", "")).Close(ctx)
 	st := spares.srv.StatsSnapshot()
 	if st["spares_used"] != 1 || st["spares_missed"] != 1 {
 		t.Errorf("spares used %d, missed %d; want 1 and 1", st["spares_used"], st["spares_missed"])
@@ -108,7 +120,7 @@ func TestLoginGetsASpareBackend(t *testing.T) {
 		t.Error(`no "login timing" line says spare=true`)
 	}
 
-	before = time.Now()
+	before := time.Now()
 	if at := backendStart(t, none); at.Before(before) {
 		t.Fatalf("without spares the backend started at %s, before the client connected at %s", at.Format(time.StampMicro), before.Format(time.StampMicro))
 	}

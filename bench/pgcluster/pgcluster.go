@@ -523,6 +523,24 @@ func (c *Cluster) PID() int {
 	return pid
 }
 
+// Children lists the child processes of pid — for a postmaster, its
+// backends and auxiliary processes — from
+// /proc/<pid>/task/<pid>/children (the postmaster is single-threaded, so
+// its main thread has them all). Nil when it cannot be read.
+func Children(pid int) []int {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + strconv.Itoa(pid) + "/children")
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, f := range strings.Fields(string(b)) {
+		if n, err := strconv.Atoi(f); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
 // Stop stops the server (fast shutdown) and removes the cluster's files.
 // It is safe to call more than once.
 func (c *Cluster) Stop() error {

@@ -418,16 +418,52 @@ func TestFleet(t *testing.T) {
 		if _, err := tx.Exec(ctx, `LOCK TABLE pgmfa.grants IN ACCESS EXCLUSIVE MODE`); err != nil {
 			t.Fatal(err)
 		}
+		// Watched from a second session, outside the lock's transaction:
+		// PostgreSQL documents that a transaction collects the current
+		// queries of all sessions at its first look and shows the same
+		// throughout, so waits that begin later may never show in it.
+		watch, err := pgx.Connect(ctx, f.ownerDSN)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer watch.Close(ctx)
 		code := f.code("frank")
-		errc := make(chan error, 2)
-		go func() { errc <- f.login(0, "frank", code, "127.0.6.1") }()
-		go func() { errc <- f.login(0, "bob", "", "127.0.2.1") }()
+		type result struct {
+			who string
+			err error
+		}
+		results := make(chan result, 2)
+		go func() { results <- result{"frank (a code)", f.login(0, "frank", code, "127.0.6.1")} }()
+		go func() { results <- result{"bob (remembered)", f.login(0, "bob", "", "127.0.2.1")} }()
 		if !eventually(20*time.Second, func() bool {
 			var n int
-			_ = owner.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgmfa' AND wait_event_type = 'Lock'`).Scan(&n)
+			_ = watch.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgmfa' AND wait_event_type = 'Lock'`).Scan(&n)
 			return n >= 2
 		}) {
-			t.Fatal("the two logins' store calls never waited for the lock")
+			var sessions []string
+			rows, _ := watch.Query(ctx, `SELECT format('pid=%s state=%s wait=%s/%s query=%s', pid, state, wait_event_type, wait_event, left(query, 100))
+				FROM pg_stat_activity WHERE application_name = 'pgmfa'`)
+			for rows.Next() {
+				var line string
+				_ = rows.Scan(&line)
+				sessions = append(sessions, line)
+			}
+			var ended []string
+			for len(results) > 0 {
+				r := <-results
+				ended = append(ended, fmt.Sprintf("%s: %v", r.who, r.err))
+			}
+			// The whole log is printed at the end, where a long CI output
+			// may be cut: these two users' lines are repeated here.
+			var lines []string
+			for _, l := range strings.Split(f.procs[0].log(), "\n") {
+				if strings.Contains(l, "user=bob") || strings.Contains(l, "user=frank") {
+					lines = append(lines, l)
+				}
+			}
+			lines = lines[max(len(lines)-6, 0):]
+			t.Fatalf("the two logins' store calls never both waited for the lock\nstore sessions:\n%s\nlogins already ended: %q\ninstance 0's last lines of bob and frank:\n%s",
+				strings.Join(sessions, "\n"), ended, strings.Join(lines, "\n"))
 		}
 		// Instance 0 runs one event loop: had either store call run on
 		// it, this login could not even be told its password is wrong
@@ -442,16 +478,16 @@ func TestFleet(t *testing.T) {
 			t.Fatalf("a wrong password while store calls hang: %v", err)
 		}
 		select {
-		case err := <-errc:
-			t.Fatalf("a login ended while its store call was blocked: %v", err)
+		case r := <-results:
+			t.Fatalf("a login ended while its store call was blocked: %s: %v", r.who, r.err)
 		default:
 		}
 		if err := tx.Rollback(ctx); err != nil {
 			t.Fatal(err)
 		}
 		for i := 0; i < 2; i++ {
-			if err := <-errc; err != nil {
-				t.Fatalf("a login after the lock was released: %v", err)
+			if r := <-results; r.err != nil {
+				t.Fatalf("a login after the lock was released: %s: %v", r.who, r.err)
 			}
 		}
 	})

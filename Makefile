@@ -53,7 +53,7 @@ lint: vet $(STATICCHECK) $(DEADCODE)
 
 # The race detector where it is affordable on two cores: the pure packages,
 # the relay, the spare-connection pool, the admin API and the command's own tests.
-RACEPKGS ?= ./proto/... ./mfa/... ./loop/relay ./loop/spare ./loop/admin ./cmd/pgmfa
+RACEPKGS ?= ./proto/... ./mfa/... ./loop/relay ./loop/spare ./bpf/epoll ./loop/admin ./cmd/pgmfa
 race: deps-pg
 	$(GO) test -race -count=1 -timeout 20m $(RACEPKGS)
 

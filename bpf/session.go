@@ -453,7 +453,7 @@ func (s *Splicer) updateMasks(ss *session) {
 			continue
 		}
 		ev := unix.EpollEvent{Events: m, Fd: int32(ss.id), Pad: int32(i)}
-		if err := unix.EpollCtl(s.epfd, unix.EPOLL_CTL_MOD, ss.fds[i], &ev); err == nil {
+		if err := unix.EpollCtl(s.ep.FD(), unix.EPOLL_CTL_MOD, ss.fds[i], &ev); err == nil {
 			ss.mask[i] = m
 		}
 	}
@@ -527,7 +527,7 @@ func (s *Splicer) teardown(ss *session, reason string) {
 	}
 	s.unmap(ss)
 	for _, fd := range ss.fds {
-		_ = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+		_ = unix.EpollCtl(s.ep.FD(), unix.EPOLL_CTL_DEL, fd, nil)
 		_ = unix.Close(fd)
 	}
 	s.mu.Lock()

@@ -306,7 +306,7 @@ func (s *Splicer) register(ss *session) error {
 	// watcher adds EPOLLOUT while it waits to forward a FIN.
 	undo := func() {
 		for _, fd := range ss.fds {
-			_ = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+			_ = unix.EpollCtl(s.ep.FD(), unix.EPOLL_CTL_DEL, fd, nil)
 		}
 	}
 	for i, fd := range ss.fds {

@@ -11,6 +11,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
+
+	"github.com/pgmfa/pgmfa/bpf/epoll"
 )
 
 // DefaultFlowThreshold is the flow-control threshold used when
@@ -105,8 +107,8 @@ type Splicer struct {
 	pendingTO  time.Duration
 	obj        *loaded
 	rb         *ringbuf.Reader
-	epfd       int
-	wakefd     int // eventfd: Close wakes the watcher
+	ep         *epoll.Set // the watcher's: waited on in Go's netpoller (package epoll)
+	wakefd     int        // eventfd: Close wakes the watcher
 
 	// life serializes Close and HandOver: each ends the Splicer's
 	// ownership of its sessions in its own way.
@@ -167,7 +169,6 @@ func newShell(opts Options) *Splicer {
 		log:        opts.Logger,
 		maxBacklog: uint64(opts.MaxBacklog),
 		pendingTO:  opts.PendingWriteTimeout,
-		epfd:       -1,
 		wakefd:     -1,
 		nextID:     firstSessionID,
 		sessions:   make(map[uint32]*session),
@@ -201,8 +202,8 @@ func (s *Splicer) open() error {
 	if s.rb, err = ringbuf.NewReader(s.obj.Events); err != nil {
 		return fmt.Errorf("bpf: ring buffer: %w", err)
 	}
-	if s.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
-		return fmt.Errorf("bpf: epoll: %w", err)
+	if s.ep, err = epoll.New(); err != nil {
+		return fmt.Errorf("bpf: %w", err)
 	}
 	if s.wakefd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
 		return fmt.Errorf("bpf: eventfd: %w", err)
@@ -224,8 +225,8 @@ func (s *Splicer) release() error {
 	if s.rb != nil {
 		errs = append(errs, s.rb.Close())
 	}
-	if s.epfd >= 0 {
-		errs = append(errs, unix.Close(s.epfd))
+	if s.ep != nil {
+		errs = append(errs, s.ep.Close())
 	}
 	if s.wakefd >= 0 {
 		errs = append(errs, unix.Close(s.wakefd))
@@ -311,7 +312,7 @@ func (s *Splicer) Close() error {
 
 func (s *Splicer) epollAdd(fd int, id uint32, side int32, events uint32) error {
 	ev := unix.EpollEvent{Events: events, Fd: int32(id), Pad: side}
-	if err := unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+	if err := unix.EpollCtl(s.ep.FD(), unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		return fmt.Errorf("bpf: epoll add: %w", err)
 	}
 	return nil

@@ -23,8 +23,8 @@ func (s *Splicer) watch() {
 	var lost uint64
 	nextSweep := time.Now().Add(sweepEvery)
 	for {
-		n, err := unix.EpollWait(s.epfd, events, s.timeout())
-		if err != nil && err != unix.EINTR {
+		n, err := s.ep.Wait(events, s.timeout())
+		if err != nil {
 			s.log.Error("sockmap watcher: epoll_wait failed; tearing down spliced sessions", "error", err)
 			s.mu.Lock()
 			s.closed = true // nobody would watch new sessions
@@ -130,15 +130,15 @@ func (s *Splicer) snapshot() []*session {
 	return all
 }
 
-// timeout is the epoll_wait timeout in milliseconds: until the earliest
-// recheck, or the next sweep for lost notifications while any session
-// lives.
-func (s *Splicer) timeout() int {
+// timeout is how long the watcher's wait may last (negative: no limit):
+// until the earliest recheck, or the next sweep for lost notifications
+// while any session lives.
+func (s *Splicer) timeout() time.Duration {
 	if len(s.timed) == 0 {
 		if s.Sessions() == 0 {
 			return -1
 		}
-		return int(sweepEvery / time.Millisecond)
+		return sweepEvery
 	}
 	var first time.Time
 	for ss := range s.timed {
@@ -146,11 +146,7 @@ func (s *Splicer) timeout() int {
 			first = ss.recheckAt
 		}
 	}
-	d := time.Until(first)
-	if d <= 0 {
-		return 0
-	}
-	return int((d + time.Millisecond - 1) / time.Millisecond)
+	return max(time.Until(first), 0)
 }
 
 func (s *Splicer) session(id uint32) *session {

@@ -26,6 +26,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pgmfa/pgmfa/bpf/epoll"
 )
 
 // Options configure a Relay.
@@ -198,8 +200,8 @@ type pair struct {
 // happens under mu before the fds are added to epoll.
 type worker struct {
 	r    *Relay
-	epfd int
-	wake int // eventfd to stop the worker
+	ep   *epoll.Set // waited on in Go's netpoller: an idle worker holds no P
+	wake int        // eventfd to stop the worker
 	mu   sync.Mutex
 	byFD map[int]*pair
 	ends []endRequest // Session.End requests, under mu
@@ -208,21 +210,21 @@ type worker struct {
 }
 
 func newWorker(r *Relay) (*worker, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	ep, err := epoll.New()
 	if err != nil {
-		return nil, fmt.Errorf("relay: epoll_create: %w", err)
+		return nil, fmt.Errorf("relay: %w", err)
 	}
 	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
-		unix.Close(epfd)
+		ep.Close()
 		return nil, fmt.Errorf("relay: eventfd: %w", err)
 	}
-	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
-		unix.Close(epfd)
+	if err := unix.EpollCtl(ep.FD(), unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
+		ep.Close()
 		unix.Close(wake)
 		return nil, err
 	}
-	return &worker{r: r, epfd: epfd, wake: wake, byFD: map[int]*pair{}, done: make(chan struct{})}, nil
+	return &worker{r: r, ep: ep, wake: wake, byFD: map[int]*pair{}, done: make(chan struct{})}, nil
 }
 
 func (w *worker) add(p *pair) error {
@@ -244,9 +246,9 @@ func (w *worker) add(p *pair) error {
 	p.outArmed = [2]bool{true, true}
 	for i, fd := range p.fds {
 		ev := unix.EpollEvent{Events: readEvents | unix.EPOLLOUT, Fd: int32(fd)}
-		if err := unix.EpollCtl(w.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		if err := unix.EpollCtl(w.ep.FD(), unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 			for _, f := range p.fds[:i] {
-				_ = unix.EpollCtl(w.epfd, unix.EPOLL_CTL_DEL, f, nil)
+				_ = unix.EpollCtl(w.ep.FD(), unix.EPOLL_CTL_DEL, f, nil)
 			}
 			delete(w.byFD, p.fds[0])
 			delete(w.byFD, p.fds[1])
@@ -273,8 +275,8 @@ func (w *worker) run() {
 	defer close(w.done)
 	events := make([]unix.EpollEvent, 128)
 	for {
-		n, err := unix.EpollWait(w.epfd, events, -1)
-		if err != nil && err != unix.EINTR {
+		n, err := w.ep.Wait(events, -1)
+		if err != nil {
 			w.r.opts.Logger.Error("relay: epoll_wait failed; closing its sessions", "err", err)
 			w.quit.Store(true)
 		}
@@ -309,7 +311,7 @@ func (w *worker) run() {
 			for p := range pairs {
 				w.finish(p, "proxy shutdown")
 			}
-			unix.Close(w.epfd)
+			w.ep.Close()
 			unix.Close(w.wake)
 			return
 		}
@@ -345,7 +347,7 @@ func (w *worker) setOut(p *pair, i int, on bool) {
 	if on {
 		ev.Events |= unix.EPOLLOUT
 	}
-	if unix.EpollCtl(w.epfd, unix.EPOLL_CTL_MOD, p.fds[i], &ev) == nil {
+	if unix.EpollCtl(w.ep.FD(), unix.EPOLL_CTL_MOD, p.fds[i], &ev) == nil {
 		p.outArmed[i] = on
 	}
 }

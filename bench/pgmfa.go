@@ -127,6 +127,10 @@ func startPgmfa(ps *procs, bin, name string, cl *pgcluster.Cluster, dir string, 
 		"--loops", strconv.Itoa(runtime.NumCPU()),
 		// One "login timing" line per login: the login-latency breakdown.
 		"--log-level", "debug",
+		// The suite stops its processes with SIGTERM, which drains by
+		// default: logins left waiting for approval (mfa-wait-rss) held
+		// the drain until the suite gave up and killed pgmfa.
+		"--drain-timeout", "0",
 	}
 	args = append(args, storeFlags...)
 	if ep.TLS {

@@ -142,6 +142,20 @@
 //     is written to the database. When the database's end shuts down, the
 //     kernel takes the proxy's end out of every sockmap; the session ends
 //     there (PostgreSQL never half-closes).
+//   - The watcher waits on its epoll set through Go's netpoller (package
+//     bpf/epoll): an epoll descriptor polls readable while its set has
+//     events, so it can itself sit in another epoll set, here the
+//     runtime's, registered edge-triggered; each event queued in the
+//     inner set wakes the outer waiter again (ep_poll_callback wakes the
+//     inner set's poll waiters). A thread blocked in epoll_wait keeps its
+//     Go P until sysmon takes it back; parked in the netpoller, the
+//     watcher holds neither thread nor P. Measured with bpftrace from the
+//     listener's SYN_RECV → ESTABLISHED (sock:inet_sock_set_state) to
+//     pgmfa's accept4 return, ~600 logins one after another per build:
+//     1.69 ms on average with the watcher and the relay workers in
+//     epoll_wait, 0.82 ms in the netpoller (share above 1 ms: 42 → 21 %).
+//     TestWaitHoldsNoThread reads /proc/self/task/*/syscall to check no
+//     thread is left in epoll_wait on such a set.
 //   - Hand-over to another process (HandOver, Adopt; handover.go). A
 //     spliced socket stays spliced for as long as any process holds a file
 //     reference to it: sock_map_close runs from the socket's close, that

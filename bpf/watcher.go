@@ -15,7 +15,8 @@ import (
 // writability only while it moves a direction under flow control or waits
 // to forward a FIN), the ring buffer of directions that enter or leave
 // flow control or reach the hard bound, and the wake eventfd, plus a timer
-// for the rechecks no event announces.
+// for the rechecks no event announces. It waits in Go's netpoller
+// (bpf/epoll), so between events it holds no thread and no P.
 func (s *Splicer) watch() {
 	defer close(s.done)
 	events := make([]unix.EpollEvent, 256)

@@ -604,7 +604,9 @@ func TestAdoptBadInput(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			fds0 := openFDs(t)
 			a, b := unixConns(t)
+			sent := make(chan struct{})
 			go func() {
+				defer close(sent)
 				c.send(a)
 				a.CloseWrite()
 			}()
@@ -623,6 +625,9 @@ func TestAdoptBadInput(t *testing.T) {
 			if kind, payload, _, err := r.frame(0); err != nil || kind != frameRefuse || !strings.Contains(string(payload), c.want[:10]) {
 				t.Errorf("the sender read kind %d %q (%v), want a refusal", kind, payload, err)
 			}
+			// The sender closes its own copies of the fds it sent after
+			// the send; Adopt may have refused before that.
+			<-sent
 			a.Close()
 			b.Close()
 			if k := openFDs(t); k != fds0 {

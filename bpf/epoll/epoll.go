@@ -77,11 +77,7 @@ func (s *Set) FD() int { return s.fd }
 // error when the timeout passed first.
 func (s *Set) Wait(events []unix.EpollEvent, timeout time.Duration) (int, error) {
 	if timeout == 0 {
-		n, err := unix.EpollWait(s.fd, events, 0)
-		if err == unix.EINTR {
-			return 0, nil
-		}
-		return max(n, 0), err
+		return ready(s.fd, events)
 	}
 	switch {
 	case timeout > 0:
@@ -100,10 +96,7 @@ func (s *Set) Wait(events []unix.EpollEvent, timeout time.Duration) (int, error)
 	err := s.rc.Read(func(fd uintptr) bool {
 		// Never blocks: when nothing is ready, returning false parks the
 		// goroutine until the netpoller sees the set become readable.
-		n, werr = unix.EpollWait(int(fd), events, 0)
-		if werr == unix.EINTR {
-			n, werr = 0, nil
-		}
+		n, werr = ready(int(fd), events)
 		return n > 0 || werr != nil
 	})
 	switch {
@@ -115,6 +108,16 @@ func (s *Set) Wait(events []unix.EpollEvent, timeout time.Duration) (int, error)
 		return 0, err
 	}
 	return n, nil
+}
+
+// ready takes the events the set holds now, without waiting; an
+// interrupted call counts as none.
+func ready(fd int, events []unix.EpollEvent) (int, error) {
+	n, err := unix.EpollWait(fd, events, 0)
+	if err == unix.EINTR {
+		return 0, nil
+	}
+	return max(n, 0), err
 }
 
 // Close closes the set. A Wait under way returns an error.

@@ -57,6 +57,17 @@ func waitAsync(s *Set, timeout time.Duration) chan waited {
 	return ch
 }
 
+// stillWaiting fails the test with what when the Wait behind ch returns
+// within d.
+func stillWaiting(t *testing.T, ch chan waited, d time.Duration, what string) {
+	t.Helper()
+	select {
+	case w := <-ch:
+		t.Fatalf("%s: %+v", what, w)
+	case <-time.After(d):
+	}
+}
+
 // inEpollWait lists the epoll descriptors this process's threads are
 // blocked on in epoll_wait(2)/epoll_pwait(2), read from
 // /proc/self/task/*/syscall (the system call number, then its arguments).
@@ -88,11 +99,7 @@ func TestWaitReturnsReadyEvents(t *testing.T) {
 	s := newSet(t)
 	efd := eventfd(t, s)
 	ch := waitAsync(s, -1)
-	select {
-	case w := <-ch:
-		t.Fatalf("Wait returned on an empty set: %+v", w)
-	case <-time.After(50 * time.Millisecond):
-	}
+	stillWaiting(t, ch, 50*time.Millisecond, "Wait returned on an empty set")
 	poke(t, efd)
 	w := <-ch
 	if w.err != nil || w.n != 1 || int(w.fd) != efd {
@@ -116,11 +123,7 @@ func TestWaitTimeoutThenNoLimit(t *testing.T) {
 	}
 	// The earlier deadline must not end a wait without one.
 	ch := waitAsync(s, -1)
-	select {
-	case w := <-ch:
-		t.Fatalf("a Wait without limit returned after an earlier timed Wait: %+v", w)
-	case <-time.After(100 * time.Millisecond):
-	}
+	stillWaiting(t, ch, 100*time.Millisecond, "a Wait without limit returned after an earlier timed Wait")
 	poke(t, efd)
 	if w := <-ch; w.err != nil || w.n != 1 {
 		t.Fatalf("Wait: %+v", w)

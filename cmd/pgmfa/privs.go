@@ -59,6 +59,10 @@ import (
 type privFlags struct {
 	user    string
 	account *account // user, resolved
+	// guard (nil: --quiet-sysmon off or not possible) sets back, while
+	// the process may, the timer slack threads inherited from sysmon:
+	// once more just before the drop (loop/sysmon).
+	guard *sysmon.Guard
 }
 
 func (p *privFlags) register(fs *flag.FlagSet) {
@@ -89,6 +93,12 @@ func (f *serveFlags) afterStart(p *proxy, logger *slog.Logger, guard *sysmon.Gua
 // failure is not the cgo limit. A cgo build without --user keeps its
 // capabilities and says so.
 func (f *serveFlags) beforeAccept(logger *slog.Logger) error {
+	if f.privs.guard != nil {
+		// Start-up has started most of the threads the process will
+		// have, some from sysmon; after the drop their timer slack can no
+		// longer be set back.
+		f.privs.guard.Check()
+	}
 	err := f.dropPrivileges(logger)
 	if err == nil {
 		return nil

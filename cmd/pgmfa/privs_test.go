@@ -342,8 +342,8 @@ func TestLeastPrivilege(t *testing.T) {
 		if mode := e.login(t, p, "bob"); mode != "sockmap" {
 			t.Fatalf("session mode %q, want sockmap:\n%s", mode, p.log())
 		}
-		// Set while still root: SCHED_BATCH and a 1 ms slack.
-		checkSysmon(t, p, "1000000")
+		// Set while still root: SCHED_BATCH and a 10 ms slack.
+		checkSysmon(t, p, strconv.FormatInt(sysmonSlack.Nanoseconds(), 10))
 	})
 
 	t.Run("--quiet-sysmon=false leaves every thread under SCHED_OTHER", func(t *testing.T) {

@@ -32,16 +32,31 @@
 //
 // SCHED_BATCH spares the database the preemption, not the wake-ups, which
 // still cost CPU. When the process may (CAP_SYS_NICE, as pgmfa has while
-// it starts as root), sysmon's timer slack is also raised to 1 ms: its
-// usleep(20) then lets the kernel fire the timer up to 1 ms late, together
-// with whatever else is due, so a burst of polls shrinks to a few. `make
-// bench` (login-latency and connect, 3 rounds each, same day): sysmon
-// wake-ups 59 → 17 per login (counted in /proc/TID/status), proxy
+// it starts as root), sysmon's timer slack is also raised: its usleep(20)
+// then lets the kernel fire the timer up to the slack late, together with
+// whatever else is due, so a burst of polls shrinks to a few. At 1 ms
+// (`make bench`, login-latency and connect, 3 rounds each, same day):
+// sysmon wake-ups 59 → 17 per login (counted in /proc/TID/status), proxy
 // context switches 97 → 50 per login, proxy CPU 0.56 → 0.37 s per 4 s
-// run, extra login latency +3.3 ±0.6 → +2.7 ±0.2 ms. The cost: sysmon
-// takes a P back from a blocked system call up to ~1 ms later, and the
-// threads it starts inherit the slack (their timed waits may end up to
-// 1 ms late; pgmfa's own deadlines are milliseconds to minutes).
+// run, extra login latency +3.3 ±0.6 → +2.7 ±0.2 ms. At 10 ms (pgmfa's
+// choice since; 1 ms and 10 ms alternated twice, `go run ./bench -paths
+// direct,pgmfa-sockmap -workloads connect,login-latency -rounds 3
+// -max-rounds 3 -duration 4s -scale 1`): proxy context switches per login
+// 46–49 → 23–24 (connect: 38–39 → 22), proxy CPU per run 0.37–0.41 →
+// 0.29–0.32 s, login latency and logins/s unchanged within the runs'
+// noise; spliced and relayed throughput (select-1, copy-in, copy-out)
+// unchanged. 10 ms is also where sysmon's own back-off ends (it sleeps up
+// to 10 ms when idle), so what it delays — taking a P back from a blocked
+// system call, preempting a long-running goroutine — waits no longer than
+// it may anyway on an idle process.
+//
+// Threads inherit the slack as they inherit the policy. Check gives them
+// the main thread's slack back, but reading or writing another thread's
+// slack needs CAP_SYS_NICE, which pgmfa drops before it accepts: threads
+// that sysmon starts after that keep sysmon's slack, and a timed wait on
+// one of them (a Go timer that comes due while that thread polls) may end
+// up to 10 ms late. pgmfa's own deadlines are milliseconds to minutes;
+// the splicer's flow-control rechecks (1–16 ms) can be stretched by it.
 //
 // Threads inherit their creator's policy, and sysmon itself starts threads
 // (runtime.startm, when it hands a P to a new M), so a Guard checks the
@@ -58,6 +73,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -142,12 +158,17 @@ func startTime(path string) (uint64, error) {
 // Guard holds sysmon's thread under SCHED_BATCH and the process's other
 // threads out of it.
 type Guard struct {
-	tid      int
-	base     unix.SchedAttr // the process's own policy, given back to threads that inherited SCHED_BATCH
-	slackErr error          // why the timer slack was not raised (nil: it was)
-	stop     chan struct{}
-	done     sync.WaitGroup
-	once     sync.Once
+	tid       int
+	base      unix.SchedAttr // the process's own policy, given back to threads that inherited SCHED_BATCH
+	slack     string         // sysmon's raised timer slack in ns, as /proc shows it ("" when not raised)
+	baseSlack string         // the main thread's timer slack, given back to threads that inherited sysmon's
+	slackErr  error          // why the timer slack was not raised (nil: it was)
+	// slackDenied: another thread's slack could not be read (the process
+	// dropped CAP_SYS_NICE); Check stops trying.
+	slackDenied atomic.Bool
+	stop        chan struct{}
+	done        sync.WaitGroup
+	once        sync.Once
 }
 
 // ErrNotNormal is returned by Start when the process does not run under
@@ -178,8 +199,13 @@ func Start(interval, slack time.Duration) (*Guard, error) {
 		return nil, fmt.Errorf("sysmon: putting thread %d under SCHED_BATCH: %w", tid, err)
 	}
 	g := &Guard{tid: tid, base: *base, stop: make(chan struct{})}
+	g.slackErr = errors.New("sysmon: no timer slack asked for")
 	if slack > 0 {
-		g.slackErr = setSlack(tid, slack)
+		if b, err := readSlack(os.Getpid()); err != nil {
+			g.slackErr = err
+		} else if g.slackErr = setSlack(tid, slack); g.slackErr == nil {
+			g.slack, g.baseSlack = strconv.FormatInt(slack.Nanoseconds(), 10), b
+		}
 	}
 	g.done.Add(1)
 	go g.run(interval)
@@ -204,6 +230,16 @@ func setSlack(tid int, d time.Duration) error {
 	return nil
 }
 
+// readSlack reads a thread's timer slack in ns, as /proc shows it. Reading
+// another thread's needs CAP_SYS_NICE too.
+func readSlack(tid int) (string, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(tid) + "/timerslack_ns")
+	if err != nil {
+		return "", fmt.Errorf("sysmon: timer slack of thread %d: %w", tid, err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
 // Stop ends the checks (sysmon stays under SCHED_BATCH).
 func (g *Guard) Stop() {
 	g.once.Do(func() { close(g.stop) })
@@ -225,7 +261,11 @@ func (g *Guard) run(interval time.Duration) {
 }
 
 // Check gives every thread but sysmon's that is under SCHED_BATCH the
-// process's own policy back, and returns how many it changed.
+// process's own policy back, and every other thread that has sysmon's
+// raised timer slack the main thread's slack, and returns how many threads
+// it changed. The slack needs CAP_SYS_NICE to read or write another
+// thread's, so it is set back only while the process has it (pgmfa: until
+// it drops its privileges, just before it accepts); the policy always.
 func (g *Guard) Check() int {
 	ents, err := os.ReadDir("/proc/self/task")
 	if err != nil {
@@ -237,13 +277,22 @@ func (g *Guard) Check() int {
 		if err != nil || tid == g.tid {
 			continue
 		}
-		attr, err := unix.SchedGetAttr(tid, 0)
-		if err != nil || attr.Policy != unix.SCHED_BATCH {
-			continue
+		changed := false
+		if attr, err := unix.SchedGetAttr(tid, 0); err == nil && attr.Policy == unix.SCHED_BATCH {
+			back := g.base
+			back.Nice = attr.Nice
+			changed = unix.SchedSetAttr(tid, &back, 0) == nil
 		}
-		back := g.base
-		back.Nice = attr.Nice
-		if unix.SchedSetAttr(tid, &back, 0) == nil {
+		if g.slack != "" && !g.slackDenied.Load() {
+			s, err := readSlack(tid)
+			switch {
+			case errors.Is(err, os.ErrPermission):
+				g.slackDenied.Store(true)
+			case err == nil && s == g.slack:
+				changed = os.WriteFile("/proc/"+strconv.Itoa(tid)+"/timerslack_ns", []byte(g.baseSlack), 0) == nil || changed
+			}
+		}
+		if changed {
 			n++
 		}
 	}

@@ -93,7 +93,8 @@ func slackOf(t *testing.T, tid int) string {
 // TestGuard: Start puts sysmon under SCHED_BATCH with a 1 ms timer slack
 // (as root) and leaves the rest; a thread that is under SCHED_BATCH too
 // (as one sysmon starts would be) is given SCHED_OTHER back by the next
-// check.
+// check, and (as root) a thread with sysmon's slack the main thread's,
+// while a thread with a slack of its own keeps it.
 func TestGuard(t *testing.T) {
 	g, err := Start(time.Hour, time.Millisecond)
 	if err != nil {
@@ -124,20 +125,33 @@ func TestGuard(t *testing.T) {
 		t.Fatalf("main thread has policy %d, want SCHED_NORMAL", p)
 	}
 
-	inherited := make(chan int)
+	// Threads that set their own policy or slack (a thread may always set
+	// its own), locked to their goroutines until the test ends; they
+	// exit with them (a goroutine that ends locked takes its thread).
 	done := make(chan struct{})
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		batch := unix.SchedAttr{Policy: unix.SCHED_BATCH}
-		if err := unix.SchedSetAttr(0, &batch, 0); err != nil {
-			t.Error(err)
-		}
-		inherited <- unix.Gettid()
-		<-done
-	}()
-	tid := <-inherited
 	defer close(done)
+	thread := func(policy int, slack time.Duration) int {
+		tids := make(chan int)
+		go func() {
+			runtime.LockOSThread()
+			if policy >= 0 {
+				if err := unix.SchedSetAttr(0, &unix.SchedAttr{Policy: uint32(policy)}, 0); err != nil {
+					t.Error(err)
+				}
+			}
+			if slack > 0 {
+				if err := unix.Prctl(unix.PR_SET_TIMERSLACK, uintptr(slack.Nanoseconds()), 0, 0, 0); err != nil {
+					t.Error(err)
+				}
+			}
+			tids <- unix.Gettid()
+			<-done
+		}()
+		return <-tids
+	}
+	tid := thread(unix.SCHED_BATCH, 0)
+	withSysmonSlack := thread(-1, time.Millisecond)
+	ownSlack := thread(-1, 3*time.Millisecond)
 	// At least that one: a thread sysmon started since Start is under
 	// SCHED_BATCH too, and set back as well.
 	if n := g.Check(); n < 1 {
@@ -148,6 +162,17 @@ func TestGuard(t *testing.T) {
 	}
 	if p := policy(t, g.Thread()); p != unix.SCHED_BATCH {
 		t.Fatalf("the check moved sysmon itself (policy %d)", p)
+	}
+	if ok, _ := g.SlackSet(); ok {
+		if got := slackOf(t, withSysmonSlack); got != old {
+			t.Errorf("thread %d with sysmon's slack has %s ns after the check, want the main thread's %s", withSysmonSlack, got, old)
+		}
+		if got := slackOf(t, g.Thread()); got != "1000000" {
+			t.Errorf("the check changed sysmon's own slack to %s ns", got)
+		}
+	}
+	if got := slackOf(t, ownSlack); got != "3000000" {
+		t.Errorf("thread %d with a slack of its own has %s ns after the check, want 3000000", ownSlack, got)
 	}
 }
 

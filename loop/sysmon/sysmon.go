@@ -42,9 +42,9 @@
 // choice since; 1 ms and 10 ms alternated twice, `go run ./bench -paths
 // direct,pgmfa-sockmap -workloads connect,login-latency -rounds 3
 // -max-rounds 3 -duration 4s -scale 1`): proxy context switches per login
-// 46–49 → 23–24 (connect: 38–39 → 22), proxy CPU per run 0.37–0.41 →
-// 0.29–0.32 s, login latency and logins/s unchanged within the runs'
-// noise; spliced and relayed throughput (select-1, copy-in, copy-out)
+// 46–53 → 23–24 (connect: 38–44 → 20–23), proxy CPU per 4 s of logins
+// 0.37–0.41 → 0.31–0.35 s, login latency and logins/s unchanged within
+// the runs' noise; spliced and relayed throughput (select-1, copy-in, copy-out)
 // unchanged. 10 ms is also where sysmon's own back-off ends (it sleeps up
 // to 10 ms when idle), so what it delays — taking a P back from a blocked
 // system call, preempting a long-running goroutine — waits no longer than

@@ -44,8 +44,8 @@
 // -max-rounds 3 -duration 4s -scale 1`): proxy context switches per login
 // 46–53 → 23–24 (connect: 38–44 → 20–23), proxy CPU per 4 s of logins
 // 0.37–0.41 → 0.31–0.35 s, login latency and logins/s unchanged within
-// the runs' noise; spliced and relayed throughput (select-1, copy-in, copy-out)
-// unchanged. 10 ms is also where sysmon's own back-off ends (it sleeps up
+// the runs' noise; spliced and relayed throughput (select-1, copy-in,
+// copy-out) unchanged. 10 ms is also where sysmon's own back-off ends (it sleeps up
 // to 10 ms when idle), so what it delays — taking a P back from a blocked
 // system call, preempting a long-running goroutine — waits no longer than
 // it may anyway on an idle process.
@@ -160,8 +160,8 @@ func startTime(path string) (uint64, error) {
 type Guard struct {
 	tid       int
 	base      unix.SchedAttr // the process's own policy, given back to threads that inherited SCHED_BATCH
-	slack     string         // sysmon's raised timer slack in ns, as /proc shows it ("" when not raised)
-	baseSlack string         // the main thread's timer slack, given back to threads that inherited sysmon's
+	slack     time.Duration  // sysmon's raised timer slack (0: not raised)
+	baseSlack time.Duration  // the main thread's timer slack, given back to threads that inherited sysmon's
 	slackErr  error          // why the timer slack was not raised (nil: it was)
 	// slackDenied: another thread's slack could not be read (the process
 	// dropped CAP_SYS_NICE); Check stops trying.
@@ -204,7 +204,7 @@ func Start(interval, slack time.Duration) (*Guard, error) {
 		if b, err := readSlack(os.Getpid()); err != nil {
 			g.slackErr = err
 		} else if g.slackErr = setSlack(tid, slack); g.slackErr == nil {
-			g.slack, g.baseSlack = strconv.FormatInt(slack.Nanoseconds(), 10), b
+			g.slack, g.baseSlack = slack, b
 		}
 	}
 	g.done.Add(1)
@@ -230,14 +230,17 @@ func setSlack(tid int, d time.Duration) error {
 	return nil
 }
 
-// readSlack reads a thread's timer slack in ns, as /proc shows it. Reading
-// another thread's needs CAP_SYS_NICE too.
-func readSlack(tid int) (string, error) {
+// readSlack reads a thread's timer slack. Reading another thread's needs
+// CAP_SYS_NICE too.
+func readSlack(tid int) (time.Duration, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(tid) + "/timerslack_ns")
-	if err != nil {
-		return "", fmt.Errorf("sysmon: timer slack of thread %d: %w", tid, err)
+	if err == nil {
+		var ns int64
+		if ns, err = strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64); err == nil {
+			return time.Duration(ns), nil
+		}
 	}
-	return strings.TrimSpace(string(b)), nil
+	return 0, fmt.Errorf("sysmon: timer slack of thread %d: %w", tid, err)
 }
 
 // Stop ends the checks (sysmon stays under SCHED_BATCH).
@@ -283,13 +286,13 @@ func (g *Guard) Check() int {
 			back.Nice = attr.Nice
 			changed = unix.SchedSetAttr(tid, &back, 0) == nil
 		}
-		if g.slack != "" && !g.slackDenied.Load() {
-			s, err := readSlack(tid)
+		if g.slack > 0 && !g.slackDenied.Load() {
+			d, err := readSlack(tid)
 			switch {
 			case errors.Is(err, os.ErrPermission):
 				g.slackDenied.Store(true)
-			case err == nil && s == g.slack:
-				changed = os.WriteFile("/proc/"+strconv.Itoa(tid)+"/timerslack_ns", []byte(g.baseSlack), 0) == nil || changed
+			case err == nil && d == g.slack:
+				changed = setSlack(tid, g.baseSlack) == nil || changed
 			}
 		}
 		if changed {

@@ -79,7 +79,7 @@ func (f *serveFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:6432", "where clients connect: comma-separated host:port and/or unix-socket paths (a directory gets .s.PGSQL.<port>, so psql -h DIR works)")
 	fs.StringVar(&f.upstream, "upstream", "127.0.0.1:5432", "the PostgreSQL server: host:port, or a unix-socket path (.../.s.PGSQL.5432, or its directory)")
 	fs.IntVar(&f.loops, "loops", 0, "gnet event loops (0: one per CPU)")
-	fs.BoolVar(&f.quietSysmon, "quiet-sysmon", true, "put the Go runtime's sysmon thread under SCHED_BATCH, so that its wake-ups (dozens per login while the event loops wait in epoll_wait) never preempt the database on a shared core, and, when started as root, raise its timer slack to 10 ms so that it wakes less; threads that inherit SCHED_BATCH are set back within a second, and those that inherit the slack before privileges are dropped are set back then (false: leave the scheduling alone; README, Performance)")
+	fs.BoolVar(&f.quietSysmon, "quiet-sysmon", true, "put the Go runtime's sysmon thread under SCHED_BATCH, so that its wake-ups (dozens per login while the event loops wait in epoll_wait) never preempt the database on a shared core, and, when started as root, raise its timer slack to 1 ms so that it wakes less; threads that inherit SCHED_BATCH are set back within a second, and those that inherit the slack before privileges are dropped are set back then (false: leave the scheduling alone; README, Performance)")
 	fs.StringVar(&f.auth, "auth", "passthrough", "primary authentication: passthrough (the database checks the password; the proxy keeps none), password (the proxy asks for a cleartext password ending in the TOTP code and logs in upstream itself) or accounts (the proxy checks the client's own password against the accounts of \"pgmfa account add\" and logs in upstream as the account's role with a password only it holds)")
 	fs.StringVar(&f.accountMethod, "account-method", proto.MethodSCRAM, "with --auth accounts, how clients prove their password: scram-sha-256; md5 (MD5 for accounts stored with --md5, SCRAM for the others); or password (cleartext, only over TLS unless --allow-cleartext-password; the code may end the password)")
 	fs.BoolVar(&f.allowCleartext, "allow-cleartext-password", false, "with --auth password or --account-method password, allow the cleartext password over an unencrypted client connection (loopback-only setups)")
@@ -196,10 +196,11 @@ flags:
 	return code
 }
 
-// sysmonSlack is the timer slack given to the runtime's sysmon thread:
-// 10 ms halved the proxy's context switches per login against 1 ms
-// (loop/sysmon has the measurements and the cost).
-const sysmonSlack = 10 * time.Millisecond
+// sysmonSlack is the timer slack given to the runtime's sysmon thread.
+// 10 ms halved the proxy's context switches per login against 1 ms but
+// more than doubled the wait for accept(2) (loop/sysmon has the
+// measurements), so 1 ms.
+const sysmonSlack = time.Millisecond
 
 // quietSysmon puts the runtime's sysmon thread under SCHED_BATCH with a
 // sysmonSlack timer slack (loop/sysmon) and returns the guard of the other

@@ -38,25 +38,29 @@
 // (`make bench`, login-latency and connect, 3 rounds each, same day):
 // sysmon wake-ups 59 → 17 per login (counted in /proc/TID/status), proxy
 // context switches 97 → 50 per login, proxy CPU 0.56 → 0.37 s per 4 s
-// run, extra login latency +3.3 ±0.6 → +2.7 ±0.2 ms. At 10 ms (pgmfa's
-// choice since; 1 ms and 10 ms alternated twice, `go run ./bench -paths
-// direct,pgmfa-sockmap -workloads connect,login-latency -rounds 3
-// -max-rounds 3 -duration 4s -scale 1`): proxy context switches per login
-// 46–53 → 23–24 (connect: 38–44 → 20–23), proxy CPU per 4 s of logins
-// 0.37–0.41 → 0.31–0.35 s, login latency and logins/s unchanged within
-// the runs' noise; spliced and relayed throughput (select-1, copy-in,
-// copy-out) unchanged. 10 ms is also where sysmon's own back-off ends (it sleeps up
-// to 10 ms when idle), so what it delays — taking a P back from a blocked
-// system call, preempting a long-running goroutine — waits no longer than
-// it may anyway on an idle process.
+// run, extra login latency +3.3 ±0.6 → +2.7 ±0.2 ms. pgmfa uses 1 ms.
+//
+// 10 ms was measured too and not kept (1 ms and 10 ms alternated, six
+// runs each of `go run ./bench -paths direct,pgmfa-sockmap -workloads
+// connect,login-latency -rounds 3 -max-rounds 3 -duration 4s -scale 1`): it
+// halves the proxy's context switches per login (46–53 → 23–24) and cuts
+// its CPU by ~15 %, but sysmon is also what takes the Ps back from the
+// event loops blocked in epoll_wait, and until it does nobody polls Go's
+// netpoller, where the acceptor waits. The wait from the client's
+// handshake to pgmfa's accept(2) (bpftrace: sock:inet_sock_set_state
+// SYN_RECV → ESTABLISHED on the listening port to sys_exit_accept4, two
+// runs each, ~650 logins per run) rose from 0.77 and 0.93 ms to 1.98 and
+// 2.37 ms mean; the login as the client saw it read +1.07 and +1.85 ms
+// over direct at 1 ms against +2.48 and +2.25 ms at 10 ms in those two
+// pairs, and +1.65 against +2.06 ms as the median of the six runs each.
 //
 // Threads inherit the slack as they inherit the policy. Check gives them
 // the main thread's slack back, but reading or writing another thread's
 // slack needs CAP_SYS_NICE, which pgmfa drops before it accepts: threads
 // that sysmon starts after that keep sysmon's slack, and a timed wait on
 // one of them (a Go timer that comes due while that thread polls) may end
-// up to 10 ms late. pgmfa's own deadlines are milliseconds to minutes;
-// the splicer's flow-control rechecks (1–16 ms) can be stretched by it.
+// up to the slack late; pgmfa's own deadlines are milliseconds to
+// minutes.
 //
 // Threads inherit their creator's policy, and sysmon itself starts threads
 // (runtime.startm, when it hands a P to a new M), so a Guard checks the

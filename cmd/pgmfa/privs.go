@@ -59,9 +59,10 @@ import (
 type privFlags struct {
 	user    string
 	account *account // user, resolved
-	// guard (nil: --quiet-sysmon off or not possible) sets back, while
-	// the process may, the timer slack threads inherited from sysmon:
-	// once more just before the drop (loop/sysmon).
+	// guard (nil: --quiet-sysmon off or not possible) sets back what
+	// threads inherited from sysmon (loop/sysmon): once more just before
+	// the drop, while the process may still set their timer slack, and
+	// once serving.
 	guard *sysmon.Guard
 }
 
@@ -71,15 +72,15 @@ func (p *privFlags) register(fs *flag.FlagSet) {
 
 // afterStart tells systemd the proxy is ready once it serves (its
 // privileges are gone by then: beforeAccept).
-func (f *serveFlags) afterStart(p *proxy, logger *slog.Logger, guard *sysmon.Guard) {
+func (f *serveFlags) afterStart(p *proxy, logger *slog.Logger) {
 	<-p.srv.Ready()
 	if p.srv.Err() != nil {
 		return
 	}
-	if guard != nil {
+	if f.privs.guard != nil {
 		// Start-up is when the runtime starts most of its threads, some
 		// from sysmon (loop/sysmon): set them back before the first login.
-		guard.Check()
+		f.privs.guard.Check()
 	}
 	if err := sdNotify("READY=1"); err != nil {
 		logger.Warn("could not tell systemd the service is ready", "err", err)

@@ -153,11 +153,9 @@ flags:
 		fmt.Fprintln(os.Stderr, "pgmfa:", err)
 		return 2
 	}
-	var guard *sysmon.Guard
 	if f.quietSysmon {
-		if guard = quietSysmon(logger); guard != nil {
-			defer guard.Stop()
-			f.privs.guard = guard
+		if f.privs.guard = quietSysmon(logger); f.privs.guard != nil {
+			defer f.privs.guard.Stop()
 		}
 	}
 	if err := f.checkStartCaps(logger); err != nil {
@@ -188,7 +186,7 @@ flags:
 		}
 		p.serveTakeovers(ln, f.takeoverSocket)
 	}
-	go f.afterStart(p, logger, guard) // privs.go: least privilege once serving
+	go f.afterStart(p, logger) // privs.go: least privilege once serving
 	code := p.runUntilSignal()
 	if code == 0 && p.failed.Load() {
 		return 1

@@ -54,6 +54,12 @@
 // over direct at 1 ms against +2.48 and +2.25 ms at 10 ms in those two
 // pairs, and +1.65 against +2.06 ms as the median of the six runs each.
 //
+// Threads inherit their creator's policy, and sysmon itself starts threads
+// (runtime.startm, when it hands a P to a new M), so a Guard checks the
+// process's threads periodically and gives any other thread found under
+// SCHED_BATCH the process's own policy back: a goroutine may then run
+// without wake-up preemption for at most one check interval.
+//
 // Threads inherit the slack as they inherit the policy. Check gives them
 // the main thread's slack back, but reading or writing another thread's
 // slack needs CAP_SYS_NICE, which pgmfa drops before it accepts: threads
@@ -61,12 +67,6 @@
 // one of them (a Go timer that comes due while that thread polls) may end
 // up to the slack late; pgmfa's own deadlines are milliseconds to
 // minutes.
-//
-// Threads inherit their creator's policy, and sysmon itself starts threads
-// (runtime.startm, when it hands a P to a new M), so a Guard checks the
-// process's threads periodically and gives any other thread found under
-// SCHED_BATCH the process's own policy back: a goroutine may then run
-// without wake-up preemption for at most one check interval.
 package sysmon
 
 import (
